@@ -1,0 +1,273 @@
+#!/usr/bin/env node
+// Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
+import { Daemon } from './daemon.ts';
+import { accessFromConfig, ClientPool } from './etcd.ts';
+import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
+import { inspect } from './inspect.ts';
+import { createLogger, type Log } from './log.ts';
+import { realClock, runPass, type PassResult } from './pass.ts';
+import { decide, healthGate, type ClusterView } from './policy.ts';
+import { Turn } from './turn.ts';
+import { formatBytes, formatPercent } from './units.ts';
+
+const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
+
+Usage:
+  etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics
+  etcd-defragd once           one gated pass now (exit 0 done or not needed, 75 skipped, 1 failed)
+      --dry-run               decide and report, change nothing
+      --force                 defragment even when not needed (policy.force)
+  etcd-defragd status         show the cluster as etcd-defragd sees it
+      --json                  as JSON
+  etcd-defragd check-config   validate the config and print the effective values
+
+Options:
+  --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
+  --endpoint URL              etcd.endpoint
+  --log-format FORMAT         auto | journal | json | pretty
+  --log-level LEVEL           trace | debug | info | warn | error
+  --set KEY=VALUE             set any config key, e.g. --set coordination.maxWait=5m (repeatable)
+  -h, --help                  this help
+  --version                   print the version
+
+Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_SCHEDULE_CRON.
+Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
+75 skipped (not safe now), 78 configuration error.`;
+
+const COMMANDS = ['run', 'once', 'status', 'check-config'] as const;
+type Command = (typeof COMMANDS)[number];
+
+interface Parsed {
+  command: Command;
+  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean };
+}
+
+function parse(argv: string[]): Parsed {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        config: { type: 'string' },
+        endpoint: { type: 'string' },
+        'log-format': { type: 'string' },
+        'log-level': { type: 'string' },
+        set: { type: 'string', multiple: true },
+        'dry-run': { type: 'boolean' },
+        force: { type: 'boolean' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean' },
+      },
+    });
+  } catch (err) {
+    throw new UsageError(`${errorMessage(err)} (see etcd-defragd --help)`);
+  }
+  const [cmd = 'run', ...extra] = parsed.positionals;
+  if (!COMMANDS.includes(cmd as Command)) throw new UsageError(`unknown command "${cmd}"; commands: ${COMMANDS.join(', ')} (see etcd-defragd --help)`);
+  if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}" (see etcd-defragd --help)`);
+  const command = cmd as Command;
+  if ((parsed.values['dry-run'] || parsed.values.force) && command !== 'once') throw new UsageError('--dry-run and --force go with the once command');
+  if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
+  return { command, values: parsed.values };
+}
+
+function loadOptions(p: Parsed, env: NodeJS.ProcessEnv): LoadOptions {
+  const flags: Record<string, unknown> = {};
+  for (const item of p.values.set ?? []) {
+    const i = item.indexOf('=');
+    if (i <= 0) throw new UsageError(`--set ${item}: expected KEY=VALUE, e.g. --set schedule.cron="0 */3 * * *"`);
+    flags[item.slice(0, i)] = item.slice(i + 1);
+  }
+  if (p.values.endpoint !== undefined) flags['etcd.endpoint'] = p.values.endpoint;
+  if (p.values['log-format'] !== undefined) flags['log.format'] = p.values['log-format'];
+  if (p.values['log-level'] !== undefined) flags['log.level'] = p.values['log-level'];
+  const path = p.values.config ?? env.ETCD_DEFRAGD_CONFIG;
+  return { path, pathExplicit: Boolean(path), env, flags };
+}
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+function exitFor(r: PassResult): number {
+  return r.outcome === 'skipped' ? EXIT.skipped : r.outcome === 'failed' ? EXIT.failed : EXIT.ok;
+}
+
+async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
+  const c = loaded.config;
+  const pool = new ClientPool(accessFromConfig(c));
+  let view: ClusterView | undefined;
+  const turn = p.values['dry-run'] ? undefined : new Turn(
+    { prefix: c.coordination.prefix, leaseTTL: c.coordination.leaseTTL, command: 'etcd-defragd once' },
+    {
+      endpoints: () => [...(view?.members ?? []).filter((m) => !m.isLocal && !m.isLearner && m.status).map((m) => m.endpoint), c.etcd.endpoint].map((e) => pool.get(e)),
+      log, now: realClock.now, sleep: realClock.sleep,
+    },
+  );
+  const abort = new AbortController();
+  const onSignal = () => abort.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const r = await runPass({
+      config: c, pool, log, clock: realClock, turn, signal: abort.signal,
+      seen: (v) => {
+        view = v;
+        turn?.identify(v.local.id);
+      },
+    }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
+    return exitFor(r);
+  } finally {
+    await turn?.close();
+    pool.close();
+  }
+}
+
+function statusTable(view: ClusterView, loaded: LoadedConfig): string {
+  const c = loaded.config;
+  const rows = [['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'APPLIED', 'DECISION']];
+  for (const m of view.members) {
+    const s = m.status;
+    const role = m.isLearner ? 'learner' : s ? (s.leader === m.id ? 'leader' : 'follower') : '?';
+    const d = s ? decide(s, c.policy) : undefined;
+    rows.push([
+      `${m.hex}${m.isLocal ? ' *' : ''}`, m.name || '-', m.endpoint, role,
+      s ? formatBytes(s.dbSize) : '-', s ? formatBytes(s.dbSizeInUse) : '-',
+      d ? formatPercent(d.fragmentation) : '-', d ? formatPercent(d.quotaUsage) : '-',
+      s ? s.raftAppliedIndex.toString() : `unreachable: ${m.error ?? ''}`.slice(0, 60),
+      m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
+    ]);
+  }
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  const lines = rows.map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
+  lines.push('', `alarms: ${view.alarms.length ? view.alarms.map((a) => `${a.alarm} on ${BigInt(a.memberId).toString(16)}`).join(', ') : 'none'}`);
+  const gate = healthGate(view, c);
+  lines.push(`health: ${gate ? `not safe to defragment: ${gate.reason}` : 'ok'}`);
+  lines.push('(* = the local member, from etcd.endpoint)');
+  return lines.join('\n');
+}
+
+async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
+  const pool = new ClientPool(accessFromConfig(loaded.config));
+  try {
+    const view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health` });
+    if (p.values.json) {
+      const json = JSON.stringify({
+        local: view.local.hex,
+        alarms: view.alarms.map((a) => ({ member: BigInt(a.memberId).toString(16), alarm: a.alarm })),
+        health: healthGate(view, loaded.config) ?? null,
+        members: view.members.map((m) => ({
+          id: m.hex, name: m.name, endpoint: m.endpoint, local: m.isLocal, learner: m.isLearner, error: m.error ?? null,
+          status: m.status ? { ...m.status, raftIndex: m.status.raftIndex.toString(), raftAppliedIndex: m.status.raftAppliedIndex.toString(), raftTerm: m.status.raftTerm.toString(), revision: m.status.revision.toString(), leader: BigInt(m.status.leader).toString(16), memberId: m.hex } : null,
+          decision: m.status ? decide(m.status, loaded.config.policy) : null,
+        })),
+      }, null, 2);
+      process.stdout.write(`${json}\n`);
+    } else {
+      process.stdout.write(`${statusTable(view, loaded)}\n`);
+    }
+    return EXIT.ok;
+  } finally {
+    pool.close();
+  }
+}
+
+async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
+  const daemon = new Daemon(loaded.config, { log, clock: realClock, loadOptions: loadOptions(p, env) });
+  let signals = 0;
+  const stopped = new Promise<void>((resolve) => {
+    const onStop = (sig: string) => {
+      signals++;
+      if (signals > 1) {
+        log.warn({ event: 'daemon.exit', signal: sig }, `second ${sig}: exiting now`);
+        process.exit(EXIT.failed);
+      }
+      log.info({ event: 'daemon.signal', signal: sig }, `${sig} received: stopping`);
+      void daemon.stop().then(resolve);
+    };
+    process.on('SIGTERM', () => onStop('SIGTERM'));
+    process.on('SIGINT', () => onStop('SIGINT'));
+  });
+  process.on('SIGHUP', () => {
+    log.info({ event: 'daemon.signal', signal: 'SIGHUP' }, 'SIGHUP received: reloading the config');
+    daemon.reload();
+  });
+  await daemon.start();
+  await stopped;
+  return EXIT.ok;
+}
+
+export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
+  let p: Parsed;
+  try {
+    p = parse(argv);
+  } catch (err) {
+    process.stderr.write(`etcd-defragd: ${errorMessage(err)}\n`);
+    return EXIT.usage;
+  }
+  if (p.values.help) {
+    process.stdout.write(`${HELP}\n`);
+    return EXIT.ok;
+  }
+  if (p.values.version) {
+    process.stdout.write(`etcd-defragd ${version()}\n`);
+    return EXIT.ok;
+  }
+  let loaded: LoadedConfig;
+  try {
+    loaded = loadConfig(loadOptions(p, env));
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`etcd-defragd: ${err.message}\n`);
+      return EXIT.usage;
+    }
+    if (err instanceof ConfigError) {
+      process.stderr.write(`etcd-defragd: config error: ${err.message}\n`);
+      return EXIT.config;
+    }
+    throw err;
+  }
+  if (p.command === 'check-config') {
+    process.stdout.write(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
+    return EXIT.ok;
+  }
+  // gRPC's own logging is muted unless debugging: its messages repeat ours with less context.
+  if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
+  const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
+  try {
+    if (p.command === 'once') return await once(loaded, log, p);
+    if (p.command === 'status') return await status(loaded, log, p);
+    return await run(loaded, log, p, env);
+  } catch (err) {
+    if (err instanceof DefragdError) {
+      log.error({ event: 'error', code: err.code, error: err.message }, `${err.code}: ${err.message}`);
+      return err.permanent ? EXIT.failed : EXIT.skipped;
+    }
+    log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
+    return EXIT.failed;
+  }
+}
+
+// Node warns (DEP0123) when TLS is used with an IP address as server name, which is how etcd
+// endpoints are written; the warning is noise to operators.
+const emitWarning = process.emitWarning.bind(process);
+process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
+  const code = typeof rest[0] === 'object' && rest[0] ? (rest[0] as { code?: string }).code : rest[1];
+  if (code === 'DEP0123') return;
+  (emitWarning as (...a: unknown[]) => void)(warning, ...rest);
+}) as typeof process.emitWarning;
+
+main(process.argv.slice(2)).then((code) => {
+  // Let stdout drain before exiting (pino writes synchronously to a pipe, but be safe).
+  process.exitCode = code;
+  setTimeout(() => process.exit(code), 50).unref();
+}, (err: unknown) => {
+  process.stderr.write(`etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(EXIT.failed);
+});

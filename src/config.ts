@@ -1,0 +1,457 @@
+// The one configuration module: schema with defaults, loading (file -> environment -> flags),
+// validation with errors that name the key, the value, what is accepted and where it came from.
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { readFileSync, accessSync, constants as fsConstants } from 'node:fs';
+import { join } from 'node:path';
+import convict from 'convict';
+import { validateDetailed } from 'node-cron';
+import { parse as parseYaml, YAMLParseError } from 'yaml';
+import { ConfigError } from './errors.ts';
+import { DURATION_ACCEPTED, SIZE_ACCEPTED, parseDuration, parseSize } from './units.ts';
+
+export const DEFAULT_CONFIG_PATH = '/etc/etcd-defragd/config.yaml';
+
+export interface Config {
+  etcd: {
+    endpoint: string;
+    caFile: string;
+    certFile: string;
+    keyFile: string;
+    username: string;
+    passwordFile: string;
+    dataDir: string;
+    requestTimeout: number;
+    defragTimeout: number;
+  };
+  schedule: { cron: string; timezone: string; runOnStart: boolean };
+  policy: {
+    force: boolean;
+    minFragmentation: number;
+    minReclaimable: number;
+    quotaBytes: number;
+    quotaUsageTrigger: number;
+    freeDiskMargin: number;
+  };
+  health: { maxRaftLag: number };
+  coordination: { prefix: string; leaseTTL: number; maxWait: number; settle: number; leader: 'transfer' | 'last' };
+  retry: { attempts: number; minDelay: number; maxDelay: number };
+  nospace: { checkInterval: number; compact: boolean; keepRevisions: number; disarm: boolean; disarmBelow: number };
+  verify: { hashKV: boolean };
+  metrics: { listen: string };
+  log: { level: LogLevel; format: LogFormat };
+}
+
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+export const LOG_FORMATS = ['auto', 'journal', 'json', 'pretty'] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
+
+/** How a key's raw value (from YAML, an env var or a flag) is checked and converted. */
+interface Kind {
+  accepted: string;
+  parse(raw: unknown): { value: unknown } | { error: string };
+}
+
+const ok = (value: unknown) => ({ value });
+const bad = (error: string) => ({ error });
+
+const duration = (min = 1): Kind => ({
+  accepted: min > 0 ? `a positive ${DURATION_ACCEPTED}` : `a ${DURATION_ACCEPTED}`,
+  parse(raw) {
+    if (typeof raw === 'string' && raw.trim().startsWith('-')) return bad('is negative');
+    if (typeof raw === 'number' && raw < 0) return bad('is negative');
+    const ms = parseDuration(raw);
+    if (ms === undefined) return bad('is not a duration');
+    if (ms < min) return bad(min > 0 ? 'must be greater than zero' : 'is too small');
+    return ok(ms);
+  },
+});
+
+const size: Kind = {
+  accepted: SIZE_ACCEPTED,
+  parse(raw) {
+    if (typeof raw === 'string' && raw.trim().startsWith('-')) return bad('is negative');
+    const bytes = parseSize(raw);
+    if (bytes !== undefined) return ok(bytes);
+    const unit = typeof raw === 'string' ? raw.trim().match(/^\d+(?:\.\d+)?\s*([A-Za-z]+)$/)?.[1] : undefined;
+    return bad(unit ? `has an unknown unit "${unit}"` : 'is not a size');
+  },
+};
+
+const ratio = (opts: { zero: boolean }): Kind => ({
+  accepted: opts.zero ? 'a number from 0 to 1 (e.g. 0.3)' : 'a number above 0, at most 1 (e.g. 0.8)',
+  parse(raw) {
+    const n = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw;
+    if (typeof n !== 'number' || !Number.isFinite(n)) return bad('is not a number');
+    if (n > 1) return bad('is above 1');
+    if (n < 0 || (!opts.zero && n === 0)) return bad(n < 0 ? 'is negative' : 'must be above 0');
+    return ok(n);
+  },
+});
+
+const integer = (min: number, max = Number.MAX_SAFE_INTEGER): Kind => ({
+  accepted: `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any' : max}`,
+  parse(raw) {
+    const n = typeof raw === 'string' && /^-?\d+$/.test(raw.trim()) ? Number(raw) : raw;
+    if (typeof n !== 'number' || !Number.isSafeInteger(n)) return bad('is not a whole number');
+    if (n < min || n > max) return bad('is out of range');
+    return ok(n);
+  },
+});
+
+const boolean: Kind = {
+  accepted: 'true or false',
+  parse(raw) {
+    if (typeof raw === 'boolean') return ok(raw);
+    if (raw === 'true' || raw === '1' || raw === 'yes') return ok(true);
+    if (raw === 'false' || raw === '0' || raw === 'no') return ok(false);
+    return bad('is not a boolean');
+  },
+};
+
+const oneOf = (values: readonly string[]): Kind => ({
+  accepted: `one of ${values.join(', ')}`,
+  parse: (raw) => (typeof raw === 'string' && values.includes(raw) ? ok(raw) : bad('is not accepted')),
+});
+
+const text = (check?: (s: string) => string | undefined, accepted = 'a string'): Kind => ({
+  accepted,
+  parse(raw) {
+    if (typeof raw === 'number') raw = String(raw);
+    if (typeof raw !== 'string') return bad('is not a string');
+    const problem = check?.(raw);
+    return problem ? bad(problem) : ok(raw);
+  },
+});
+
+const endpointUrl = text((s) => {
+  let url: URL;
+  try {
+    url = new URL(s);
+  } catch {
+    return 'is not a URL';
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') return `has scheme ${url.protocol.replace(':', '')}`;
+  if (!url.port) return 'has no port';
+  if (url.pathname !== '/' || url.search || url.hash) return 'has a path';
+  if (url.username || url.password) return 'carries credentials (use etcd.username and etcd.passwordFile)';
+  return undefined;
+}, 'an http:// or https:// URL with host and port, e.g. https://127.0.0.1:2379');
+
+const cron = text((s) => {
+  const fields = s.trim().split(/\s+/);
+  if (fields.length !== 5) return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week; got ${fields.length})`;
+  const detail = validateDetailed(s);
+  if (!detail.valid) {
+    const first = detail.errors[0];
+    return `is not a cron expression (${first ? `${first.field}: ${first.message}` : 'invalid'})`;
+  }
+  return undefined;
+}, 'a 5-field cron expression, e.g. "0 */3 * * *"');
+
+const timezone = text((s) => {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: s });
+    return undefined;
+  } catch {
+    return 'is not a time zone';
+  }
+}, 'an IANA time zone such as UTC or Europe/Paris');
+
+const listen = text((s) => {
+  if (s === '') return undefined;
+  const m = s.match(/^(\[[0-9a-fA-F:]+\]|[^:\s]+):(\d{1,5})$/);
+  if (!m || Number(m[2]) > 65535) return 'is not host:port';
+  return undefined;
+}, 'host:port such as 127.0.0.1:9479, or "" to disable');
+
+const prefix = text((s) => (s.startsWith('/') && s.endsWith('/') && s.length > 2 ? undefined : 'must start and end with /'),
+  'a key prefix that starts and ends with /, e.g. /etcd-defragd/');
+
+const path = text(undefined, 'a file path, or "" for none');
+
+interface KeySpec {
+  default: unknown;
+  kind: Kind;
+  doc: string;
+}
+
+/** Every key, its default, its kind, and a one-line doc (also printed in config/etcd-defragd.yaml). */
+export const SCHEMA: Record<string, Record<string, KeySpec>> = {
+  etcd: {
+    endpoint: { default: 'https://127.0.0.1:2379', kind: endpointUrl, doc: "this node's etcd member; http:// means no TLS" },
+    caFile: { default: '/etc/kubernetes/pki/etcd/ca.crt', kind: path, doc: 'CA bundle that signed the etcd server certificates' },
+    certFile: { default: '/etc/kubernetes/pki/etcd/healthcheck-client.crt', kind: path, doc: 'client certificate ("" for none)' },
+    keyFile: { default: '/etc/kubernetes/pki/etcd/healthcheck-client.key', kind: path, doc: 'client key ("" for none)' },
+    username: { default: '', kind: text(), doc: 'etcd auth user, optional (needs root for defrag, disarm, move-leader)' },
+    passwordFile: { default: '', kind: path, doc: 'file holding the password of etcd.username' },
+    dataDir: { default: '/var/lib/etcd', kind: path, doc: 'member data dir, for the free-disk check ("" skips the check)' },
+    requestTimeout: { default: '10s', kind: duration(), doc: 'deadline of every request except defragment' },
+    defragTimeout: { default: '10m', kind: duration(), doc: 'deadline of one defragment' },
+  },
+  schedule: {
+    cron: { default: '0 */3 * * *', kind: cron, doc: 'when runs start (5-field cron)' },
+    timezone: { default: 'UTC', kind: timezone, doc: 'time zone of schedule.cron' },
+    runOnStart: { default: false, kind: boolean, doc: 'also run once when the daemon starts' },
+  },
+  policy: {
+    force: { default: false, kind: boolean, doc: 'defragment on every run, as the old cron did' },
+    minFragmentation: { default: 0.3, kind: ratio({ zero: true }), doc: '(dbSize - dbSizeInUse) / dbSize needed to defragment' },
+    minReclaimable: { default: '64MiB', kind: size, doc: 'and at least this much to reclaim' },
+    quotaBytes: { default: '2GiB', kind: size, doc: "the members' --quota-backend-bytes" },
+    quotaUsageTrigger: { default: 0.8, kind: ratio({ zero: false }), doc: 'defragment anyway when dbSize / quotaBytes reaches this' },
+    freeDiskMargin: { default: '256MiB', kind: size, doc: 'free disk needed beyond the in-use size before defragmenting' },
+  },
+  health: {
+    maxRaftLag: { default: 1000, kind: integer(0), doc: 'applied-index distance tolerated between members' },
+  },
+  coordination: {
+    prefix: { default: '/etcd-defragd/', kind: prefix, doc: 'etcd key prefix for the cluster-wide turn' },
+    leaseTTL: { default: '30s', kind: duration(2000), doc: 'a dead holder of the turn blocks the others this long at most' },
+    maxWait: { default: '30m', kind: duration(), doc: 'how long a run waits for the turn before skipping' },
+    settle: { default: '10s', kind: duration(0), doc: 'pause after a member caught up, before handing over the turn' },
+    leader: { default: 'transfer', kind: oneOf(['transfer', 'last']), doc: 'transfer: move leadership away first; last: defragment the leader after the others' },
+  },
+  retry: {
+    attempts: { default: 5, kind: integer(1, 100), doc: 'tries of a retryable request (reads, status)' },
+    minDelay: { default: '500ms', kind: duration(), doc: 'first backoff delay' },
+    maxDelay: { default: '30s', kind: duration(), doc: 'longest backoff delay' },
+  },
+  nospace: {
+    checkInterval: { default: '30s', kind: duration(1000), doc: 'how often the alarm list is read' },
+    compact: { default: false, kind: boolean, doc: 'compact before defragmenting (Kubernetes compacts by itself)' },
+    keepRevisions: { default: 1000, kind: integer(0), doc: 'revisions of history kept when nospace.compact is true' },
+    disarm: { default: true, kind: boolean, doc: 'disarm NOSPACE once every member is back under the quota' },
+    disarmBelow: { default: 0.9, kind: ratio({ zero: false }), doc: 'disarm only when every dbSize / quotaBytes is below this' },
+  },
+  verify: {
+    hashKV: { default: true, kind: boolean, doc: 'compare HashKV across members after each defragment' },
+  },
+  metrics: {
+    listen: { default: '127.0.0.1:9479', kind: listen, doc: 'Prometheus /metrics and /healthz ("" disables)' },
+  },
+  log: {
+    level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: 'trace, debug, info, warn, error' },
+    format: { default: 'auto', kind: oneOf(LOG_FORMATS), doc: 'auto: journal under systemd, pretty on a terminal, json otherwise' },
+  },
+};
+
+/** Credentials systemd passes with LoadCredential= win over the configured paths. */
+export const CREDENTIALS: Record<string, keyof Config['etcd']> = {
+  'etcd-ca': 'caFile',
+  'etcd-cert': 'certFile',
+  'etcd-key': 'keyFile',
+  'etcd-password': 'passwordFile',
+};
+
+export function envName(section: string, key: string): string {
+  return `ETCD_DEFRAGD_${section.toUpperCase()}_${key.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toUpperCase()}`;
+}
+
+export type Source = 'default' | 'file' | 'env' | 'flag' | 'credential';
+
+export interface LoadOptions {
+  /** Path given with --config or ETCD_DEFRAGD_CONFIG; the default path may be missing. */
+  path?: string;
+  pathExplicit?: boolean;
+  env?: NodeJS.ProcessEnv;
+  /** Flag overrides as dotted keys, e.g. { 'log.format': 'json' }. */
+  flags?: Record<string, unknown>;
+  /** Check that certificate files are readable and parse (off for `status --offline` style uses). */
+  checkFiles?: boolean;
+}
+
+export interface LoadedConfig {
+  config: Readonly<Config>;
+  path: string | undefined;
+  sources: Record<string, { source: Source; detail?: string }>;
+}
+
+function describeSource(key: string, s: { source: Source; detail?: string }, path: string | undefined): string {
+  switch (s.source) {
+    case 'file': return `in ${path}`;
+    case 'env': return `from environment variable ${s.detail}`;
+    case 'flag': return `from flag ${s.detail}`;
+    case 'credential': return `from systemd credential ${s.detail}`;
+    default: return `(default of ${key})`;
+  }
+}
+
+function show(raw: unknown): string {
+  return typeof raw === 'string' ? JSON.stringify(raw) : JSON.stringify(raw) ?? String(raw);
+}
+
+function readYaml(path: string, explicit: boolean): Record<string, unknown> | undefined {
+  let textContent: string;
+  try {
+    textContent = readFileSync(path, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' && !explicit) return undefined;
+    throw new ConfigError(`cannot read config file ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (err as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(textContent, { prettyErrors: true, uniqueKeys: true });
+  } catch (err) {
+    const where = err instanceof YAMLParseError && err.linePos ? ` at line ${err.linePos[0].line}, column ${err.linePos[0].col}` : '';
+    const msg = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    throw new ConfigError(`${path}${where}: not valid YAML: ${msg}`);
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: the top level must be a mapping of sections (${Object.keys(SCHEMA).join(', ')})`);
+  for (const [section, value] of Object.entries(doc as Record<string, unknown>)) {
+    const spec = SCHEMA[section];
+    if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted sections: ${Object.keys(SCHEMA).join(', ')}`);
+    if (value === null) continue;
+    if (typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(`${section}: must be a mapping of keys in ${path}; accepted keys: ${Object.keys(spec).join(', ')}`);
+    for (const key of Object.keys(value as object)) {
+      if (!spec[key]) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted keys in ${section}: ${Object.keys(spec).join(', ')}`);
+    }
+  }
+  return doc as Record<string, unknown>;
+}
+
+function convictSchema(): convict.Schema<Record<string, Record<string, unknown>>> {
+  const schema: Record<string, Record<string, unknown>> = {};
+  for (const [section, keys] of Object.entries(SCHEMA)) {
+    schema[section] = {};
+    for (const [key, spec] of Object.entries(keys)) {
+      // Raw values are kept (format '*'): our own kinds check them below, so errors can name the source.
+      schema[section][key] = { doc: spec.doc, format: '*', default: spec.default, env: envName(section, key) };
+    }
+  }
+  return schema as never;
+}
+
+/** Loads, merges (defaults -> file -> environment -> flags -> systemd credentials), validates and freezes. */
+export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
+  const env = opts.env ?? process.env;
+  const explicit = opts.pathExplicit ?? Boolean(opts.path);
+  const path = opts.path ?? DEFAULT_CONFIG_PATH;
+  const fileDoc = readYaml(path, explicit);
+
+  const store = convict(convictSchema(), { env, args: [] });
+  if (fileDoc) store.load(fileDoc);
+
+  const sources: LoadedConfig['sources'] = {};
+  for (const [section, keys] of Object.entries(SCHEMA)) {
+    for (const key of Object.keys(keys)) {
+      const full = `${section}.${key}`;
+      const fromFile = fileDoc && typeof fileDoc[section] === 'object' && fileDoc[section] !== null && key in (fileDoc[section] as object);
+      const name = envName(section, key);
+      if (env[name] !== undefined) sources[full] = { source: 'env', detail: name };
+      else if (fromFile) sources[full] = { source: 'file' };
+      else sources[full] = { source: 'default' };
+    }
+  }
+  for (const [full, value] of Object.entries(opts.flags ?? {})) {
+    const [section, key] = full.split('.');
+    if (!section || !key || !SCHEMA[section]?.[key]) throw new ConfigError(`${full}: unknown key given on the command line; see etcd-defragd check-config for the keys`);
+    store.set(full, value as never);
+    sources[full] = { source: 'flag', detail: flagName(full) };
+  }
+
+  const credDir = env.CREDENTIALS_DIRECTORY;
+  if (credDir) {
+    for (const [cred, key] of Object.entries(CREDENTIALS)) {
+      const file = join(credDir, cred);
+      try {
+        accessSync(file, fsConstants.R_OK);
+      } catch {
+        continue;
+      }
+      store.set(`etcd.${key}`, file as never);
+      sources[`etcd.${key}`] = { source: 'credential', detail: cred };
+    }
+  }
+
+  const out: Record<string, Record<string, unknown>> = {};
+  for (const [section, keys] of Object.entries(SCHEMA)) {
+    out[section] = {};
+    for (const [key, spec] of Object.entries(keys)) {
+      const full = `${section}.${key}`;
+      const raw = store.get(full as never) as unknown;
+      const result = spec.kind.parse(raw);
+      if ('error' in result) {
+        throw new ConfigError(`${full}: ${show(raw)} ${result.error} ${describeSource(full, sources[full]!, path)}; accepted: ${spec.kind.accepted}`);
+      }
+      out[section][key] = result.value;
+    }
+  }
+  const config = out as unknown as Config;
+  crossCheck(config, sources, path, opts.checkFiles ?? true);
+  return { config: deepFreeze(config), path: fileDoc ? path : undefined, sources };
+}
+
+function flagName(full: string): string {
+  const direct: Record<string, string> = {
+    'log.format': '--log-format', 'log.level': '--log-level', 'etcd.endpoint': '--endpoint', 'policy.force': '--force',
+  };
+  return direct[full] ?? `--set ${full}=...`;
+}
+
+function crossCheck(c: Config, sources: LoadedConfig['sources'], path: string, checkFiles: boolean): void {
+  const where = (key: string) => describeSource(key, sources[key]!, path);
+  const tls = c.etcd.endpoint.startsWith('https:');
+  if (Boolean(c.etcd.certFile) !== Boolean(c.etcd.keyFile)) {
+    const missing = c.etcd.certFile ? 'etcd.keyFile' : 'etcd.certFile';
+    throw new ConfigError(`${missing}: "" ${where(missing)} but ${missing === 'etcd.keyFile' ? 'etcd.certFile' : 'etcd.keyFile'} is set; accepted: both a client certificate and its key, or neither`);
+  }
+  if (c.etcd.username && !c.etcd.passwordFile) {
+    throw new ConfigError(`etcd.passwordFile: "" ${where('etcd.passwordFile')} but etcd.username is ${show(c.etcd.username)}; accepted: a file holding the password`);
+  }
+  if (!checkFiles) return;
+  if (tls) {
+    checkPem('etcd.caFile', c.etcd.caFile, 'cert', where);
+    checkPem('etcd.certFile', c.etcd.certFile, 'cert', where);
+    checkPem('etcd.keyFile', c.etcd.keyFile, 'key', where);
+  }
+  if (c.etcd.passwordFile) readable('etcd.passwordFile', c.etcd.passwordFile, where);
+}
+
+function readable(key: string, file: string, where: (k: string) => string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'does not exist' : code === 'EACCES' ? 'is not readable (permission denied)' : code === 'EISDIR' ? 'is a directory' : `cannot be read (${code})`;
+    throw new ConfigError(`${key}: ${show(file)} ${why} ${where(key)}; accepted: a readable file`);
+  }
+}
+
+function checkPem(key: string, file: string, kind: 'cert' | 'key', where: (k: string) => string): void {
+  if (!file) return;
+  const data = readable(key, file, where);
+  try {
+    if (kind === 'cert') new X509Certificate(data);
+    else createPrivateKey(data);
+  } catch {
+    const what = kind === 'cert' ? 'a PEM certificate' : 'a PEM private key';
+    throw new ConfigError(`${key}: ${show(file)} is not ${what} ${where(key)}; accepted: ${what} file`);
+  }
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o && typeof o === 'object') {
+    for (const v of Object.values(o)) deepFreeze(v);
+    Object.freeze(o);
+  }
+  return o;
+}
+
+/** The effective config as YAML-ish lines with where each value came from (check-config). */
+export function describeConfig(loaded: LoadedConfig): string {
+  const lines: string[] = [];
+  for (const [section, keys] of Object.entries(SCHEMA)) {
+    lines.push(`${section}:`);
+    for (const key of Object.keys(keys)) {
+      const full = `${section}.${key}`;
+      const value = (loaded.config as unknown as Record<string, Record<string, unknown>>)[section]![key];
+      const s = loaded.sources[full]!;
+      const from = s.source === 'default' ? 'default' : s.source === 'file' ? 'file' : `${s.source} ${s.detail}`;
+      lines.push(`  ${key}: ${JSON.stringify(value)}  # ${from}`);
+    }
+  }
+  return lines.join('\n');
+}

@@ -1,0 +1,350 @@
+// etcd access: one client per member endpoint (the etcd3 client picks a random host per call), a
+// deadline on every call, the library's retry and circuit breaker replaced by our own policy by kind
+// of operation: reads retry transient errors with backoff; mutations are sent once.
+import { readFileSync } from 'node:fs';
+import { noop } from 'cockatiel';
+import {
+  Etcd3,
+  GRPCDeadlineExceededError,
+  GRPCResourceExhastedError,
+  GRPCUnavailableError,
+  GRPCUnauthenticatedError,
+  GRPCCancelledError,
+  GRPCFailedPreconditionError,
+  EtcdPermissionDeniedError,
+  EtcdAuthenticationFailedError,
+  EtcdInvalidAuthTokenError,
+  type IStatusResponse,
+  type IMember,
+  type ICompare,
+  type IRequestOp,
+  type ITxnResponse,
+  type IKeyValue,
+} from 'etcd3';
+import pRetry from 'p-retry';
+import type { Config } from './config.ts';
+import { DefragdError } from './errors.ts';
+import type { Log } from './log.ts';
+
+export type ErrorKind = 'unavailable' | 'timeout' | 'nospace' | 'auth' | 'tls' | 'not-leader' | 'compacted' | 'other';
+
+const TLS_PATTERN = /certificate|ssl|tls|handshake|self[- ]signed|unable to verify|wrong version number|alert/i;
+
+/** Sorts an error from the etcd3 client into what our policies act on. */
+export function classify(err: unknown): ErrorKind {
+  const msg = err instanceof Error ? err.message : String(err);
+  if (err instanceof GRPCResourceExhastedError || /database space exceeded|NOSPACE/i.test(msg)) return 'nospace';
+  if (err instanceof GRPCUnauthenticatedError || err instanceof EtcdAuthenticationFailedError
+    || err instanceof EtcdPermissionDeniedError
+    || err instanceof EtcdInvalidAuthTokenError || /permission denied|authentication failed|user name is empty|invalid auth token/i.test(msg)) return 'auth';
+  if (TLS_PATTERN.test(msg) && !/deadline/i.test(msg)) return 'tls';
+  if (/not leader|leader changed|no leader/i.test(msg)) return 'not-leader';
+  if (/required revision has been compacted/i.test(msg)) return 'compacted';
+  if (err instanceof GRPCDeadlineExceededError || /deadline exceeded|timed out|timeout/i.test(msg)) return 'timeout';
+  if (err instanceof GRPCUnavailableError || err instanceof GRPCCancelledError
+    || /unavailable|ECONNREFUSED|ECONNRESET|EPIPE|socket|connection|No connection established|broken circuit|transport/i.test(msg)) return 'unavailable';
+  if (err instanceof GRPCFailedPreconditionError) return 'other';
+  return 'other';
+}
+
+export function isTransient(kind: ErrorKind): boolean {
+  return kind === 'unavailable' || kind === 'timeout' || kind === 'not-leader';
+}
+
+/** Wraps a client error into a DefragdError whose message says what failed and where. */
+export function describe(err: unknown, what: string, endpoint: string): DefragdError {
+  if (err instanceof DefragdError) return err;
+  const kind = classify(err);
+  const raw = err instanceof Error ? err.message.replace(/\s+/g, ' ').trim() : String(err);
+  switch (kind) {
+    case 'tls':
+      return new DefragdError('EDD_TLS', `${what} on ${endpoint}: TLS failed (${raw}); check etcd.caFile signs the server certificate and etcd.certFile/keyFile are a client pair signed by it`, { cause: err, permanent: true });
+    case 'auth':
+      return new DefragdError('EDD_AUTH', `${what} on ${endpoint}: etcd refused our credentials (${raw}); with etcd auth enabled defragment, alarm disarm and move-leader need the root role`, { cause: err, permanent: true });
+    case 'unavailable':
+    case 'timeout':
+      return new DefragdError('EDD_UNAVAILABLE', `${what} on ${endpoint}: ${kind === 'timeout' ? 'no answer before the deadline' : 'unavailable'} (${raw})`, { cause: err, permanent: false });
+    default:
+      return new DefragdError('EDD_ETCD', `${what} on ${endpoint}: ${raw}`, { cause: err, permanent: kind !== 'not-leader' });
+  }
+}
+
+export interface Access {
+  ca?: Buffer;
+  cert?: Buffer;
+  key?: Buffer;
+  username?: string;
+  password?: string;
+  requestTimeout: number;
+  defragTimeout: number;
+  retry: Config['retry'];
+}
+
+export function accessFromConfig(c: Config): Access {
+  const tls = c.etcd.endpoint.startsWith('https:');
+  const read = (f: string) => (f ? readFileSync(f) : undefined);
+  return {
+    ca: tls ? read(c.etcd.caFile) : undefined,
+    cert: tls ? read(c.etcd.certFile) : undefined,
+    key: tls ? read(c.etcd.keyFile) : undefined,
+    username: c.etcd.username || undefined,
+    password: c.etcd.passwordFile ? readFileSync(c.etcd.passwordFile, 'utf8').replace(/\r?\n$/, '') : undefined,
+    requestTimeout: c.etcd.requestTimeout,
+    defragTimeout: c.etcd.defragTimeout,
+    retry: c.retry,
+  };
+}
+
+export interface MemberStatus {
+  endpoint: string;
+  memberId: string; // decimal string; IDs exceed 2^53
+  leader: string;
+  version: string;
+  dbSize: number;
+  dbSizeInUse: number;
+  raftIndex: bigint;
+  raftAppliedIndex: bigint;
+  raftTerm: bigint;
+  revision: bigint;
+  isLearner: boolean;
+  errors: string[];
+}
+
+export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
+  const applied = (r as IStatusResponse & { raftAppliedIndex?: string }).raftAppliedIndex;
+  return {
+    endpoint,
+    memberId: String(r.header.member_id),
+    leader: String(r.leader),
+    version: r.version,
+    dbSize: Number(r.dbSize),
+    dbSizeInUse: Number((r as IStatusResponse & { dbSizeInUse?: string }).dbSizeInUse ?? r.dbSize),
+    raftIndex: BigInt(r.raftIndex),
+    raftAppliedIndex: BigInt(applied && applied !== '0' ? applied : r.raftIndex),
+    raftTerm: BigInt(r.raftTerm),
+    revision: BigInt(r.header.revision),
+    isLearner: Boolean((r as IStatusResponse & { isLearner?: boolean }).isLearner),
+    errors: (r as IStatusResponse & { errors?: string[] }).errors ?? [],
+  };
+}
+
+export interface Alarm {
+  memberId: string;
+  alarm: 'NOSPACE' | 'CORRUPT' | string;
+}
+
+export interface Member {
+  id: string;
+  name: string;
+  clientURLs: string[];
+  peerURLs: string[];
+  isLearner: boolean;
+}
+
+export interface RetryHooks {
+  log?: Log;
+  signal?: AbortSignal;
+}
+
+/** A client bound to exactly one member endpoint. */
+export class MemberClient {
+  readonly endpoint: string;
+  private readonly client: Etcd3;
+  private readonly access: Access;
+
+  constructor(endpoint: string, access: Access) {
+    this.endpoint = endpoint;
+    this.access = access;
+    const tls = endpoint.startsWith('https:');
+    this.client = new Etcd3({
+      hosts: [endpoint],
+      credentials: tls
+        ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert }
+        : undefined,
+      auth: access.username ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) } : undefined,
+      // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
+      faultHandling: { global: noop, host: () => noop },
+      grpcOptions: {
+        'grpc.initial_reconnect_backoff_ms': 200,
+        'grpc.max_reconnect_backoff_ms': 2000,
+        'grpc.max_receive_message_length': 64 * 1024 * 1024,
+      },
+    });
+  }
+
+  private deadline(ms = this.access.requestTimeout): Date {
+    return new Date(Date.now() + ms);
+  }
+
+  /** A read that is safe to repeat: retried on transient errors with capped, jittered backoff. */
+  async read<T>(what: string, fn: (deadline: Date) => Promise<T>, hooks: RetryHooks = {}, attempts = this.access.retry.attempts): Promise<T> {
+    try {
+      return await pRetry(() => fn(this.deadline()), {
+        retries: Math.max(0, attempts - 1),
+        minTimeout: this.access.retry.minDelay,
+        maxTimeout: this.access.retry.maxDelay,
+        factor: 2,
+        randomize: true,
+        signal: hooks.signal,
+        shouldRetry: ({ error, attemptNumber, retriesLeft }) => {
+          const kind = classify(error);
+          if (!isTransient(kind)) return false;
+          hooks.log?.warn({ event: 'etcd.retry', endpoint: this.endpoint, op: what, attempt: attemptNumber, retriesLeft, error: error.message },
+            `${what} on ${this.endpoint} failed (attempt ${attemptNumber}, ${retriesLeft} left): ${error.message}`);
+          return true;
+        },
+      });
+    } catch (err) {
+      throw describe(err, what, this.endpoint);
+    }
+  }
+
+  /** A mutation: sent exactly once. */
+  async once<T>(what: string, fn: (deadline: Date) => Promise<T>, timeout = this.access.requestTimeout): Promise<T> {
+    try {
+      return await fn(this.deadline(timeout));
+    } catch (err) {
+      throw describe(err, what, this.endpoint);
+    }
+  }
+
+  status(hooks?: RetryHooks, attempts?: number): Promise<MemberStatus> {
+    return this.read('status', async (deadline) => toStatus(this.endpoint, await this.client.maintenance.status({ deadline })), hooks, attempts);
+  }
+
+  /** One Status with a short deadline, no retry: does the member answer right now? */
+  async probe(timeoutMs: number): Promise<MemberStatus | Error> {
+    try {
+      return toStatus(this.endpoint, await this.client.maintenance.status({ deadline: this.deadline(timeoutMs) }));
+    } catch (err) {
+      return describe(err, 'status', this.endpoint);
+    }
+  }
+
+  async members(hooks?: RetryHooks): Promise<Member[]> {
+    const res = await this.read('member list', (deadline) => this.client.cluster.memberList({ linearizable: true } as never, { deadline }), hooks);
+    return res.members.map((m: IMember) => ({
+      id: String(m.ID),
+      name: m.name,
+      clientURLs: m.clientURLs ?? [],
+      peerURLs: m.peerURLs ?? [],
+      isLearner: Boolean(m.isLearner),
+    }));
+  }
+
+  async alarms(hooks?: RetryHooks): Promise<Alarm[]> {
+    const res = await this.read('alarm list', (deadline) => this.client.maintenance.alarm({ action: 'Get' } as never, { deadline }), hooks);
+    return (res.alarms ?? []).map((a) => ({ memberId: String(a.memberID), alarm: String(a.alarm) }));
+  }
+
+  disarm(alarm: Alarm): Promise<unknown> {
+    return this.once('alarm disarm', (deadline) =>
+      this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm } as never, { deadline }));
+  }
+
+  /** Never retried: a client deadline does not cancel the server-side defrag. */
+  defragment(): Promise<unknown> {
+    return this.once('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+  }
+
+  moveLeader(targetId: string): Promise<unknown> {
+    return this.once('move leader', (deadline) => this.client.maintenance.moveLeader({ targetID: targetId }, { deadline }));
+  }
+
+  /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
+  hashKV(revision: bigint, hooks?: RetryHooks): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+    return this.read('hash kv', async (deadline) => {
+      const pool = (this.client as unknown as { pool: { exec(s: string, m: string, p: unknown, o: unknown): Promise<Record<string, unknown>> } }).pool;
+      const res = await pool.exec('Maintenance', 'hashKv', { revision: revision.toString() }, { deadline });
+      return {
+        hash: String(res.hash),
+        compactRevision: BigInt(String(res.compact_revision ?? '0')),
+        revision: BigInt(String((res.header as { revision: string }).revision)),
+      };
+    }, hooks);
+  }
+
+  compact(revision: bigint, physical = false): Promise<unknown> {
+    return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }));
+  }
+
+  /** A linearizable read through raft: proves the member can reach a quorum. */
+  linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown> {
+    return this.read('linearizable read', (deadline) => this.client.kv.range({ key: Buffer.from(key), serializable: false, count_only: true } as never, { deadline }), hooks);
+  }
+
+  async range(prefix: string, hooks?: RetryHooks): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
+    const res = await this.read('range', (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }), hooks);
+    return { kvs: res.kvs, revision: BigInt(res.header.revision) };
+  }
+
+  txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<ITxnResponse> {
+    return this.once(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
+  }
+
+  put(key: string, value: string, lease?: string): Promise<unknown> {
+    return this.once('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
+  }
+
+  async leaseGrant(ttlSeconds: number): Promise<string> {
+    const res = await this.once('lease grant', (deadline) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds }, { deadline }));
+    return String(res.ID);
+  }
+
+  leaseRevoke(id: string): Promise<unknown> {
+    return this.once('lease revoke', (deadline) => this.client.leaseClient.leaseRevoke({ ID: id }, { deadline }));
+  }
+
+  /** One keep-alive over a short-lived stream; returns the remaining TTL (0: the lease is gone). */
+  async leaseKeepAlive(id: string): Promise<number> {
+    return this.once('lease keep-alive', async (deadline) => {
+      const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
+      try {
+        return await new Promise<number>((resolve, reject) => {
+          stream.on('data', (res: { TTL: string }) => resolve(Number(res.TTL)));
+          stream.on('error', reject);
+          stream.on('end', () => reject(new Error('keep-alive stream ended')));
+          stream.write({ ID: id });
+        });
+      } finally {
+        stream.end();
+      }
+    });
+  }
+
+  close(): void {
+    this.client.close();
+  }
+}
+
+export function prefixEnd(prefix: string): Buffer {
+  const b = Buffer.from(prefix);
+  const end = Buffer.from(b);
+  for (let i = end.length - 1; i >= 0; i--) {
+    if (end[i]! < 0xff) {
+      end[i]!++;
+      return end.subarray(0, i + 1);
+    }
+  }
+  return Buffer.from([0]);
+}
+
+/** Member clients by endpoint, created once and reused across runs. */
+export class ClientPool {
+  private readonly clients = new Map<string, MemberClient>();
+  constructor(readonly access: Access) {}
+
+  get(endpoint: string): MemberClient {
+    let c = this.clients.get(endpoint);
+    if (!c) {
+      c = new MemberClient(endpoint, this.access);
+      this.clients.set(endpoint, c);
+    }
+    return c;
+  }
+
+  close(): void {
+    for (const c of this.clients.values()) c.close();
+    this.clients.clear();
+  }
+}

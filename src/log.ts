@@ -1,0 +1,93 @@
+// Logging: pino JSON lines, optionally reformatted for journald (`<N>` priority prefix + a sentence
+// with key=value fields) or for a terminal. One line per event; `event` is the stable field.
+import pino, { type Logger } from 'pino';
+import type { LogFormat, LogLevel } from './config.ts';
+
+export type Log = Logger;
+
+const LEVEL_NAMES: Record<number, string> = { 10: 'TRACE', 20: 'DEBUG', 30: 'INFO', 40: 'WARN', 50: 'ERROR', 60: 'FATAL' };
+// syslog priorities journald reads from the `<N>` prefix (SyslogLevelPrefix=yes is systemd's default)
+const SYSLOG: Record<number, number> = { 10: 7, 20: 7, 30: 6, 40: 4, 50: 3, 60: 2 };
+const COLORS: Record<number, string> = { 10: '\x1b[90m', 20: '\x1b[90m', 30: '\x1b[32m', 40: '\x1b[33m', 50: '\x1b[31m', 60: '\x1b[35m' };
+const OMIT = new Set(['level', 'time', 'msg']);
+
+export interface Sink {
+  write(chunk: string): unknown;
+}
+
+/** Picks the concrete format for `auto`: journal under systemd, pretty on a terminal, JSON otherwise. */
+export function resolveFormat(format: LogFormat, env: NodeJS.ProcessEnv, isTTY: boolean): Exclude<LogFormat, 'auto'> {
+  if (format !== 'auto') return format;
+  if (env.JOURNAL_STREAM) return 'journal';
+  return isTTY ? 'pretty' : 'json';
+}
+
+function fieldValue(v: unknown): string {
+  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) ? v : JSON.stringify(v);
+  if (v && typeof v === 'object' && 'message' in (v as object) && 'type' in (v as object)) {
+    return JSON.stringify((v as { message: string }).message);
+  }
+  return JSON.stringify(v);
+}
+
+export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
+  const level = Number(obj.level);
+  const fields = Object.entries(obj)
+    .filter(([k, v]) => !OMIT.has(k) && v !== undefined)
+    .map(([k, v]) => `${k}=${fieldValue(v)}`)
+    .join(' ');
+  const msg = String(obj.msg ?? obj.event ?? '');
+  if (format === 'journal') return `<${SYSLOG[level] ?? 6}>${msg}${fields ? ` ${fields}` : ''}\n`;
+  const time = new Date(Number(obj.time) || Date.now()).toISOString().slice(11, 23);
+  const name = (LEVEL_NAMES[level] ?? 'INFO').padEnd(5);
+  const lvl = color ? `${COLORS[level] ?? ''}${name}\x1b[0m` : name;
+  const rest = fields ? (color ? ` \x1b[90m${fields}\x1b[0m` : ` ${fields}`) : '';
+  return `${time} ${lvl} ${msg}${rest}\n`;
+}
+
+/** A pino destination that rewrites each JSON line into the journal or pretty format. */
+export function formattingSink(out: Sink, format: 'journal' | 'pretty', color: boolean): Sink {
+  return {
+    write(chunk: string) {
+      for (const line of chunk.split('\n')) {
+        if (!line) continue;
+        try {
+          out.write(formatLine(JSON.parse(line) as Record<string, unknown>, format, color));
+        } catch {
+          out.write(`${line}\n`);
+        }
+      }
+      return true;
+    },
+  };
+}
+
+export interface LogOptions {
+  level: LogLevel;
+  format: LogFormat;
+  env?: NodeJS.ProcessEnv;
+  out?: Sink & { isTTY?: boolean };
+}
+
+export function createLogger(opts: LogOptions): Log {
+  const out = opts.out ?? process.stdout;
+  const format = resolveFormat(opts.format, opts.env ?? process.env, Boolean(out.isTTY));
+  const dest = format === 'json' ? out : formattingSink(out, format, format === 'pretty' && Boolean(out.isTTY));
+  return pino(
+    {
+      level: opts.level,
+      base: null,
+      messageKey: 'msg',
+      timestamp: pino.stdTimeFunctions.epochTime,
+      formatters: { level: (_label, number) => ({ level: number }) },
+      redact: { paths: ['password', '*.password', 'token', '*.token'], censor: '[redacted]' },
+      serializers: { err: pino.stdSerializers.err },
+    },
+    dest as pino.DestinationStream,
+  );
+}
+
+/** A logger that drops everything (tests that do not read logs). */
+export function silentLogger(): Log {
+  return pino({ level: 'silent' });
+}

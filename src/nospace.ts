@@ -1,0 +1,77 @@
+// NOSPACE recovery, after this daemon's own recovery pass: disarm the alarm once every voting
+// member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
+import type { Config } from './config.ts';
+import type { Alarm, ClientPool } from './etcd.ts';
+import { errorMessage } from './errors.ts';
+import { inspect } from './inspect.ts';
+import type { Log } from './log.ts';
+import { hexId, memberLabel, voting } from './policy.ts';
+import { formatBytes, formatPercent } from './units.ts';
+
+export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
+
+export interface DisarmDeps {
+  config: Config;
+  pool: ClientPool;
+  log: Log;
+  onDisarm?: () => void;
+}
+
+export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
+  const { config: c, log } = deps;
+  const view = await inspect(deps.pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false });
+  const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
+  if (nospace.length === 0) return 'not-needed';
+  if (view.alarms.some((a) => a.alarm === 'CORRUPT')) {
+    log.error({ event: 'nospace.blocked', reason: 'corrupt' }, 'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first');
+    return 'blocked';
+  }
+  const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
+  const members = voting(view);
+  const unknown = members.filter((m) => !m.status);
+  if (unknown.length > 0) {
+    log.warn({ event: 'nospace.wait', member: unknown[0]!.hex }, `NOSPACE stays armed for now: member ${memberLabel(unknown[0]!)} does not answer (${unknown[0]!.error ?? 'no answer'})`);
+    return 'waiting';
+  }
+  const tooBig = members.filter((m) => m.status!.dbSizeInUse >= limit);
+  if (tooBig.length > 0) {
+    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use`).join(', ');
+    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: c.policy.quotaBytes },
+      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)} (${detail}); defragmenting cannot help. Raise --quota-backend-bytes on every member (and policy.quotaBytes), delete data, or compact history (nospace.compact: true)`);
+    return 'blocked';
+  }
+  const over = members.filter((m) => m.status!.dbSize >= limit);
+  if (over.length > 0) {
+    for (const m of over) {
+      const level = m.isLocal ? 'warn' : 'error';
+      log[level]({ event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limit) },
+        `member ${memberLabel(m)} keeps the NOSPACE alarm armed: its db is ${formatBytes(m.status!.dbSize)}, above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}; it needs a defragment by the etcd-defragd on its node${m.isLocal ? '' : ' (is it running?)'}`);
+    }
+    return 'waiting';
+  }
+  if (!c.nospace.disarm) {
+    log.warn({ event: 'nospace.disarm.disabled' }, 'every member is under the quota again but nospace.disarm is false: run `etcdctl alarm disarm` to allow writes');
+    return 'disabled';
+  }
+  const client = deps.pool.get(view.local.endpoint);
+  for (const alarm of nospace) {
+    try {
+      await client.disarm(alarm as Alarm);
+      deps.onDisarm?.();
+      log.info({ event: 'nospace.disarm', member: hexId(alarm.memberId) }, `disarmed NOSPACE of member ${hexId(alarm.memberId)}`);
+    } catch (err) {
+      log.error({ event: 'nospace.disarm.fail', member: hexId(alarm.memberId), error: errorMessage(err) }, `could not disarm NOSPACE of member ${hexId(alarm.memberId)}: ${errorMessage(err)}`);
+      return 'failed';
+    }
+  }
+  const probeKey = `${c.coordination.prefix}probe`;
+  try {
+    await client.put(probeKey, new Date().toISOString());
+    log.info({ event: 'nospace.recovered', sizes: Object.fromEntries(members.map((m) => [m.hex, m.status!.dbSize])) },
+      `writes work again: NOSPACE disarmed, every member under ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}`);
+    return 'disarmed';
+  } catch (err) {
+    log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE but a test write still fails: ${errorMessage(err)}`);
+    return 'failed';
+  }
+}

@@ -1,0 +1,117 @@
+// Pure rules: the health gate and the decision. No I/O, so they are unit-tested with plain data.
+import type { Config } from './config.ts';
+import type { Alarm, MemberStatus } from './etcd.ts';
+import { formatBytes, formatPercent } from './units.ts';
+
+export interface MemberView {
+  id: string; // decimal
+  hex: string;
+  name: string;
+  endpoint: string; // first client URL that answered (or the first advertised)
+  isLearner: boolean;
+  isLocal: boolean;
+  status?: MemberStatus;
+  error?: string;
+}
+
+export interface ClusterView {
+  members: MemberView[];
+  local: MemberView;
+  alarms: Alarm[];
+  readError?: string; // linearizable read failure
+}
+
+export const hexId = (id: string): string => BigInt(id).toString(16);
+
+export function voting(view: ClusterView): MemberView[] {
+  return view.members.filter((m) => !m.isLearner);
+}
+
+export function memberLabel(m: Pick<MemberView, 'hex' | 'name' | 'endpoint'>): string {
+  return `${m.name || m.hex} (${m.hex}, ${m.endpoint})`;
+}
+
+/** Why a run must not defragment now, or undefined when the cluster is healthy enough. */
+export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { check: string; reason: string; member?: string } | undefined {
+  const corrupt = view.alarms.find((a) => a.alarm === 'CORRUPT');
+  if (corrupt) {
+    return { check: 'alarm', member: hexId(corrupt.memberId), reason: `CORRUPT alarm raised for member ${hexId(corrupt.memberId)}: no defragmentation until an operator has checked the data` };
+  }
+  for (const m of voting(view)) {
+    if (!m.status) return { check: 'status', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status: ${m.error ?? 'no answer'}` };
+  }
+  const leaders = new Set(voting(view).map((m) => m.status!.leader));
+  if (leaders.has('0')) {
+    const m = voting(view).find((x) => x.status!.leader === '0')!;
+    return { check: 'leader', member: m.hex, reason: `member ${memberLabel(m)} sees no leader` };
+  }
+  if (leaders.size > 1) {
+    const detail = voting(view).map((m) => `${m.hex}->${hexId(m.status!.leader)}`).join(', ');
+    return { check: 'leader', reason: `members disagree on the leader (${detail})` };
+  }
+  const leader = [...leaders][0]!;
+  if (!voting(view).some((m) => m.id === leader)) return { check: 'leader', reason: `the leader ${hexId(leader)} is not a voting member of the member list` };
+  const applied = voting(view).map((m) => ({ m, idx: m.status!.raftAppliedIndex }));
+  const max = applied.reduce((a, b) => (b.idx > a ? b.idx : a), 0n);
+  for (const { m, idx } of applied) {
+    const lag = max - idx;
+    if (lag > BigInt(c.health.maxRaftLag)) {
+      return { check: 'raft-lag', member: m.hex, reason: `member ${memberLabel(m)} is ${lag} raft entries behind (health.maxRaftLag is ${c.health.maxRaftLag})` };
+    }
+  }
+  if (view.readError) return { check: 'read', member: view.local.hex, reason: `a linearizable read failed: ${view.readError}` };
+  return undefined;
+}
+
+export interface Decision {
+  defrag: boolean;
+  reason: string;
+  fragmentation: number;
+  reclaimable: number;
+  quotaUsage: number;
+}
+
+/** Does this member need a defragment under the policy? */
+export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Config['policy'], force = p.force): Decision {
+  const reclaimable = Math.max(0, s.dbSize - s.dbSizeInUse);
+  const fragmentation = s.dbSize > 0 ? reclaimable / s.dbSize : 0;
+  const quotaUsage = p.quotaBytes > 0 ? s.dbSize / p.quotaBytes : 0;
+  const numbers = `db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(reclaimable)} (${formatPercent(fragmentation)}), quota usage ${formatPercent(quotaUsage)}`;
+  const base = { fragmentation, reclaimable, quotaUsage };
+  if (force) return { ...base, defrag: true, reason: `policy.force is set; ${numbers}` };
+  if (fragmentation >= p.minFragmentation && reclaimable >= p.minReclaimable) {
+    return { ...base, defrag: true, reason: `fragmented: ${numbers}` };
+  }
+  if (quotaUsage >= p.quotaUsageTrigger && reclaimable > 0) {
+    return { ...base, defrag: true, reason: `near the space quota: ${numbers}` };
+  }
+  return {
+    ...base,
+    defrag: false,
+    reason: `not needed: ${numbers} (needs fragmentation >= ${formatPercent(p.minFragmentation)} and reclaimable >= ${formatBytes(p.minReclaimable)}, or quota usage >= ${formatPercent(p.quotaUsageTrigger)})`,
+  };
+}
+
+/** During a NOSPACE alarm: defragment a member whose size keeps the alarm from being disarmed. */
+export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>): Decision {
+  const normal = decide(s, c.policy, false);
+  const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
+  if (s.dbSizeInUse >= limit) {
+    return { ...normal, defrag: false, reason: `live data ${formatBytes(s.dbSizeInUse)} alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}: a defragment cannot bring the member back under it` };
+  }
+  if (s.dbSize >= limit && normal.reclaimable > 0) {
+    return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}; ${normal.reason}` };
+  }
+  return normal;
+}
+
+/** The voting follower most caught up, to receive leadership; undefined when none is healthy. */
+export function transferTarget(view: ClusterView): MemberView | undefined {
+  return voting(view)
+    .filter((m) => !m.isLocal && m.status)
+    .sort((a, b) => (b.status!.raftAppliedIndex > a.status!.raftAppliedIndex ? 1 : b.status!.raftAppliedIndex < a.status!.raftAppliedIndex ? -1 : 0))[0];
+}
+
+export function leaderOf(view: ClusterView): string | undefined {
+  return view.local.status?.leader ?? voting(view).find((m) => m.status)?.status?.leader;
+}

@@ -1,0 +1,341 @@
+// The cluster-wide turn: at most one participant (daemon or `once`) defragments at a time.
+//
+// It must keep working during a NOSPACE alarm, when etcd refuses Put and LeaseGrant but still
+// serves reads, compare-and-delete transactions and keep-alives of existing leases. So taking and
+// giving back the turn only ever DELETES keys that were written earlier, while writes worked:
+//
+//   <prefix>p/<lease>/info        who this participant is (JSON)
+//   <prefix>p/<lease>/t/<index>   tickets 0..N-1, all attached to the participant's lease
+//   <prefix>p/<lease>/spare       present while the participant is an unclaimed spare
+//
+// A participant's lowest remaining ticket index says its state: even = idle, odd = holding the turn.
+// Taking the turn deletes the lowest (even) ticket in a transaction that also checks that nothing
+// under the prefix was written since our read and that every other participant's lowest (even)
+// ticket still exists - so no other participant took the turn or appeared in between. Giving it back
+// deletes the next (odd) ticket. A participant that dies loses its lease after coordination.leaseTTL,
+// which deletes its tickets, and with them any turn it held.
+//
+// A daemon that (re)starts while NOSPACE is raised cannot grant a lease; it claims a spare
+// participant instead (deleting its `spare` key), which live daemons keep alive for that purpose.
+import { hostname } from 'node:os';
+import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
+import { classify, prefixEnd, type MemberClient } from './etcd.ts';
+import { DefragdError, errorMessage } from './errors.ts';
+import type { Log } from './log.ts';
+
+export const TICKETS = 64; // 32 turns; refilled whenever writes work
+const REFILL_BELOW = 16;
+
+export interface ParticipantInfo {
+  memberId?: string;
+  host?: string;
+  pid?: number;
+  command?: string;
+  spare?: boolean;
+  since?: string;
+}
+
+export interface Participant {
+  lease: string; // hex, as in the key
+  info: ParticipantInfo;
+  tickets: number[]; // remaining, ascending
+  spare: boolean;
+  holding: boolean;
+}
+
+export interface TurnView {
+  revision: bigint;
+  participants: Map<string, Participant>;
+}
+
+const pad = (n: number) => String(n).padStart(12, '0');
+
+export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): TurnView {
+  const participants = new Map<string, Participant>();
+  const base = `${prefix}p/`;
+  for (const kv of kvs) {
+    const key = kv.key.toString();
+    if (!key.startsWith(base)) continue;
+    const [lease, kind, index] = key.slice(base.length).split('/');
+    if (!lease) continue;
+    let p = participants.get(lease);
+    if (!p) {
+      p = { lease, info: {}, tickets: [], spare: false, holding: false };
+      participants.set(lease, p);
+    }
+    if (kind === 'info') {
+      try {
+        p.info = JSON.parse(kv.value.toString()) as ParticipantInfo;
+      } catch {
+        p.info = {};
+      }
+    } else if (kind === 'spare') p.spare = true;
+    else if (kind === 't' && index && /^\d+$/.test(index)) p.tickets.push(Number(index));
+  }
+  for (const p of participants.values()) {
+    p.tickets.sort((a, b) => a - b);
+    p.holding = p.tickets.length > 0 && p.tickets[0]! % 2 === 1;
+  }
+  return { revision, participants };
+}
+
+export function describeParticipant(p: Participant): string {
+  const i = p.info;
+  const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${BigInt(i.memberId).toString(16)}`].filter(Boolean).join(', ');
+  return `${i.spare && !p.spare ? 'a restarted daemon' : i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
+}
+
+export type AcquireOutcome =
+  | { ok: true; waitedMs: number }
+  | { ok: false; reason: string };
+
+export interface TurnDeps {
+  /** Endpoints to send coordination requests to, best first (the local member last: it may be defragmenting). */
+  endpoints(): MemberClient[];
+  log: Log;
+  now(): number;
+  sleep(ms: number, signal?: AbortSignal): Promise<void>;
+}
+
+export interface TurnOptions {
+  prefix: string;
+  leaseTTL: number; // ms
+  command: string;
+  pollInterval?: number;
+}
+
+/** This process's participant: registration, keep-alive, taking and giving back the turn. */
+export class Turn {
+  private lease: string | undefined;
+  private claimedSpare = false;
+  private holdKey: string | undefined;
+  private keepAliveTimer: NodeJS.Timeout | undefined;
+  private keepAliveRunning = false;
+  private readonly poll: number;
+  private memberId: string | undefined;
+
+  constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
+    this.poll = opts.pollInterval ?? 1000;
+  }
+
+  /** Records which member this participant defragments (shown to the others). */
+  identify(memberId: string): void {
+    this.memberId = memberId;
+  }
+
+  get leaseId(): string | undefined {
+    return this.lease;
+  }
+
+  get holding(): boolean {
+    return this.holdKey !== undefined;
+  }
+
+  private key(lease: string, rest: string): string {
+    return `${this.opts.prefix}p/${lease}/${rest}`;
+  }
+
+  /** Tries each endpoint in order until one answers. */
+  private async any<T>(what: string, fn: (c: MemberClient) => Promise<T>): Promise<T> {
+    let last: unknown;
+    for (const c of this.deps.endpoints()) {
+      try {
+        return await fn(c);
+      } catch (err) {
+        last = err;
+        const kind = err instanceof DefragdError ? classify(err.cause ?? err) : classify(err);
+        if (kind !== 'unavailable' && kind !== 'timeout') throw err;
+      }
+    }
+    throw last ?? new DefragdError('EDD_UNAVAILABLE', `${what}: no etcd endpoint known`);
+  }
+
+  async view(): Promise<TurnView> {
+    const base = `${this.opts.prefix}p/`;
+    const res = await this.any('read turn', (c) => c.range(base));
+    return parseView(this.opts.prefix, res.kvs, res.revision);
+  }
+
+  private ticketPuts(lease: string, from: number, count: number): IRequestOp[] {
+    const ops: IRequestOp[] = [];
+    for (let i = from; i < from + count; i++) {
+      ops.push({ request_put: { key: Buffer.from(this.key(lease, `t/${pad(i)}`)), value: Buffer.alloc(0), lease: BigInt(`0x${lease}`).toString() } });
+    }
+    return ops;
+  }
+
+  private async createParticipant(spare: boolean): Promise<string> {
+    const id = await this.any('lease grant', (c) => c.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
+    const lease = BigInt(id).toString(16);
+    const info: ParticipantInfo = spare
+      ? { spare: true, since: new Date(this.deps.now()).toISOString() }
+      : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since: new Date(this.deps.now()).toISOString() };
+    const ops: IRequestOp[] = [
+      { request_put: { key: Buffer.from(this.key(lease, 'info')), value: Buffer.from(JSON.stringify(info)), lease: id } },
+      ...this.ticketPuts(lease, 0, TICKETS),
+    ];
+    if (spare) ops.push({ request_put: { key: Buffer.from(this.key(lease, 'spare')), value: Buffer.alloc(0), lease: id } });
+    await this.any('register', (c) => c.txn('register', [], ops));
+    return lease;
+  }
+
+  /**
+   * Joins the coordination: a new participant when etcd accepts writes, otherwise (NOSPACE) a
+   * claimed spare. Also keeps one spare ready for daemons that restart during NOSPACE.
+   */
+  async register(): Promise<void> {
+    if (this.lease) return;
+    try {
+      this.lease = await this.createParticipant(false);
+      this.claimedSpare = false;
+      this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
+    } catch (err) {
+      if (!/nospace/.test(classify((err as DefragdError).cause ?? err))) throw err;
+      this.lease = await this.claimSpare();
+      this.claimedSpare = true;
+    }
+    this.startKeepAlive();
+    await this.ensureSpare().catch((err) => this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`));
+  }
+
+  private async claimSpare(): Promise<string> {
+    const view = await this.view();
+    for (const p of view.participants.values()) {
+      if (!p.spare || p.tickets.length < 2) continue;
+      const res = await this.any('claim spare', (c) => c.txn('claim spare', [
+        { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+      ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
+      if (res.succeeded) {
+        this.deps.log.warn({ event: 'turn.spare.claim', lease: p.lease }, `etcd refuses new leases (NOSPACE); took over spare participant ${p.lease} to join the turn`);
+        return p.lease;
+      }
+    }
+    throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it', { permanent: false });
+  }
+
+  /** Keeps at least one unclaimed spare in the cluster (best effort; needs writes). */
+  private async ensureSpare(): Promise<void> {
+    const view = await this.view();
+    const spares = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2).length;
+    if (spares >= 1) return;
+    const lease = await this.createParticipant(true);
+    this.deps.log.debug({ event: 'turn.spare.create', lease }, `prepared spare participant ${lease}`);
+  }
+
+  private startKeepAlive(): void {
+    if (this.keepAliveTimer) return;
+    const every = Math.max(500, Math.floor(this.opts.leaseTTL / 3));
+    this.keepAliveTimer = setInterval(() => void this.keepAlive(), every);
+    this.keepAliveTimer.unref();
+  }
+
+  /** Renews our lease and every unclaimed spare's, through whichever member answers. */
+  async keepAlive(): Promise<void> {
+    if (this.keepAliveRunning || !this.lease) return;
+    this.keepAliveRunning = true;
+    try {
+      const ttl = await this.any('keep-alive', (c) => c.leaseKeepAlive(BigInt(`0x${this.lease}`).toString()));
+      if (ttl <= 0) this.lost('our lease expired');
+      const view = await this.view();
+      for (const p of view.participants.values()) {
+        if (p.spare && p.lease !== this.lease) await this.any('keep-alive spare', (c) => c.leaseKeepAlive(BigInt(`0x${p.lease}`).toString())).catch(() => undefined);
+      }
+      const me = view.participants.get(this.lease!);
+      if (me && !this.holdKey && me.tickets.length < REFILL_BELOW) await this.refill(me).catch(() => undefined);
+      if (!this.claimedSpare || me) await this.ensureSpare().catch(() => undefined);
+    } catch (err) {
+      this.deps.log.warn({ event: 'turn.keepalive.fail', error: errorMessage(err) }, `lease keep-alive failed: ${errorMessage(err)}`);
+    } finally {
+      this.keepAliveRunning = false;
+    }
+  }
+
+  private lost(why: string): void {
+    if (this.holdKey) this.deps.log.error({ event: 'turn.lost', lease: this.lease }, `lost the cluster-wide turn: ${why}`);
+    else this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, `left the cluster-wide turn: ${why}; joining again`);
+    this.lease = undefined;
+    this.holdKey = undefined;
+  }
+
+  private async refill(me: Participant): Promise<void> {
+    const next = (me.tickets.at(-1) ?? 0) + 1;
+    const from = next % 2 === 0 ? next : next + 1;
+    await this.any('refill tickets', (c) => c.txn('refill tickets', [], this.ticketPuts(me.lease, from, TICKETS)));
+  }
+
+  /**
+   * Waits for the turn until `deadline`. `mayGo` lets the caller keep waiting (leader goes last).
+   * Returns who blocked us when the time ran out.
+   */
+  async acquire(deadline: number, signal?: AbortSignal, mayGo?: () => Promise<string | undefined>): Promise<AcquireOutcome> {
+    const started = this.deps.now();
+    let lastWaitReason = '';
+    for (;;) {
+      if (signal?.aborted) return { ok: false, reason: 'stopping' };
+      if (!this.lease) await this.register();
+      const view = await this.view();
+      const me = view.participants.get(this.lease!);
+      if (!me) {
+        this.lost('our participant keys are gone (lease expired)');
+        continue;
+      }
+      if (me.holding) {
+        this.holdKey = this.key(me.lease, `t/${pad(me.tickets[0]!)}`);
+        return { ok: true, waitedMs: this.deps.now() - started };
+      }
+      if (me.tickets.length < 2) {
+        await this.refill(me).catch((err) => {
+          throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
+        });
+        continue;
+      }
+      const others = [...view.participants.values()].filter((p) => p.lease !== me.lease && p.tickets.length > 0);
+      const holder = others.find((p) => p.holding);
+      let waitReason = holder ? `the turn is held by ${describeParticipant(holder)}` : await mayGo?.();
+      if (!waitReason) {
+        const range = Buffer.from(`${this.opts.prefix}p/`);
+        const compare: ICompare[] = [
+          { key: range, range_end: prefixEnd(`${this.opts.prefix}p/`), target: 'Mod', result: 'Less', mod_revision: (view.revision + 1n).toString() } as ICompare,
+          { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+          { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+          ...others.map((p) => ({ key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 }) as ICompare),
+        ];
+        const res = await this.any('take turn', (c) => c.txn('take turn', compare, [
+          { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
+        ]));
+        if (res.succeeded) {
+          this.holdKey = this.key(me.lease, `t/${pad(me.tickets[1]!)}`);
+          return { ok: true, waitedMs: this.deps.now() - started };
+        }
+        waitReason = 'another participant changed the turn state';
+      }
+      if (waitReason !== lastWaitReason) {
+        this.deps.log.info({ event: 'turn.wait', reason: waitReason }, `waiting for the turn: ${waitReason}`);
+        lastWaitReason = waitReason;
+      }
+      if (this.deps.now() >= deadline) return { ok: false, reason: waitReason };
+      await this.deps.sleep(Math.min(this.poll, Math.max(0, deadline - this.deps.now())) + Math.floor(Math.random() * 100), signal);
+    }
+  }
+
+  /** Gives the turn back (a delete: works during NOSPACE). */
+  async release(): Promise<void> {
+    const key = this.holdKey;
+    if (!key) return;
+    this.holdKey = undefined;
+    const res = await this.any('give back turn', (c) => c.txn('give back turn', [
+      { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+    ], [{ request_delete_range: { key: Buffer.from(key) } }]));
+    if (!res.succeeded) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+  }
+
+  /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
+  async close(): Promise<void> {
+    if (this.keepAliveTimer) clearInterval(this.keepAliveTimer);
+    this.keepAliveTimer = undefined;
+    const lease = this.lease;
+    this.lease = undefined;
+    this.holdKey = undefined;
+    if (lease) await this.any('lease revoke', (c) => c.leaseRevoke(BigInt(`0x${lease}`).toString())).catch(() => undefined);
+  }
+}
