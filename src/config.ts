@@ -295,7 +295,7 @@ function readYaml(path: string, explicit: boolean): Record<string, unknown> | un
     doc = parseYaml(textContent, { prettyErrors: true, uniqueKeys: true });
   } catch (err) {
     const where = err instanceof YAMLParseError && err.linePos ? ` at line ${err.linePos[0].line}, column ${err.linePos[0].col}` : '';
-    const msg = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    const msg = (err instanceof Error ? err.message.split('\n')[0]! : String(err)).replace(/ at line \d+, column \d+:?$/, '');
     throw new ConfigError(`${path}${where}: not valid YAML: ${msg}`);
   }
   if (doc === null || doc === undefined) return {};
@@ -454,4 +454,25 @@ export function describeConfig(loaded: LoadedConfig): string {
     }
   }
   return lines.join('\n');
+}
+
+/** The shipped config file: every key with its default and a one-line comment. */
+export function renderDefaultConfig(): string {
+  const lines = [
+    '# etcd-defragd configuration. Every key is shown with its default; delete what you do not change.',
+    '# Durations: 500ms, 10s, 10m, 3h (plain integers are milliseconds). Sizes: 64MiB, 2GiB (plain integers are bytes).',
+    '# Any key can be overridden with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_SCHEDULE_CRON.',
+    '# Check a change with: etcd-defragd check-config --config /etc/etcd-defragd/config.yaml',
+  ];
+  for (const [section, keys] of Object.entries(SCHEMA)) {
+    lines.push('', `${section}:`);
+    const rendered = Object.entries(keys).map(([key, spec]) => {
+      const v = spec.default;
+      const value = typeof v === 'string' ? (v === '' || /[:#*{}[\],&!|>'"%@`\s]/.test(v) || /^\d/.test(v) && !/^\d+[a-zA-Z]+$/.test(v) ? JSON.stringify(v) : v) : String(v);
+      return { left: `  ${key}: ${value}`, doc: spec.doc };
+    });
+    const width = Math.max(...rendered.map((r) => r.left.length)) + 2;
+    for (const r of rendered) lines.push(`${r.left.padEnd(width)}# ${r.doc}`);
+  }
+  return `${lines.join('\n')}\n`;
 }

@@ -113,6 +113,7 @@ export class Turn {
   private keepAliveRunning = false;
   private readonly poll: number;
   private memberId: string | undefined;
+  private registering: Promise<void> | undefined;
 
   constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
     this.poll = opts.pollInterval ?? 1000;
@@ -183,8 +184,16 @@ export class Turn {
    * Joins the coordination: a new participant when etcd accepts writes, otherwise (NOSPACE) a
    * claimed spare. Also keeps one spare ready for daemons that restart during NOSPACE.
    */
-  async register(): Promise<void> {
-    if (this.lease) return;
+  register(): Promise<void> {
+    if (this.lease) return Promise.resolve();
+    // One registration at a time: a run may start while the start-up registration is under way.
+    this.registering ??= this.doRegister().finally(() => {
+      this.registering = undefined;
+    });
+    return this.registering;
+  }
+
+  private async doRegister(): Promise<void> {
     try {
       this.lease = await this.createParticipant(false);
       this.claimedSpare = false;

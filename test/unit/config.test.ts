@@ -1,0 +1,125 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { envName, loadConfig, renderDefaultConfig } from '../../src/config.ts';
+import { ConfigError } from '../../src/errors.ts';
+import { parseDuration, parseSize } from '../../src/units.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'edd-config-'));
+function file(text: string): string {
+  const p = join(dir, `c${Math.random().toString(36).slice(2)}.yaml`);
+  writeFileSync(p, text);
+  return p;
+}
+const plain = 'etcd:\n  endpoint: http://127.0.0.1:2379\n';
+
+describe('config', () => {
+  it('ships a config file that lists every key with its default', () => {
+    assert.equal(readFileSync(new URL('../../config/etcd-defragd.yaml', import.meta.url), 'utf8'), renderDefaultConfig(),
+      'config/etcd-defragd.yaml is stale: run node --import tsx scripts/gen-config.ts');
+    const loaded = loadConfig({ path: fileFromShipped(), env: {}, checkFiles: false });
+    assert.equal(loaded.config.schedule.cron, '0 */3 * * *');
+    assert.equal(loaded.config.policy.minReclaimable, 64 * 1024 ** 2);
+    assert.equal(loaded.config.etcd.defragTimeout, 600_000);
+  });
+
+  it('applies file, then environment, then flags', () => {
+    const path = file(`${plain}schedule:\n  cron: "5 * * * *"\npolicy:\n  minReclaimable: 1MiB\n`);
+    const table: { env: Record<string, string>; flags: Record<string, string>; cron: string; reclaim: number }[] = [
+      { env: {}, flags: {}, cron: '5 * * * *', reclaim: 1024 ** 2 },
+      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '10 * * * *' }, flags: {}, cron: '10 * * * *', reclaim: 1024 ** 2 },
+      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '10 * * * *' }, flags: { 'schedule.cron': '15 * * * *' }, cron: '15 * * * *', reclaim: 1024 ** 2 },
+      { env: { ETCD_DEFRAGD_POLICY_MIN_RECLAIMABLE: '2MiB' }, flags: {}, cron: '5 * * * *', reclaim: 2 * 1024 ** 2 },
+    ];
+    for (const row of table) {
+      const c = loadConfig({ path, env: row.env, flags: row.flags }).config;
+      assert.equal(c.schedule.cron, row.cron, JSON.stringify(row));
+      assert.equal(c.policy.minReclaimable, row.reclaim, JSON.stringify(row));
+    }
+  });
+
+  it('names env vars after section and key', () => {
+    assert.equal(envName('etcd', 'caFile'), 'ETCD_DEFRAGD_ETCD_CA_FILE');
+    assert.equal(envName('verify', 'hashKV'), 'ETCD_DEFRAGD_VERIFY_HASH_KV');
+  });
+
+  const bad: [string, string, RegExp][] = [
+    ['unknown key', `${plain}  endpont: x\n`, /^etcd\.endpont: unknown key in .*accepted keys in etcd: endpoint/],
+    ['unknown section', `${plain}sched:\n  cron: x\n`, /^sched: unknown section/],
+    ['malformed cron', `${plain}schedule:\n  cron: "0 */3 * *"\n`, /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/],
+    ['negative duration', `${plain}  requestTimeout: -5s\n`, /^etcd\.requestTimeout: "-5s" is negative in .*accepted: a positive duration/],
+    ['endpoint not a URL', 'etcd:\n  endpoint: 127.0.0.1:2379x\n', /^etcd\.endpoint: "127\.0\.0\.1:2379x" .*accepted: an http:\/\/ or https:\/\/ URL/],
+    ['ratio above 1', `${plain}policy:\n  minFragmentation: 1.5\n`, /^policy\.minFragmentation: 1\.5 is above 1 .*accepted: a number from 0 to 1/],
+    ['unknown size unit', `${plain}policy:\n  minReclaimable: 64XB\n`, /^policy\.minReclaimable: "64XB" has an unknown unit "XB" .*accepted: a size such as 64MiB/],
+    ['bad timezone', `${plain}schedule:\n  timezone: Mars/Base\n`, /^schedule\.timezone: "Mars\/Base" is not a time zone/],
+    ['bad enum', `${plain}coordination:\n  leader: first\n`, /^coordination\.leader: "first" is not accepted .*accepted: one of transfer, last/],
+    ['unreadable CA', 'etcd:\n  caFile: /nonexistent/ca.crt\n', /^etcd\.caFile: "\/nonexistent\/ca\.crt" does not exist in .*accepted: a readable file/],
+    ['not YAML', 'etcd: [\n', /not valid YAML/],
+  ];
+  for (const [name, text, re] of bad) {
+    it(`rejects ${name} with one line naming key, value and what is accepted`, () => {
+      const path = file(text);
+      assert.throws(() => loadConfig({ path, env: {} }), (err: unknown) => {
+        assert.ok(err instanceof ConfigError, String(err));
+        assert.match(err.message, re);
+        assert.ok(!err.message.includes('\n'), 'one line');
+        if (!/not valid YAML/.test(err.message)) assert.ok(err.message.includes(path) || /unknown section/.test(err.message), 'names the file');
+        return true;
+      });
+    });
+  }
+
+  it('says when a bad value came from the environment', () => {
+    assert.throws(() => loadConfig({ path: file(plain), env: { ETCD_DEFRAGD_RETRY_ATTEMPTS: 'many' } }), /retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS/);
+  });
+
+  it('rejects a certificate file that is not PEM', () => {
+    const junk = join(dir, 'junk.crt');
+    writeFileSync(junk, 'hello');
+    assert.throws(() => loadConfig({ path: file(`etcd:\n  caFile: ${junk}\n  certFile: ""\n  keyFile: ""\n`), env: {} }), /etcd\.caFile: ".*junk\.crt" is not a PEM certificate/);
+  });
+
+  it('rejects an unreadable password file', { skip: process.getuid?.() === 0 ? 'root reads any file' : false }, () => {
+    const pw = join(dir, 'pw');
+    writeFileSync(pw, 'x');
+    chmodSync(pw, 0);
+    assert.throws(() => loadConfig({ path: file(`${plain}  username: root\n  passwordFile: ${pw}\n`), env: {} }), /not readable/);
+  });
+
+  it('prefers systemd credentials over configured paths', () => {
+    const creds = mkdtempSync(join(dir, 'creds-'));
+    writeFileSync(join(creds, 'etcd-password'), 'secret\n');
+    const c = loadConfig({ path: file(`${plain}  username: root\n  passwordFile: /nonexistent\n`), env: { CREDENTIALS_DIRECTORY: creds } });
+    assert.equal(c.config.etcd.passwordFile, join(creds, 'etcd-password'));
+    assert.equal(c.sources['etcd.passwordFile']!.source, 'credential');
+  });
+
+  it('a missing default config file means defaults, an explicit one is an error', () => {
+    assert.throws(() => loadConfig({ path: join(dir, 'missing.yaml'), pathExplicit: true, env: {} }), /cannot read config file .*no such file/);
+    const c = loadConfig({ path: join(dir, 'missing.yaml'), pathExplicit: false, env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' } });
+    assert.equal(c.path, undefined);
+  });
+});
+
+describe('units', () => {
+  it('parses durations and sizes', () => {
+    assert.equal(parseDuration('500ms'), 500);
+    assert.equal(parseDuration('10s'), 10_000);
+    assert.equal(parseDuration('3h'), 10_800_000);
+    assert.equal(parseDuration('1h30m'), 5_400_000);
+    assert.equal(parseDuration(250), 250);
+    assert.equal(parseDuration('10x'), undefined);
+    assert.equal(parseSize('64MiB'), 64 * 1024 ** 2);
+    assert.equal(parseSize('2GiB'), 2 * 1024 ** 3);
+    assert.equal(parseSize('500MB'), 500_000_000);
+    assert.equal(parseSize('1048576'), 1048576);
+    assert.equal(parseSize('5 XB'), undefined);
+  });
+});
+
+function fileFromShipped(): string {
+  // The shipped file points at kubeadm's certificates, which do not exist here; keep the rest.
+  return file(readFileSync(new URL('../../config/etcd-defragd.yaml', import.meta.url), 'utf8'));
+}
