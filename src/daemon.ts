@@ -148,7 +148,14 @@ export class Daemon {
     }
     if (mode === 'nospace' && !this.stopping) {
       try {
-        await checkAndDisarm({ config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc() });
+        await checkAndDisarm({
+          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(),
+          registered: async () => {
+            const v = await this.turn.view();
+            const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
+            return { members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))), unknown: ps.filter((p) => !p.info.memberId).length };
+          },
+        });
       } catch (err) {
         log.error({ event: 'nospace.check.fail', error: errorMessage(err) }, `NOSPACE check failed: ${errorMessage(err)}`);
       }

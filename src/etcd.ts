@@ -234,12 +234,13 @@ export class MemberClient {
 
   async alarms(hooks?: RetryHooks): Promise<Alarm[]> {
     const res = await this.read('alarm list', (deadline) => this.client.maintenance.alarm({ action: 'Get' } as never, { deadline }), hooks);
-    return (res.alarms ?? []).map((a) => ({ memberId: String(a.memberID), alarm: String(a.alarm) }));
+    // The proto spells the enum Nospace/Corrupt; etcdctl and operators say NOSPACE/CORRUPT.
+    return (res.alarms ?? []).map((a) => ({ memberId: String(a.memberID), alarm: String(a.alarm).toUpperCase() }));
   }
 
   disarm(alarm: Alarm): Promise<unknown> {
     return this.once('alarm disarm', (deadline) =>
-      this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm } as never, { deadline }));
+      this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never, { deadline }));
   }
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */

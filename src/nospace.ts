@@ -15,6 +15,8 @@ export interface DisarmDeps {
   pool: ClientPool;
   log: Log;
   onDisarm?: () => void;
+  /** Member IDs with a registered etcd-defragd; `unknown` counts daemons that joined as a spare. */
+  registered?: () => Promise<{ members: Set<string>; unknown: number }>;
 }
 
 export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
@@ -42,10 +44,17 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   }
   const over = members.filter((m) => m.status!.dbSize >= limit);
   if (over.length > 0) {
+    const reg = await deps.registered?.().catch(() => undefined);
     for (const m of over) {
-      const level = m.isLocal ? 'warn' : 'error';
-      log[level]({ event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limit) },
-        `member ${memberLabel(m)} keeps the NOSPACE alarm armed: its db is ${formatBytes(m.status!.dbSize)}, above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}; it needs a defragment by the etcd-defragd on its node${m.isLocal ? '' : ' (is it running?)'}`);
+      const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}`;
+      const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limit) };
+      if (m.isLocal || reg?.members.has(m.id)) {
+        log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
+      } else if (reg && reg.unknown === 0) {
+        log.error({ ...fields, event: 'nospace.unattended' }, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or run etcdctl defrag against it`);
+      } else {
+        log.warn(fields, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; is etcd-defragd running on its node?`);
+      }
     }
     return 'waiting';
   }

@@ -63,6 +63,9 @@ export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { chec
   return undefined;
 }
 
+/** Near the quota any real gain is worth a defragment, but not a few pages: the member blocks while it runs. */
+export const NEAR_QUOTA_MIN_RECLAIM = 1024 * 1024;
+
 export interface Decision {
   defrag: boolean;
   reason: string;
@@ -82,13 +85,13 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
   if (fragmentation >= p.minFragmentation && reclaimable >= p.minReclaimable) {
     return { ...base, defrag: true, reason: `fragmented: ${numbers}` };
   }
-  if (quotaUsage >= p.quotaUsageTrigger && reclaimable > 0) {
+  if (quotaUsage >= p.quotaUsageTrigger && reclaimable >= NEAR_QUOTA_MIN_RECLAIM) {
     return { ...base, defrag: true, reason: `near the space quota: ${numbers}` };
   }
   return {
     ...base,
     defrag: false,
-    reason: `not needed: ${numbers} (needs fragmentation >= ${formatPercent(p.minFragmentation)} and reclaimable >= ${formatBytes(p.minReclaimable)}, or quota usage >= ${formatPercent(p.quotaUsageTrigger)})`,
+    reason: `not needed: ${numbers} (needs fragmentation >= ${formatPercent(p.minFragmentation)} and reclaimable >= ${formatBytes(p.minReclaimable)}, or quota usage >= ${formatPercent(p.quotaUsageTrigger)} with at least 1MiB to reclaim)`,
   };
 }
 
