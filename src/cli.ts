@@ -8,7 +8,7 @@ import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { createLogger, type Log } from './log.ts';
-import { realClock, runPass, type PassResult } from './pass.ts';
+import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, type ClusterView } from './policy.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
@@ -95,10 +95,6 @@ function version(): string {
   return pkg.version;
 }
 
-function exitFor(r: PassResult): number {
-  return r.outcome === 'skipped' ? EXIT.skipped : r.outcome === 'failed' ? EXIT.failed : EXIT.ok;
-}
-
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const c = loaded.config;
   const pool = new ClientPool(accessFromConfig(c));
@@ -122,7 +118,7 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
         turn?.identify(v.local.id);
       },
     }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
-    return exitFor(r);
+    return exitCodeFor(r);
   } finally {
     await turn?.close();
     pool.close();

@@ -140,14 +140,14 @@ const endpointUrl = text((s) => {
 
 const cron = text((s) => {
   const fields = s.trim().split(/\s+/);
-  if (fields.length !== 5) return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week; got ${fields.length})`;
+  if (fields.length !== 5 && fields.length !== 6) return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week, or 6 with seconds first; got ${fields.length})`;
   const detail = validateDetailed(s);
   if (!detail.valid) {
     const first = detail.errors[0];
     return `is not a cron expression (${first ? `${first.field}: ${first.message}` : 'invalid'})`;
   }
   return undefined;
-}, 'a 5-field cron expression, e.g. "0 */3 * * *"');
+}, 'a 5-field cron expression, e.g. "0 */3 * * *" (6 fields: seconds first)');
 
 const timezone = text((s) => {
   try {
@@ -190,7 +190,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     defragTimeout: { default: '10m', kind: duration(), doc: 'deadline of one defragment' },
   },
   schedule: {
-    cron: { default: '0 */3 * * *', kind: cron, doc: 'when runs start (5-field cron)' },
+    cron: { default: '0 */3 * * *', kind: cron, doc: 'when runs start (cron: minute hour day-of-month month day-of-week)' },
     timezone: { default: 'UTC', kind: timezone, doc: 'time zone of schedule.cron' },
     runOnStart: { default: false, kind: boolean, doc: 'also run once when the daemon starts' },
   },
@@ -302,11 +302,11 @@ function readYaml(path: string, explicit: boolean): Record<string, unknown> | un
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: the top level must be a mapping of sections (${Object.keys(SCHEMA).join(', ')})`);
   for (const [section, value] of Object.entries(doc as Record<string, unknown>)) {
     const spec = SCHEMA[section];
-    if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted sections: ${Object.keys(SCHEMA).join(', ')}`);
+    if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted: ${Object.keys(SCHEMA).join(', ')}`);
     if (value === null) continue;
     if (typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(`${section}: must be a mapping of keys in ${path}; accepted keys: ${Object.keys(spec).join(', ')}`);
     for (const key of Object.keys(value as object)) {
-      if (!spec[key]) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted keys in ${section}: ${Object.keys(spec).join(', ')}`);
+      if (!spec[key]) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec).map((k) => `${section}.${k}`).join(', ')}`);
     }
   }
   return doc as Record<string, unknown>;

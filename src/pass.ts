@@ -74,6 +74,11 @@ async function defaultFreeDisk(dir: string): Promise<number> {
 
 const defaultHashKV: HashKVFn = (pool, member, revision) => pool.get(member.endpoint).hashKV(revision);
 
+/** once: 0 done or not needed, 75 skipped (not safe now), 1 failed. */
+export function exitCodeFor(r: PassResult): number {
+  return r.outcome === 'skipped' ? 75 : r.outcome === 'failed' ? 1 : 0;
+}
+
 function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
   return { outcome: 'skipped', reason, ...extra };
 }

@@ -46,7 +46,7 @@ describe('config', () => {
   });
 
   const bad: [string, string, RegExp][] = [
-    ['unknown key', `${plain}  endpont: x\n`, /^etcd\.endpont: unknown key in .*accepted keys in etcd: endpoint/],
+    ['unknown key', `${plain}  endpont: x\n`, /^etcd\.endpont: unknown key in .*accepted: etcd\.endpoint, etcd\.caFile/],
     ['unknown section', `${plain}sched:\n  cron: x\n`, /^sched: unknown section/],
     ['malformed cron', `${plain}schedule:\n  cron: "0 */3 * *"\n`, /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/],
     ['negative duration', `${plain}  requestTimeout: -5s\n`, /^etcd\.requestTimeout: "-5s" is negative in .*accepted: a positive duration/],

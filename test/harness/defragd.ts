@@ -1,0 +1,59 @@
+// Config files and processes of etcd-defragd for a member of a test cluster.
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Cluster, Member } from './cluster.ts';
+import { spawnCli, runCli, type CliProcess, type RunResult } from './proc.ts';
+
+export type Overrides = Record<string, Record<string, unknown>>;
+
+/** A config file for the daemon of `member`, fast settings for tests, with per-section overrides. */
+export function writeConfig(cluster: Cluster, member: Member, overrides: Overrides = {}, name = `defragd-${member.name}.yaml`): string {
+  const base: Overrides = {
+    etcd: {
+      endpoint: member.clientUrl,
+      caFile: cluster.pki?.caFile ?? '',
+      certFile: cluster.pki?.clientCertFile ?? '',
+      keyFile: cluster.pki?.clientKeyFile ?? '',
+      dataDir: member.dataDir,
+      requestTimeout: '2s',
+      defragTimeout: '2m',
+    },
+    policy: { minReclaimable: '4MiB', freeDiskMargin: '16MiB' },
+    coordination: { leaseTTL: '5s', settle: '1s', maxWait: '2m' },
+    retry: { attempts: 3, minDelay: '200ms', maxDelay: '1s' },
+    metrics: { listen: '' },
+    log: { format: 'json', level: 'info' },
+  };
+  const merged: Overrides = { ...base };
+  for (const [section, keys] of Object.entries(overrides)) merged[section] = { ...(merged[section] ?? {}), ...keys };
+  const text = Object.entries(merged)
+    .map(([section, keys]) => `${section}:\n${Object.entries(keys).map(([k, v]) => `  ${k}: ${JSON.stringify(v)}`).join('\n')}`)
+    .join('\n');
+  const path = join(cluster.dir, name);
+  writeFileSync(path, `${text}\n`);
+  return path;
+}
+
+export function once(cluster: Cluster, member: Member, args: string[] = [], overrides: Overrides = {}, timeoutMs = 120_000): Promise<RunResult> {
+  return runCli(['once', '--config', writeConfig(cluster, member, overrides), ...args], { timeoutMs });
+}
+
+export function startDaemon(cluster: Cluster, member: Member, overrides: Overrides = {}, env: Record<string, string | undefined> = {}): CliProcess {
+  return spawnCli(['run', '--config', writeConfig(cluster, member, overrides)], { env });
+}
+
+export interface LogLine {
+  level: number;
+  event?: string;
+  msg: string;
+  member?: string;
+  time: number;
+  [k: string]: unknown;
+}
+
+export function events(p: CliProcess | string, event?: string): LogLine[] {
+  const lines = typeof p === 'string'
+    ? p.split('\n').flatMap((l) => { try { return [JSON.parse(l) as LogLine]; } catch { return []; } })
+    : p.jsonLines<LogLine>();
+  return event ? lines.filter((l) => l.event === event) : lines;
+}

@@ -1,0 +1,53 @@
+// The command line as a user meets it: config errors exit 78 with one line, bad usage 64.
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { runCli } from '../harness/proc.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'edd-cli-'));
+const cfg = (name: string, text: string) => {
+  const p = join(dir, `${name}.yaml`);
+  writeFileSync(p, text);
+  return p;
+};
+
+describe('command line', () => {
+  const cases: [string, string, RegExp][] = [
+    ['unknown key', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  endpiont: x\n', /etcd\.endpiont: unknown key/],
+    ['malformed cron', 'etcd:\n  endpoint: http://127.0.0.1:2379\nschedule:\n  cron: "0 */3 * *"\n', /schedule\.cron: "0 \*\/3 \* \*" is not a cron expression/],
+    ['negative duration', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  defragTimeout: -1m\n', /etcd\.defragTimeout: "-1m" is negative/],
+    ['unreadable certificate', 'etcd:\n  certFile: /nonexistent/c.crt\n', /etcd\.(caFile|certFile): ".*" does not exist/],
+    ['endpoint not a URL', 'etcd:\n  endpoint: localhost\n', /etcd\.endpoint: "localhost" is not a URL/],
+    ['ratio above 1', 'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaUsageTrigger: 2\n', /policy\.quotaUsageTrigger: 2 is above 1/],
+    ['size with unknown unit', 'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaBytes: 2GB2\n', /policy\.quotaBytes: "2GB2" is not a size/],
+  ];
+  for (const [name, text, re] of cases) {
+    it(`check-config: ${name} exits 78 with one line and no stack trace`, async () => {
+      const path = cfg(name.replace(/\W+/g, '-'), text);
+      const r = await runCli(['check-config', '--config', path]);
+      assert.equal(r.code, 78, r.stdout + r.stderr);
+      const lines = r.stderr.trim().split('\n');
+      assert.equal(lines.length, 1, r.stderr);
+      assert.match(lines[0]!, re);
+      assert.match(lines[0]!, /accepted: /);
+      assert.doesNotMatch(r.stderr, /\n\s+at /);
+    });
+  }
+
+  it('check-config prints the effective config and where each value came from', async () => {
+    const r = await runCli(['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
+      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /endpoint: "http:\/\/127\.0\.0\.1:2379"  # file/);
+    assert.match(r.stdout, /cron: "15 \*\/2 \* \* \*"  # env ETCD_DEFRAGD_SCHEDULE_CRON/);
+    assert.match(r.stdout, /maxWait: 300000  # flag --set coordination.maxWait=\.\.\./);
+  });
+
+  it('bad usage exits 64', async () => {
+    assert.equal((await runCli(['frobnicate'])).code, 64);
+    assert.equal((await runCli(['status', '--dry-run'])).code, 64);
+    assert.equal((await runCli(['--no-such-flag'])).code, 64);
+  });
+});
