@@ -16,7 +16,9 @@
 // which deletes its tickets, and with them any turn it held.
 //
 // A daemon that (re)starts while NOSPACE is raised cannot grant a lease; it claims a spare
-// participant instead (deleting its `spare` key), which live daemons keep alive for that purpose.
+// participant instead (deleting its `spare` key), which live daemons keep alive for that purpose:
+// each daemon keeps a reserve for its own member (so a restarted daemon is still known by its
+// member) and the cluster keeps one anonymous spare for a daemon that never ran before.
 import { hostname } from 'node:os';
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
 import { classify, prefixEnd, type MemberClient } from './etcd.ts';
@@ -24,6 +26,7 @@ import { DefragdError, errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 
 export const TICKETS = 64; // 32 turns; refilled whenever writes work
+
 const REFILL_BELOW = 16;
 
 export interface ParticipantInfo {
@@ -82,7 +85,7 @@ export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): T
 export function describeParticipant(p: Participant): string {
   const i = p.info;
   const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${BigInt(i.memberId).toString(16)}`].filter(Boolean).join(', ');
-  return `${i.spare && !p.spare ? 'a restarted daemon' : i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
+  return `${i.spare && !p.spare ? 'a daemon started during NOSPACE' : i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
 }
 
 export type AcquireOutcome =
@@ -165,12 +168,14 @@ export class Turn {
     return ops;
   }
 
-  private async createParticipant(spare: boolean): Promise<string> {
+  private async createParticipant(kind: 'self' | 'reserve' | 'spare'): Promise<string> {
     const id = await this.any('lease grant', (c) => c.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
     const lease = BigInt(id).toString(16);
-    const info: ParticipantInfo = spare
-      ? { spare: true, since: new Date(this.deps.now()).toISOString() }
-      : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since: new Date(this.deps.now()).toISOString() };
+    const since = new Date(this.deps.now()).toISOString();
+    const info: ParticipantInfo = kind === 'spare' ? { spare: true, since }
+      : kind === 'reserve' ? { spare: true, memberId: this.memberId, host: hostname(), since }
+        : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
+    const spare = kind !== 'self';
     const ops: IRequestOp[] = [
       { request_put: { key: Buffer.from(this.key(lease, 'info')), value: Buffer.from(JSON.stringify(info)), lease: id } },
       ...this.ticketPuts(lease, 0, TICKETS),
@@ -195,7 +200,7 @@ export class Turn {
 
   private async doRegister(): Promise<void> {
     try {
-      this.lease = await this.createParticipant(false);
+      this.lease = await this.createParticipant('self');
       this.claimedSpare = false;
       this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
     } catch (err) {
@@ -209,8 +214,10 @@ export class Turn {
 
   private async claimSpare(): Promise<string> {
     const view = await this.view();
-    for (const p of view.participants.values()) {
-      if (!p.spare || p.tickets.length < 2) continue;
+    // Our own member's reserve first (the others then still know whose daemon this is), then the anonymous spare.
+    const rank = (p: Participant) => (p.info.memberId === this.memberId ? 0 : p.info.memberId ? 2 : 1);
+    const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2).sort((a, b) => rank(a) - rank(b));
+    for (const p of candidates) {
       const res = await this.any('claim spare', (c) => c.txn('claim spare', [
         { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
       ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
@@ -222,13 +229,16 @@ export class Turn {
     throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it', { permanent: false });
   }
 
-  /** Keeps at least one unclaimed spare in the cluster (best effort; needs writes). */
+  /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). */
   private async ensureSpare(): Promise<void> {
-    const view = await this.view();
-    const spares = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2).length;
-    if (spares >= 1) return;
-    const lease = await this.createParticipant(true);
-    this.deps.log.debug({ event: 'turn.spare.create', lease }, `prepared spare participant ${lease}`);
+    const spares = [...(await this.view()).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
+    const wanted: ('reserve' | 'spare')[] = [];
+    if (this.memberId && !spares.some((p) => p.info.memberId === this.memberId)) wanted.push('reserve');
+    if (!spares.some((p) => !p.info.memberId)) wanted.push('spare');
+    for (const kind of wanted) {
+      const lease = await this.createParticipant(kind);
+      this.deps.log.debug({ event: 'turn.spare.create', lease, kind }, `prepared ${kind} participant ${lease}`);
+    }
   }
 
   private startKeepAlive(): void {

@@ -40,9 +40,9 @@ describe('command line', () => {
     const r = await runCli(['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
       { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } });
     assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, /endpoint: "http:\/\/127\.0\.0\.1:2379"  # file/);
-    assert.match(r.stdout, /cron: "15 \*\/2 \* \* \*"  # env ETCD_DEFRAGD_SCHEDULE_CRON/);
-    assert.match(r.stdout, /maxWait: 300000  # flag --set coordination.maxWait=\.\.\./);
+    assert.match(r.stdout, /endpoint: "http:\/\/127\.0\.0\.1:2379" {2}# file/);
+    assert.match(r.stdout, /cron: "15 \*\/2 \* \* \*" {2}# env ETCD_DEFRAGD_SCHEDULE_CRON/);
+    assert.match(r.stdout, /maxWait: 300000 {2}# flag --set coordination.maxWait=\.\.\./);
   });
 
   it('bad usage exits 64', async () => {
