@@ -32,11 +32,12 @@ function fieldValue(v: unknown): string {
 
 export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
   const level = Number(obj.level);
+  const msg = String(obj.msg ?? obj.event ?? '');
+  // A long text field already in the sentence (e.g. a skip reason) is not repeated as key=value.
   const fields = Object.entries(obj)
-    .filter(([k, v]) => !OMIT.has(k) && v !== undefined)
+    .filter(([k, v]) => !OMIT.has(k) && v !== undefined && !(typeof v === 'string' && v.length > 24 && msg.includes(v)))
     .map(([k, v]) => `${k}=${fieldValue(v)}`)
     .join(' ');
-  const msg = String(obj.msg ?? obj.event ?? '');
   if (format === 'journal') return `<${SYSLOG[level] ?? 6}>${msg}${fields ? ` ${fields}` : ''}\n`;
   const time = new Date(Number(obj.time) || Date.now()).toISOString().slice(11, 23);
   const name = (LEVEL_NAMES[level] ?? 'INFO').padEnd(5);

@@ -286,7 +286,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   if (failure || !settled.ok) {
     const why = failure ?? (settled.ok ? '' : settled.reason);
     const reason = `defragment of member ${memberLabel(local)} failed: ${why}`;
-    log.error({ event: 'defrag.fail', member: local.hex, tookMs, error: why }, reason);
+    log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex, tookMs, error: why }, reason);
     deps.onDefrag?.({ member: local.hex, ok: false, tookMs, reclaimed: 0 });
     return { outcome: 'failed', reason, member: local.hex, tookMs };
   }
@@ -298,7 +298,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   if (c.verify.hashKV) {
     const bad = await verifyIntegrity(deps, view, before);
     if (bad) {
-      log.error({ event: 'verify.fail', member: local.hex, ...bad.fields }, bad.reason);
+      log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: local.hex, ...bad.fields }, bad.reason);
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity' };
     }
   }

@@ -311,6 +311,7 @@ export class Turn {
       const others = [...view.participants.values()].filter((p) => p.lease !== me.lease && p.tickets.length > 0);
       const holder = others.find((p) => p.holding);
       let waitReason = holder ? `the turn is held by ${describeParticipant(holder)}` : await mayGo?.();
+      let res: { succeeded: boolean } | undefined;
       if (!waitReason) {
         const range = Buffer.from(`${this.opts.prefix}p/`);
         const compare: ICompare[] = [
@@ -319,7 +320,7 @@ export class Turn {
           { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
           ...others.map((p) => ({ key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 }) as ICompare),
         ];
-        const res = await this.any('take turn', (c) => c.txn('take turn', compare, [
+        res = await this.any('take turn', (c) => c.txn('take turn', compare, [
           { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
         ]));
         if (res.succeeded) {
@@ -329,7 +330,9 @@ export class Turn {
         waitReason = 'another participant changed the turn state';
       }
       if (waitReason !== lastWaitReason) {
-        this.deps.log.info({ event: 'turn.wait', reason: waitReason }, `waiting for the turn: ${waitReason}`);
+        // A lost race is retried at once and is not news; who we wait for is.
+        const level = res === undefined || holder ? 'info' : 'debug';
+        this.deps.log[level]({ event: 'turn.wait', reason: waitReason }, `waiting for the turn: ${waitReason}`);
         lastWaitReason = waitReason;
       }
       if (this.deps.now() >= deadline) return { ok: false, reason: waitReason };
