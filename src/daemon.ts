@@ -44,7 +44,7 @@ export class Daemon {
 
   private newTurn(): Turn {
     return new Turn(
-      { prefix: this.config.coordination.prefix, leaseTTL: this.config.coordination.leaseTTL, command: 'etcd-defragd run' },
+      { prefix: this.config.coordination.prefix, leaseTTL: this.config.coordination.leaseTTL, command: 'etcd-defragd run', keepSpares: true },
       { endpoints: () => this.endpoints(), log: this.deps.log, now: this.deps.clock.now, sleep: this.deps.clock.sleep },
     );
   }
@@ -208,6 +208,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
+    this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
     if (accessChanged || turnChanged) {

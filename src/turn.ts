@@ -105,12 +105,13 @@ export interface TurnOptions {
   leaseTTL: number; // ms
   command: string;
   pollInterval?: number;
+  /** Keep reserve/spare participants for daemons restarting during NOSPACE (daemons yes, `once` no). */
+  keepSpares?: boolean;
 }
 
 /** This process's participant: registration, keep-alive, taking and giving back the turn. */
 export class Turn {
   private lease: string | undefined;
-  private claimedSpare = false;
   private holdKey: string | undefined;
   private keepAliveTimer: NodeJS.Timeout | undefined;
   private keepAliveRunning = false;
@@ -201,15 +202,16 @@ export class Turn {
   private async doRegister(): Promise<void> {
     try {
       this.lease = await this.createParticipant('self');
-      this.claimedSpare = false;
       this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
     } catch (err) {
       if (!/nospace/.test(classify((err as DefragdError).cause ?? err))) throw err;
+      if (!this.opts.keepSpares) {
+        throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; the running etcd-defragd daemons recover it (spare participants are kept for them)', { cause: err, permanent: false });
+      }
       this.lease = await this.claimSpare();
-      this.claimedSpare = true;
     }
     this.startKeepAlive();
-    await this.ensureSpare().catch((err) => this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`));
+    if (this.opts.keepSpares) await this.ensureSpare().catch((err) => this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`));
   }
 
   private async claimSpare(): Promise<string> {
@@ -261,7 +263,7 @@ export class Turn {
       }
       const me = view.participants.get(this.lease!);
       if (me && !this.holdKey && me.tickets.length < REFILL_BELOW) await this.refill(me).catch(() => undefined);
-      if (!this.claimedSpare || me) await this.ensureSpare().catch(() => undefined);
+      if (this.opts.keepSpares) await this.ensureSpare().catch(() => undefined);
     } catch (err) {
       this.deps.log.warn({ event: 'turn.keepalive.fail', error: errorMessage(err) }, `lease keep-alive failed: ${errorMessage(err)}`);
     } finally {
