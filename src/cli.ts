@@ -194,6 +194,11 @@ async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.Proces
     log.info({ event: 'daemon.signal', signal: 'SIGHUP' }, 'SIGHUP received: reloading the config');
     daemon.reload();
   });
+  // A bug must not leave a daemon running half-broken: log it and exit 1, systemd restarts us.
+  process.on('unhandledRejection', (err) => {
+    log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
+    process.exit(EXIT.failed);
+  });
   await daemon.start();
   await stopped;
   return EXIT.ok;

@@ -279,6 +279,11 @@ export class MemberClient {
     return { kvs: res.kvs, revision: BigInt(res.header.revision) };
   }
 
+  async get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
+    const res = await this.read('get', (deadline) => this.client.kv.range({ key: Buffer.from(key) }, { deadline }), hooks);
+    return res.kvs[0]?.value.toString();
+  }
+
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<ITxnResponse> {
     return this.once(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
   }

@@ -107,6 +107,10 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
     throw err;
   }
 
+  // an integrity mismatch anywhere halts every daemon until an operator has looked
+  const halted = await readHalt(deps);
+  if (halted) return finish(deps, started, skip(halted, { check: 'halt', member: view.local.hex, view }));
+
   // gate (a member that does not answer while another daemon holds the turn is probably being
   // defragmented: wait for the turn instead of skipping, and check again once we hold it)
   const gateFail = healthGate(view, c);
@@ -173,6 +177,29 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
     } finally {
       await deps.turn.release().catch((err) => log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the turn: ${errorMessage(err)}; it frees itself after coordination.leaseTTL`));
     }
+  }
+}
+
+export const haltKey = (c: Config) => `${c.coordination.prefix}halt`;
+
+async function readHalt(deps: PassDeps): Promise<string | undefined> {
+  const key = haltKey(deps.config);
+  const value = await deps.pool.get(deps.config.etcd.endpoint).get(key, { log: deps.log, signal: deps.signal });
+  if (value === undefined) return undefined;
+  let what = value;
+  try {
+    const h = JSON.parse(value) as { reason?: string; at?: string };
+    what = `${h.reason ?? value}${h.at ? ` (at ${h.at})` : ''}`;
+  } catch { /* a hand-written key: show it as is */ }
+  return `defragmentation is halted after an integrity mismatch: ${what}; after checking the members, resume with: etcdctl del ${key}`;
+}
+
+/** Stops the round on every node: the others find this key and skip until an operator deletes it. */
+async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Promise<void> {
+  try {
+    await deps.pool.get(view.local.endpoint).put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
+  } catch (err) {
+    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
   }
 }
 
@@ -299,6 +326,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
     const bad = await verifyIntegrity(deps, view, before);
     if (bad) {
       log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: local.hex, ...bad.fields }, bad.reason);
+      await writeHalt(deps, view, bad.reason);
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity' };
     }
   }
@@ -344,13 +372,23 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
   const hashKV = deps.hashKV ?? defaultHashKV;
   const members = voting(view);
   for (let attempt = 1; attempt <= 3; attempt++) {
-    const statuses = await Promise.all(members.map((m) => deps.pool.get(m.endpoint).status({ log: deps.log }, 2)));
-    const local = statuses[members.findIndex((m) => m.isLocal)];
-    if (local && local.revision < before.revision) {
-      return { reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`, fields: { before: before.revision.toString(), after: local.revision.toString() } };
+    let hashes: { m: MemberView; hash: string; compactRevision: bigint }[];
+    let rev: bigint;
+    try {
+      const statuses = await Promise.all(members.map((m) => deps.pool.get(m.endpoint).status({ log: deps.log }, 2)));
+      const local = statuses[members.findIndex((m) => m.isLocal)];
+      if (local && local.revision < before.revision) {
+        return { reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`, fields: { before: before.revision.toString(), after: local.revision.toString() } };
+      }
+      rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
+      hashes = await Promise.all(members.map(async (m) => ({ m, ...(await hashKV(deps.pool, m, rev)) })));
+    } catch (err) {
+      // A compaction racing the check is retried; a member that cannot answer now leaves the
+      // defragment unverified rather than failed.
+      if (classify((err as DefragdError).cause ?? err) === 'compacted') continue;
+      deps.log.warn({ event: 'verify.skip', error: errorMessage(err) }, `HashKV not compared: ${errorMessage(err)}`);
+      return undefined;
     }
-    const rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
-    const hashes = await Promise.all(members.map(async (m) => ({ m, ...(await hashKV(deps.pool, m, rev)) })));
     const compacts = new Set(hashes.map((h) => h.compactRevision.toString()));
     if (compacts.size > 1) continue; // a compaction landed between the calls: ask again
     const distinct = new Set(hashes.map((h) => h.hash));

@@ -194,6 +194,14 @@ for (const version of versionsUnderTest()) {
         assert.ok(err, 'logged at error level');
         const hashes = err.hashes as Record<string, string>;
         assert.equal(new Set(Object.values(hashes)).size, 2, 'both hashes are in the error');
+        // The round stays stopped on every node until an operator has looked.
+        const next = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
+        assert.equal(next.outcome, 'skipped');
+        assert.equal(next.check, 'halt');
+        assert.match(next.reason, /halted after an integrity mismatch: .*resume with: etcdctl del \/etcd-defragd\/halt/);
+        await c.client().delete().key('/etcd-defragd/halt').exec();
+        const resumed = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
+        assert.equal(resumed.outcome, 'done');
       } finally {
         await turn.close();
         pool.close();
