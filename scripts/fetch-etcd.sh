@@ -17,7 +17,8 @@ fetch() {
     *) echo "fetch-etcd: unknown etcd version '$version' (accepted: 3.4, 3.5)" >&2; return 64 ;;
   esac
   local dest=$cache/$version
-  if [[ -x $dest/etcd && -x $dest/etcdctl ]] && "$dest/etcd" --version 2>/dev/null | grep -q "etcd Version: $version\."; then
+  # The stamp is written last, after both binaries are in place: its presence means a complete fetch.
+  if [[ -x $dest/etcd && -x $dest/etcdctl && -f $dest/.fetched ]]; then
     echo "$dest"; return 0
   fi
   local t; t=$(mktemp -d)
@@ -25,13 +26,18 @@ fetch() {
   mkdir -p "$t/lists/partial" "$t/archives/partial" "$t/root"
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" > "$t/sources.list"
   local o=(-o "Dir::Etc::SourceList=$t/sources.list" -o Dir::Etc::SourceParts=/dev/null
-           -o "Dir::State::Lists=$t/lists" -o "Dir::Cache::Archives=$t/archives" -o Debug::NoLocking=1)
+           -o "Dir::State::Lists=$t/lists" -o "Dir::Cache::Archives=$t/archives" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
   apt-get "${o[@]}" -qq update >&2
   (cd "$t" && apt-get "${o[@]}" -qq download etcd-server etcd-client >&2)
   for deb in "$t"/etcd-server_*.deb "$t"/etcd-client_*.deb; do dpkg -x "$deb" "$t/root"; done
   mkdir -p "$dest"
-  install -m 0755 "$t/root/usr/bin/etcd" "$t/root/usr/bin/etcdctl" "$dest/"
-  "$dest/etcd" --version | head -1 >&2
+  # Rename into place: overwriting a binary that a running etcd executes fails (text file busy).
+  for b in etcd etcdctl; do
+    install -m 0755 "$t/root/usr/bin/$b" "$dest/.$b.new"
+    mv -f "$dest/.$b.new" "$dest/$b"
+  done
+  env -i "$dest/etcd" --version | head -1 > "$dest/.fetched"
+  cat "$dest/.fetched" >&2
   echo "$dest"
 }
 
