@@ -55,28 +55,32 @@ interface Kind {
 const ok = (value: unknown) => ({ value });
 const bad = (error: string) => ({ error });
 
+// Node timers overflow past 2^31-1 ms (about 24.8 days) and then fire at once.
+const MAX_DURATION = 2 ** 31 - 1;
+
 const duration = (min = 1): Kind => ({
-  accepted: min > 0 ? `a positive ${DURATION_ACCEPTED}` : `a ${DURATION_ACCEPTED}`,
+  accepted: `${min > 0 ? 'a positive' : 'a'} ${DURATION_ACCEPTED}, at most 24d`,
   parse(raw) {
     if (typeof raw === 'string' && raw.trim().startsWith('-')) return bad('is negative');
     if (typeof raw === 'number' && raw < 0) return bad('is negative');
     const ms = parseDuration(raw);
     if (ms === undefined) return bad('is not a duration');
-    if (ms < min) return bad(min > 0 ? 'must be greater than zero' : 'is too small');
+    if (ms < min) return bad(min > 1 ? `is below the minimum of ${min}ms` : min > 0 ? 'must be greater than zero' : 'is too small');
+    if (ms > MAX_DURATION) return bad('is too long');
     return ok(ms);
   },
 });
 
-const size: Kind = {
-  accepted: SIZE_ACCEPTED,
+const size = (min = 0): Kind => ({
+  accepted: min > 0 ? `${SIZE_ACCEPTED}, above zero` : SIZE_ACCEPTED,
   parse(raw) {
     if (typeof raw === 'string' && raw.trim().startsWith('-')) return bad('is negative');
     const bytes = parseSize(raw);
-    if (bytes !== undefined) return ok(bytes);
+    if (bytes !== undefined) return bytes < min ? bad('must be above zero') : ok(bytes);
     const unit = typeof raw === 'string' ? raw.trim().match(/^\d+(?:\.\d+)?\s*([A-Za-z]+)$/)?.[1] : undefined;
     return bad(unit ? `has an unknown unit "${unit}"` : 'is not a size');
   },
-};
+});
 
 const ratio = (opts: { zero: boolean }): Kind => ({
   accepted: opts.zero ? 'a number from 0 to 1 (e.g. 0.3)' : 'a number above 0, at most 1 (e.g. 0.8)',
@@ -197,10 +201,10 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   policy: {
     force: { default: false, kind: boolean, doc: 'defragment on every run, as the old cron did' },
     minFragmentation: { default: 0.3, kind: ratio({ zero: true }), doc: '(dbSize - dbSizeInUse) / dbSize needed to defragment' },
-    minReclaimable: { default: '64MiB', kind: size, doc: 'and at least this much to reclaim' },
-    quotaBytes: { default: '2GiB', kind: size, doc: "the members' --quota-backend-bytes" },
+    minReclaimable: { default: '64MiB', kind: size(), doc: 'and at least this much to reclaim' },
+    quotaBytes: { default: '2GiB', kind: size(1), doc: "the members' --quota-backend-bytes" },
     quotaUsageTrigger: { default: 0.8, kind: ratio({ zero: false }), doc: 'defragment anyway when dbSize / quotaBytes reaches this' },
-    freeDiskMargin: { default: '256MiB', kind: size, doc: 'free disk needed beyond the in-use size before defragmenting' },
+    freeDiskMargin: { default: '256MiB', kind: size(), doc: 'free disk needed beyond the in-use size before defragmenting' },
   },
   health: {
     maxRaftLag: { default: 1000, kind: integer(0), doc: 'applied-index distance tolerated between members' },

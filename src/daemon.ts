@@ -33,6 +33,9 @@ export class Daemon {
   private stopping = false;
   private readonly abort = new AbortController();
   private lastView: ClusterView | undefined;
+  private reconnectPending = false;
+  /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
+  private halted: string | undefined;
   readonly metrics = new Metrics();
   metricsAddress: string | undefined;
 
@@ -108,6 +111,8 @@ export class Daemon {
     }
     this.running = this.runOne(mode).finally(() => {
       this.running = undefined;
+      // New etcd/coordination settings from a reload apply between runs, before a queued one.
+      if (this.reconnectPending && !this.stopping) this.reloadConnections();
       const next = this.pending;
       this.pending = undefined;
       if (next && !this.stopping) this.trigger(next);
@@ -123,6 +128,11 @@ export class Daemon {
     const runId = randomBytes(4).toString('hex');
     const log = this.deps.log.child({ runId });
     let result: PassResult | undefined;
+    if (this.halted) {
+      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then restart etcd-defragd`);
+      this.metrics.recordRun('skipped', mode, 'halt');
+      return;
+    }
     try {
       if (!this.turn.leaseId) await this.join();
       result = await runPass({
@@ -142,11 +152,12 @@ export class Daemon {
         },
       }, { mode, runId });
       this.metrics.recordRun(result.outcome, mode, result.check);
+      if (result.check === 'integrity') this.halted = result.reason;
     } catch (err) {
       log.error({ event: 'run.fail', mode, error: errorMessage(err) }, `run failed: ${errorMessage(err)}`);
       this.metrics.recordRun('failed', mode);
     }
-    if (mode === 'nospace' && !this.stopping) {
+    if (mode === 'nospace' && !this.stopping && !this.halted) {
       try {
         await checkAndDisarm({
           config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(),
@@ -215,7 +226,7 @@ export class Daemon {
       if (!this.running) this.reloadConnections();
       else {
         log.warn({ event: 'config.reload.deferred' }, 'etcd and coordination settings apply once the current run ends');
-        void this.running.then(() => this.reloadConnections());
+        this.reconnectPending = true;
       }
     }
     this.schedule();
@@ -228,6 +239,7 @@ export class Daemon {
   }
 
   private reloadConnections(): void {
+    this.reconnectPending = false;
     const oldTurn = this.turn;
     const oldPool = this.pool;
     this.pool = new ClientPool(accessFromConfig(this.config));

@@ -274,8 +274,8 @@ export class MemberClient {
     return this.read('linearizable read', (deadline) => this.client.kv.range({ key: Buffer.from(key), serializable: false, count_only: true } as never, { deadline }), hooks);
   }
 
-  async range(prefix: string, hooks?: RetryHooks): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
-    const res = await this.read('range', (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }), hooks);
+  async range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
+    const res = await this.read('range', (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }), hooks, attempts);
     return { kvs: res.kvs, revision: BigInt(res.header.revision) };
   }
 
@@ -302,7 +302,7 @@ export class MemberClient {
   }
 
   /** One keep-alive over a short-lived stream; returns the remaining TTL (0: the lease is gone). */
-  async leaseKeepAlive(id: string): Promise<number> {
+  async leaseKeepAlive(id: string, timeoutMs = this.access.requestTimeout): Promise<number> {
     return this.once('lease keep-alive', async (deadline) => {
       const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
       try {
@@ -315,7 +315,7 @@ export class MemberClient {
       } finally {
         stream.end();
       }
-    });
+    }, timeoutMs);
   }
 
   close(): void {

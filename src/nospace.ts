@@ -4,6 +4,7 @@ import type { Config } from './config.ts';
 import type { Alarm, ClientPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
+import { haltKey } from './pass.ts';
 import type { Log } from './log.ts';
 import { hexId, memberLabel, voting } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
@@ -24,6 +25,11 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   const view = await inspect(deps.pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false });
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
+  const halt = await deps.pool.get(c.etcd.endpoint).get(haltKey(c), { log });
+  if (halt !== undefined) {
+    log.error({ event: 'nospace.blocked', reason: 'halt' }, `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${haltKey(c)}); check the members first`);
+    return 'blocked';
+  }
   if (view.alarms.some((a) => a.alarm === 'CORRUPT')) {
     log.error({ event: 'nospace.blocked', reason: 'corrupt' }, 'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first');
     return 'blocked';

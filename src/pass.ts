@@ -22,6 +22,8 @@ export interface PassResult {
   afterBytes?: number;
   tookMs?: number;
   view?: ClusterView;
+  /** After an integrity mismatch: whether the halt key reached etcd. */
+  haltRecorded?: boolean;
 }
 
 export interface Clock {
@@ -144,6 +146,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   if (isLeader() && c.coordination.leader === 'transfer' && leaderGoesLast) {
     log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
   }
+  let keepTurn = false;
   for (let attempt = 0; ; attempt++) {
     const got = await deps.turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
       leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, decideFor) : undefined);
@@ -172,10 +175,17 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
         if (isLeader()) return finish(deps, started, skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view }));
       }
       if (mode === 'nospace' && c.nospace.compact) await compactForNoSpace(deps, view);
+      // Last check before the point of no return: our lease may have lapsed while we looked.
+      if (!(await deps.turn.confirm())) return finish(deps, started, skip('lost the cluster-wide turn before defragmenting (lease expired?); trying again at the next run', { check: 'turn', member: view.local.hex, view }));
       const result = await defragmentLocal(deps, view, opts);
+      if (result.check === 'integrity' && !result.haltRecorded) {
+        // etcd refuses the halt key (NOSPACE): keep the turn instead, so no other member goes next.
+        keepTurn = true;
+        log.error({ event: 'halt.hold', member: view.local.hex }, 'holding the cluster-wide turn so no other member is defragmented after the integrity mismatch; restart etcd-defragd on this node once the members are checked');
+      }
       return finish(deps, started, result);
     } finally {
-      await deps.turn.release().catch((err) => log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the turn: ${errorMessage(err)}; it frees itself after coordination.leaseTTL`));
+      if (!keepTurn) await deps.turn.release();
     }
   }
 }
@@ -195,11 +205,13 @@ async function readHalt(deps: PassDeps): Promise<string | undefined> {
 }
 
 /** Stops the round on every node: the others find this key and skip until an operator deletes it. */
-async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Promise<void> {
+async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Promise<boolean> {
   try {
     await deps.pool.get(view.local.endpoint).put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
+    return true;
   } catch (err) {
     deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
+    return false;
   }
 }
 
@@ -308,7 +320,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
       log.warn({ event: 'defrag.timeout', member: local.hex }, `defragment of ${local.hex} passed etcd.defragTimeout; not re-sending, waiting for the member to answer again`);
     }
   }
-  const settled = await settle(deps, view, t0 + c.etcd.defragTimeout * 2);
+  const settled = await settle(deps, view, Math.max(60_000, c.etcd.defragTimeout));
   const tookMs = deps.clock.now() - t0;
   if (failure || !settled.ok) {
     const why = failure ?? (settled.ok ? '' : settled.reason);
@@ -326,8 +338,8 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
     const bad = await verifyIntegrity(deps, view, before);
     if (bad) {
       log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: local.hex, ...bad.fields }, bad.reason);
-      await writeHalt(deps, view, bad.reason);
-      return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity' };
+      const haltRecorded = await writeHalt(deps, view, bad.reason);
+      return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
     }
   }
   if (c.coordination.settle > 0) await deps.clock.sleep(c.coordination.settle, deps.signal);
@@ -341,15 +353,22 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   };
 }
 
-/** Waits until the member answers Status again and has applied what the leader had committed. */
-async function settle(deps: PassDeps, view: ClusterView, until: number): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
+/**
+ * Waits until the member answers Status again and has applied what the leader had committed.
+ * A member that does not answer may still be defragmenting (a timed-out defrag goes on inside
+ * etcd), so we keep the turn and wait for as long as that lasts; only catching up is bounded.
+ */
+async function settle(deps: PassDeps, view: ClusterView, catchUpMs: number): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
   const timeout = deps.config.etcd.requestTimeout;
   const client = deps.pool.get(view.local.endpoint);
+  let answeredAt: number | undefined;
+  let lastReport = deps.clock.now();
   let last = 'no answer';
-  while (deps.clock.now() < until) {
+  for (;;) {
     const s = await client.probe(timeout);
     if (s instanceof Error) last = s.message;
     else {
+      answeredAt ??= deps.clock.now();
       const leader = voting(view).find((m) => m.id === s.leader);
       const target = !leader ? undefined : leader.isLocal ? s : await deps.pool.get(leader.endpoint).probe(timeout);
       if (!target) last = `member sees leader ${hexId(s.leader)}, which is not a known voting member`;
@@ -360,11 +379,15 @@ async function settle(deps: PassDeps, view: ClusterView, until: number): Promise
         if (!(again instanceof Error) && again.raftAppliedIndex >= target.raftIndex) return { ok: true, status: again };
         last = `member is ${target.raftIndex - s.raftAppliedIndex} raft entries behind the leader`;
       }
+      if (deps.clock.now() - answeredAt > catchUpMs) return { ok: false, reason: `member did not catch up within ${formatDuration(catchUpMs)}: ${last}` };
     }
-    // Not cut short by a stop signal: a member being handed back must have caught up first.
+    if (deps.clock.now() - lastReport >= 60_000) {
+      deps.log.warn({ event: 'defrag.wait', member: view.local.hex, reason: last }, `still waiting for member ${view.local.hex} after its defragment, holding the turn: ${last}`);
+      lastReport = deps.clock.now();
+    }
+    // Not cut short by a stop signal: the turn is handed over only once the member is back.
     await deps.clock.sleep(500);
   }
-  return { ok: false, reason: `member did not come back and catch up: ${last}` };
 }
 
 /** HashKV at a revision every voting member has applied must agree; the revision must not go backwards. */
@@ -381,7 +404,9 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
         return { reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`, fields: { before: before.revision.toString(), after: local.revision.toString() } };
       }
       rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
-      hashes = await Promise.all(members.map(async (m) => ({ m, ...(await hashKV(deps.pool, m, rev)) })));
+      // One member at a time: hashing the keyspace holds a read transaction on that member.
+      hashes = [];
+      for (const m of members) hashes.push({ m, ...(await hashKV(deps.pool, m, rev)) });
     } catch (err) {
       // A compaction racing the check is retried; a member that cannot answer now leaves the
       // defragment unverified rather than failed.

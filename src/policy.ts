@@ -99,10 +99,10 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
 export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>): Decision {
   const normal = decide(s, c.policy, false);
   const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
-  if (s.dbSizeInUse >= limit) {
+  if (s.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM) {
     return { ...normal, defrag: false, reason: `live data ${formatBytes(s.dbSizeInUse)} alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}: a defragment cannot bring the member back under it` };
   }
-  if (s.dbSize >= limit && normal.reclaimable > 0) {
+  if (s.dbSize >= limit && normal.reclaimable >= NEAR_QUOTA_MIN_RECLAIM) {
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}; ${normal.reason}` };
   }
   return normal;

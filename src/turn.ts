@@ -107,14 +107,20 @@ export interface TurnOptions {
   pollInterval?: number;
   /** Keep reserve/spare participants for daemons restarting during NOSPACE (daemons yes, `once` no). */
   keepSpares?: boolean;
+  /** Deadline of one keep-alive; kept well under leaseTTL / 3 (default: leaseTTL / 6). */
+  renewTimeout?: number;
 }
 
 /** This process's participant: registration, keep-alive, taking and giving back the turn. */
 export class Turn {
   private lease: string | undefined;
   private holdKey: string | undefined;
-  private keepAliveTimer: NodeJS.Timeout | undefined;
-  private keepAliveRunning = false;
+  private renewTimer: NodeJS.Timeout | undefined;
+  private maintainTimer: NodeJS.Timeout | undefined;
+  private renewing = false;
+  private maintaining = false;
+  private releasePending = false;
+  private spareLeases: string[] = [];
   private readonly poll: number;
   private memberId: string | undefined;
   private registering: Promise<void> | undefined;
@@ -149,7 +155,7 @@ export class Turn {
       } catch (err) {
         last = err;
         const kind = err instanceof DefragdError ? classify(err.cause ?? err) : classify(err);
-        if (kind !== 'unavailable' && kind !== 'timeout') throw err;
+        if (kind !== 'unavailable' && kind !== 'timeout' && kind !== 'not-leader') throw err;
       }
     }
     throw last ?? new DefragdError('EDD_UNAVAILABLE', `${what}: no etcd endpoint known`);
@@ -157,7 +163,8 @@ export class Turn {
 
   async view(): Promise<TurnView> {
     const base = `${this.opts.prefix}p/`;
-    const res = await this.any('read turn', (c) => c.range(base));
+    // One try per member, then the next member: a member that is down must not hold us up.
+    const res = await this.any('read turn', (c) => c.range(base, undefined, 1));
     return parseView(this.opts.prefix, res.kvs, res.revision);
   }
 
@@ -244,30 +251,59 @@ export class Turn {
   }
 
   private startKeepAlive(): void {
-    if (this.keepAliveTimer) return;
+    if (this.renewTimer) return;
     const every = Math.max(500, Math.floor(this.opts.leaseTTL / 3));
-    this.keepAliveTimer = setInterval(() => void this.keepAlive(), every);
-    this.keepAliveTimer.unref();
+    // Renewal has its own timer and short deadlines: nothing slower may delay it past the TTL.
+    this.renewTimer = setInterval(() => void this.renew(), every);
+    this.renewTimer.unref();
+    this.maintainTimer = setInterval(() => void this.maintain(), every);
+    this.maintainTimer.unref();
   }
 
-  /** Renews our lease and every unclaimed spare's, through whichever member answers. */
-  async keepAlive(): Promise<void> {
-    if (this.keepAliveRunning || !this.lease) return;
-    this.keepAliveRunning = true;
-    try {
-      const ttl = await this.any('keep-alive', (c) => c.leaseKeepAlive(BigInt(`0x${this.lease}`).toString()));
-      if (ttl <= 0) this.lost('our lease expired');
-      const view = await this.view();
-      for (const p of view.participants.values()) {
-        if (p.spare && p.lease !== this.lease) await this.any('keep-alive spare', (c) => c.leaseKeepAlive(BigInt(`0x${p.lease}`).toString())).catch(() => undefined);
+  /** One keep-alive, one short try per member, others first (the local one may be defragmenting). */
+  private async renewLease(lease: string): Promise<number> {
+    const timeout = this.opts.renewTimeout ?? Math.max(300, Math.floor(this.opts.leaseTTL / 6));
+    let last: unknown;
+    for (const c of this.deps.endpoints()) {
+      try {
+        return await c.leaseKeepAlive(BigInt(`0x${lease}`).toString(), timeout);
+      } catch (err) {
+        last = err;
       }
-      const me = view.participants.get(this.lease!);
-      if (me && !this.holdKey && me.tickets.length < REFILL_BELOW) await this.refill(me).catch(() => undefined);
-      if (this.opts.keepSpares) await this.ensureSpare().catch(() => undefined);
+    }
+    throw last ?? new DefragdError('EDD_UNAVAILABLE', 'keep-alive: no etcd endpoint known');
+  }
+
+  /** Renews our lease and the spares', and retries giving back a turn that could not be given back. */
+  async renew(): Promise<void> {
+    if (this.renewing || !this.lease) return;
+    this.renewing = true;
+    try {
+      const ttl = await this.renewLease(this.lease);
+      if (ttl <= 0) this.lost('our lease expired');
+      for (const spare of this.spareLeases) await this.renewLease(spare).catch(() => undefined);
+      if (this.releasePending) await this.release();
     } catch (err) {
       this.deps.log.warn({ event: 'turn.keepalive.fail', error: errorMessage(err) }, `lease keep-alive failed: ${errorMessage(err)}`);
     } finally {
-      this.keepAliveRunning = false;
+      this.renewing = false;
+    }
+  }
+
+  /** Slower upkeep: which spares to keep alive, tickets to refill, spares to prepare. */
+  async maintain(): Promise<void> {
+    if (this.maintaining || !this.lease) return;
+    this.maintaining = true;
+    try {
+      const view = await this.view();
+      this.spareLeases = [...view.participants.values()].filter((p) => p.spare && p.lease !== this.lease).map((p) => p.lease);
+      const me = view.participants.get(this.lease);
+      if (me && !this.holdKey && me.tickets.length < REFILL_BELOW) await this.refill(me, view.revision).catch(() => undefined);
+      if (this.opts.keepSpares) await this.ensureSpare().catch(() => undefined);
+    } catch (err) {
+      this.deps.log.debug({ event: 'turn.maintain.fail', error: errorMessage(err) }, `turn upkeep failed: ${errorMessage(err)}`);
+    } finally {
+      this.maintaining = false;
     }
   }
 
@@ -278,10 +314,16 @@ export class Turn {
     this.holdKey = undefined;
   }
 
-  private async refill(me: Participant): Promise<void> {
+  /**
+   * Appends tickets after the last one. Guarded by "no ticket of ours was written since the view":
+   * a refill from a stale view must never re-create a ticket already taken (it would flip our state).
+   */
+  private async refill(me: Participant, viewRevision: bigint): Promise<void> {
     const next = (me.tickets.at(-1) ?? 0) + 1;
     const from = next % 2 === 0 ? next : next + 1;
-    await this.any('refill tickets', (c) => c.txn('refill tickets', [], this.ticketPuts(me.lease, from, TICKETS)));
+    const own = `${this.opts.prefix}p/${me.lease}/t/`;
+    const guard = { key: Buffer.from(own), range_end: prefixEnd(own), target: 'Mod', result: 'Less', mod_revision: (viewRevision + 1n).toString() } as ICompare;
+    await this.any('refill tickets', (c) => c.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, TICKETS)));
   }
 
   /**
@@ -301,11 +343,13 @@ export class Turn {
         continue;
       }
       if (me.holding) {
+        // Still ours from a run whose give-back failed: use it.
         this.holdKey = this.key(me.lease, `t/${pad(me.tickets[0]!)}`);
+        this.releasePending = false;
         return { ok: true, waitedMs: this.deps.now() - started };
       }
       if (me.tickets.length < 2) {
-        await this.refill(me).catch((err) => {
+        await this.refill(me, view.revision).catch((err) => {
           throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
         });
         continue;
@@ -342,21 +386,47 @@ export class Turn {
     }
   }
 
-  /** Gives the turn back (a delete: works during NOSPACE). */
+  /** Do we still hold the turn in etcd? Checked right before a defragment is sent. */
+  async confirm(): Promise<boolean> {
+    const key = this.holdKey;
+    if (!key) return false;
+    const res = await this.any('check turn', (c) => c.range(key, undefined, 1));
+    return res.kvs.some((kv) => kv.key.toString() === key);
+  }
+
+  /**
+   * Gives the turn back (a delete: works during NOSPACE). Safe to repeat; when no member answers,
+   * we keep holding it and the keep-alive loop tries again, so it is never left held silently.
+   */
   async release(): Promise<void> {
     const key = this.holdKey;
     if (!key) return;
-    this.holdKey = undefined;
-    const res = await this.any('give back turn', (c) => c.txn('give back turn', [
-      { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-    ], [{ request_delete_range: { key: Buffer.from(key) } }]));
-    if (!res.succeeded) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      try {
+        const res = await this.any('give back turn', (c) => c.txn('give back turn', [
+          { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+        ], [{ request_delete_range: { key: Buffer.from(key) } }]));
+        if (!res.succeeded) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+        this.holdKey = undefined;
+        this.releasePending = false;
+        return;
+      } catch (err) {
+        if (attempt === 3) {
+          this.releasePending = true;
+          this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
+          return;
+        }
+        await this.deps.sleep(500 * attempt);
+      }
+    }
   }
 
   /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
   async close(): Promise<void> {
-    if (this.keepAliveTimer) clearInterval(this.keepAliveTimer);
-    this.keepAliveTimer = undefined;
+    clearInterval(this.renewTimer);
+    clearInterval(this.maintainTimer);
+    this.renewTimer = undefined;
+    this.maintainTimer = undefined;
     const lease = this.lease;
     this.lease = undefined;
     this.holdKey = undefined;

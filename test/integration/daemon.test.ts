@@ -104,6 +104,31 @@ for (const version of versionsUnderTest()) {
       }
     });
 
+    it('a holder killed mid-defragment: the next holder waits until that member answers again', async () => {
+      await fill(cluster, { inUseBytes: 32 * MiB, reclaimableBytes: 48 * MiB, prefix: `fill-${Date.now()}/` });
+      defragsBefore = (await allDefragEvents(cluster)).length;
+      const daemons = await startAll(cluster, { schedule: { cron: NEVER, runOnStart: true }, coordination: { leaseTTL: '5s', settle: '1s', maxWait: '2m' } });
+      try {
+        // Freeze the member the moment its daemon sends the defragment (a defrag that outlives its
+        // daemon's lease), and kill that daemon: its lease expires while etcd is still "defragmenting".
+        const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 60_000).then(() => i)));
+        const member = cluster.members[first]!;
+        member.pause();
+        await daemons[first]!.kill('SIGKILL');
+        await new Promise((r) => setTimeout(r, 12_000)); // more than two lease TTLs
+        const during = (await allDefragEvents(cluster)).slice(defragsBefore).filter((e) => e.member !== member.name);
+        assert.deepEqual(during, [], 'nobody else defragmented while the member was still busy');
+        member.resume();
+        const others = daemons.filter((_, i) => i !== first);
+        for (const r of await runsFinished(others, 90_000)) assert.equal(r.event, 'run.done', JSON.stringify(r));
+        assertNoOverlap(await allDefragEvents(cluster));
+        assert.equal((await allDefragEvents(cluster)).slice(defragsBefore).length, 3);
+      } finally {
+        cluster.members.forEach((m) => m.isPaused && m.resume());
+        await stopAll(daemons);
+      }
+    });
+
     it('a paused member makes every daemon skip, naming it', async () => {
       const paused = cluster.members[2]!;
       defragsBefore = (await allDefragEvents(cluster)).length;

@@ -123,3 +123,13 @@ function fileFromShipped(): string {
   // The shipped file points at kubeadm's certificates, which do not exist here; keep the rest.
   return file(readFileSync(new URL('../../config/etcd-defragd.yaml', import.meta.url), 'utf8'));
 }
+
+describe('config bounds', () => {
+  it('rejects durations a timer cannot hold and a zero quota', () => {
+    const path = join(dir, 'bounds.yaml');
+    writeFileSync(path, 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
+    assert.throws(() => loadConfig({ path, env: {}, flags: { 'nospace.checkInterval': '30d' } }), /nospace\.checkInterval: "30d" is too long .*at most 24d/);
+    assert.throws(() => loadConfig({ path, env: {}, flags: { 'policy.quotaBytes': '0' } }), /policy\.quotaBytes: "0" must be above zero/);
+    assert.throws(() => loadConfig({ path, env: {}, flags: { 'coordination.leaseTTL': '1s' } }), /coordination\.leaseTTL: "1s" is below the minimum of 2000ms/);
+  });
+});

@@ -82,3 +82,11 @@ describe('transferTarget', () => {
     assert.equal(transferTarget(view([member('1'), member('4', { isLearner: true })])), undefined);
   });
 });
+
+describe('decideNoSpace bounds', () => {
+  it('does not defragment again when the live data sits just under the mark', () => {
+    const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
+    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 100 }, c).defrag, false);
+    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 8 * MiB }, c).defrag, true);
+  });
+});
