@@ -213,7 +213,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     prefix: { default: '/etcd-defragd/', kind: prefix, doc: 'etcd key prefix for the cluster-wide turn' },
     leaseTTL: { default: '30s', kind: duration(2000), doc: 'a dead holder of the turn blocks the others this long at most' },
     maxWait: { default: '30m', kind: duration(), doc: 'how long a run waits for the turn before skipping' },
-    settle: { default: '10s', kind: duration(0), doc: 'pause after a member caught up, before handing over the turn' },
+    settle: { default: '2s', kind: duration(0), doc: 'pause after a member caught up, before handing over the turn' },
     leader: { default: 'transfer', kind: oneOf(['transfer', 'last']), doc: 'transfer: move leadership away first; last: defragment the leader after the others' },
   },
   retry: {

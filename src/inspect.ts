@@ -1,6 +1,6 @@
 // Cluster inspection: the local member (by the member ID in etcd.endpoint's Status header), the
 // member list, alarms, and each voting member's Status through its advertised client URLs.
-import type { ClientPool, MemberClient, RetryHooks } from './etcd.ts';
+import type { ClientPool, RetryHooks } from './etcd.ts';
 import { hexId, type ClusterView, type MemberView } from './policy.ts';
 
 export interface InspectOptions {
@@ -74,8 +74,4 @@ export async function busyMembers(pool: ClientPool, view: ClusterView, timeoutMs
     return r instanceof Error ? { member: m, error: r.message } : undefined;
   }));
   return results.filter((r): r is { member: MemberView; error: string } => r !== undefined);
-}
-
-export function clientFor(pool: ClientPool, m: MemberView): MemberClient {
-  return pool.get(m.endpoint);
 }

@@ -115,6 +115,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
 
   // gate (a member that does not answer while another daemon holds the turn is probably being
   // defragmented: wait for the turn instead of skipping, and check again once we hold it)
+  view = await gateSettled(deps, view, look);
   const gateFail = healthGate(view, c);
   if (gateFail) {
     const holder = gateFail.check === 'status' && deps.turn && !opts.dryRun ? await turnHolder(deps.turn) : undefined;
@@ -147,7 +148,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
     log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
   }
   let keepTurn = false;
-  for (let attempt = 0; ; attempt++) {
+  for (;;) {
     const got = await deps.turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
       leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, decideFor) : undefined);
     if (!got.ok) return finish(deps, started, skip(`did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`, { check: 'turn', member: local.hex, view }));
@@ -158,7 +159,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
       // member answers, then look again with the turn in hand - the cluster may have changed.
       const busy = await waitNotBusy(deps, view, waitUntil);
       if (busy) return finish(deps, started, skip(busy, { check: 'busy', member: view.local.hex, view }));
-      view = await look();
+      view = await gateSettled(deps, await look(), look);
       const again = healthGate(view, c);
       if (again) return finish(deps, started, skip(again.reason, { check: again.check, member: again.member, view }));
       const fresh = decideFor(view.local.status!);
@@ -176,7 +177,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
       }
       if (mode === 'nospace' && c.nospace.compact) await compactForNoSpace(deps, view);
       // Last check before the point of no return: our lease may have lapsed while we looked.
-      if (!(await deps.turn.confirm())) return finish(deps, started, skip('lost the cluster-wide turn before defragmenting (lease expired?); trying again at the next run', { check: 'turn', member: view.local.hex, view }));
+      if (!(await deps.turn.confirm())) return finish(deps, started, skip(`lost the cluster-wide turn before defragmenting (${deps.turn.lastTrouble || 'our ticket is gone'}); trying again at the next run`, { check: 'turn', member: view.local.hex, view }));
       const result = await defragmentLocal(deps, view, opts);
       if (result.check === 'integrity' && !result.haltRecorded) {
         // etcd refuses the halt key (NOSPACE): keep the turn instead, so no other member goes next.
@@ -213,6 +214,21 @@ async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Pro
     deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
     return false;
   }
+}
+
+/**
+ * Leader disagreement and raft lag pass within an election or a burst of writes (a leader transfer
+ * by another daemon causes both): look again a few times before calling the cluster unhealthy.
+ */
+async function gateSettled(deps: PassDeps, view: ClusterView, look: () => Promise<ClusterView>): Promise<ClusterView> {
+  for (let i = 0; i < 3; i++) {
+    const fail = healthGate(view, deps.config);
+    if (!fail || (fail.check !== 'leader' && fail.check !== 'raft-lag')) break;
+    deps.log.debug({ event: 'gate.retry', check: fail.check, reason: fail.reason }, `looking again in 1s: ${fail.reason}`);
+    await deps.clock.sleep(1000, deps.signal);
+    view = await look();
+  }
+  return view;
 }
 
 async function turnHolder(turn: Turn): Promise<string | undefined> {

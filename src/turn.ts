@@ -121,12 +121,14 @@ export class Turn {
   private maintaining = false;
   private releasePending = false;
   private spareLeases: string[] = [];
+  /** Why the last keep-alive failed, or how the lease was lost (for the reason of a skipped run). */
+  lastTrouble = '';
   private readonly poll: number;
   private memberId: string | undefined;
   private registering: Promise<void> | undefined;
 
   constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
-    this.poll = opts.pollInterval ?? 1000;
+    this.poll = opts.pollInterval ?? 500;
   }
 
   /** Records which member this participant defragments (shown to the others). */
@@ -262,7 +264,7 @@ export class Turn {
 
   /** One keep-alive, one short try per member, others first (the local one may be defragmenting). */
   private async renewLease(lease: string): Promise<number> {
-    const timeout = this.opts.renewTimeout ?? Math.max(300, Math.floor(this.opts.leaseTTL / 6));
+    const timeout = this.opts.renewTimeout ?? Math.max(1000, Math.floor(this.opts.leaseTTL / 6));
     let last: unknown;
     for (const c of this.deps.endpoints()) {
       try {
@@ -280,10 +282,14 @@ export class Turn {
     this.renewing = true;
     try {
       const ttl = await this.renewLease(this.lease);
-      if (ttl <= 0) this.lost('our lease expired');
+      if (ttl <= 0) {
+        this.lastTrouble = `lease ${this.lease} expired (last trouble: ${this.lastTrouble || 'none'})`;
+        this.lost('our lease expired');
+      }
       for (const spare of this.spareLeases) await this.renewLease(spare).catch(() => undefined);
       if (this.releasePending) await this.release();
     } catch (err) {
+      this.lastTrouble = `keep-alive failed at ${new Date(this.deps.now()).toISOString()}: ${errorMessage(err)}`;
       this.deps.log.warn({ event: 'turn.keepalive.fail', error: errorMessage(err) }, `lease keep-alive failed: ${errorMessage(err)}`);
     } finally {
       this.renewing = false;

@@ -128,9 +128,12 @@ for (const version of versionsUnderTest()) {
         member.resume();
         // A daemon that took the dead holder's turn waited for the member and then defragmented; one
         // that looked after the lease expired saw a member down with no holder and skipped, naming it.
+        // A frozen ex-leader can revoke every lease when it resumes (etcd issues 12528, 15247): a
+        // daemon that lost its turn that way skips before defragmenting - which is the point.
         const others = daemons.filter((_, i) => i !== first);
         for (const r of await runsFinished(others, 90_000)) {
-          if (r.event === 'run.skip') assert.match(r.msg, new RegExp(`member ${member.name} \\(${member.id}`), JSON.stringify(r));
+          if (r.event === 'run.skip' && r.check === 'turn') assert.match(r.msg, /lost the cluster-wide turn before defragmenting/);
+          else if (r.event === 'run.skip') assert.match(r.msg, new RegExp(`member ${member.name} \\(${member.id}`), JSON.stringify(r));
           else assert.equal(r.event, 'run.done', JSON.stringify(r));
         }
         assertNoOverlap(await allDefragEvents(cluster));

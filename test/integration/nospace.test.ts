@@ -109,9 +109,9 @@ for (const version of versionsUnderTest()) {
       const defrags = (await allDefragEvents(c)).filter((e) => e.start.getTime() >= alarmAt);
       const defragMs = defrags.reduce((sum, e) => sum + ((e.end?.getTime() ?? Date.now()) - e.start.getTime()), 0);
       t.diagnostic(`writes refused for ${recoveredAt - alarmAt} ms after the alarm; ${defrags.length} defrags took ${defragMs} ms`);
-      // Generous bound: two check intervals, the defrags, each member's settle (default 10 s, here
-      // the default) and scheduling noise on a shared machine. The benchmark measures it properly.
-      assert.ok(recoveredAt - alarmAt < 2 * CHECK_MS + defragMs + 3 * 10_000 + 20_000, `recovered after ${recoveredAt - alarmAt} ms`);
+      // Generous bound: two check intervals, the defrags, each member's settle (the default) and
+      // scheduling noise on a shared machine. The benchmark measures it properly.
+      assert.ok(recoveredAt - alarmAt < 2 * CHECK_MS + defragMs + 3 * 2_000 + 30_000, `recovered after ${recoveredAt - alarmAt} ms`);
       assert.deepEqual(await listAlarms(c), []);
       assertNoOverlap(await allDefragEvents(c));
       const disarms = daemons.flatMap((d) => d.jsonLines<LogLine>()).filter((l) => l.event === 'nospace.disarm');
