@@ -107,8 +107,6 @@ export interface TurnOptions {
   pollInterval?: number;
   /** Keep reserve/spare participants for daemons restarting during NOSPACE (daemons yes, `once` no). */
   keepSpares?: boolean;
-  /** Deadline of one keep-alive; kept well under leaseTTL / 3 (default: leaseTTL / 6). */
-  renewTimeout?: number;
 }
 
 /** This process's participant: registration, keep-alive, taking and giving back the turn. */
@@ -138,10 +136,6 @@ export class Turn {
 
   get leaseId(): string | undefined {
     return this.lease;
-  }
-
-  get holding(): boolean {
-    return this.holdKey !== undefined;
   }
 
   private key(lease: string, rest: string): string {
@@ -197,7 +191,7 @@ export class Turn {
 
   /**
    * Joins the coordination: a new participant when etcd accepts writes, otherwise (NOSPACE) a
-   * claimed spare. Also keeps one spare ready for daemons that restart during NOSPACE.
+   * claimed spare. A daemon also keeps a reserve for its member and an anonymous spare ready.
    */
   register(): Promise<void> {
     if (this.lease) return Promise.resolve();
@@ -264,7 +258,8 @@ export class Turn {
 
   /** One keep-alive, one short try per member, others first (the local one may be defragmenting). */
   private async renewLease(lease: string): Promise<number> {
-    const timeout = this.opts.renewTimeout ?? Math.max(1000, Math.floor(this.opts.leaseTTL / 6));
+    // Short enough for three members to be tried within one renewal period (leaseTTL / 3).
+    const timeout = Math.max(1000, Math.floor(this.opts.leaseTTL / 9));
     let last: unknown;
     for (const c of this.deps.endpoints()) {
       try {
