@@ -84,7 +84,7 @@ check "dev deps pruned (typescript, eslint)" test ! -e "$lib/node_modules/typesc
 check "no staging leftovers" test -z "$(find "$root/usr/local/lib" -maxdepth 1 -name 'etcd-defragd.*')"
 check "symlink resolves to the CLI" test "$(readlink -f "$root/usr/local/bin/etcd-defragd")" = "$(readlink -f "$lib/dist/cli.js")"
 check "config installed from the shipped default" cmp -s "$conf" "$shipped"
-check "unit ExecStart uses this node" grep -q "^ExecStart=$node /usr/local/lib/etcd-defragd/dist/cli.js run " "$root/etc/systemd/system/etcd-defragd.service"
+check "unit ExecStart uses this node" grep -q "^ExecStart=$node --lite-mode /usr/local/lib/etcd-defragd/dist/cli.js run " "$root/etc/systemd/system/etcd-defragd.service"
 # The installed tree must run on its production deps alone; 78 (config error) is fine here
 # (no kubeadm certs on a CI machine), a missing module is not.
 rc=0; ETCD_DEFRAGD_CONFIG=$conf "$node" "$lib/dist/cli.js" check-config >"$t/cc" 2>&1 || rc=$?
@@ -114,7 +114,7 @@ check "/etc/etcd-defragd removed" test ! -e "$root/etc/etcd-defragd"
 
 mkdir -p "$t/nodebin"; ln -s "$node" "$t/nodebin/node"
 check "install with --prefix and --node" run_install --prefix /opt/edd --node "$t/nodebin/node"
-check "unit follows --prefix and --node" grep -q "^ExecStart=$t/nodebin/node /opt/edd/lib/etcd-defragd/dist/cli.js run " "$root/etc/systemd/system/etcd-defragd.service"
+check "unit follows --prefix and --node" grep -q "^ExecStart=$t/nodebin/node --lite-mode /opt/edd/lib/etcd-defragd/dist/cli.js run " "$root/etc/systemd/system/etcd-defragd.service"
 check "symlink under --prefix" test -x "$root/opt/edd/bin/etcd-defragd"
 check "purge --prefix" run_install --prefix /opt/edd --purge
 check "DESTDIR empty again" test -z "$(find "$root" -mindepth 1 -not -type d)"

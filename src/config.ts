@@ -222,7 +222,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     maxDelay: { default: '30s', kind: duration(), doc: 'longest backoff delay' },
   },
   nospace: {
-    checkInterval: { default: '30s', kind: duration(1000), doc: 'how often the alarm list is read' },
+    checkInterval: { default: '10s', kind: duration(1000), doc: 'how often the alarm list is read' },
     compact: { default: false, kind: boolean, doc: 'compact before defragmenting (Kubernetes compacts by itself)' },
     keepRevisions: { default: 1000, kind: integer(0), doc: 'revisions of history kept when nospace.compact is true' },
     disarm: { default: true, kind: boolean, doc: 'disarm NOSPACE once every member is back under the quota' },

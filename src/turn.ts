@@ -252,7 +252,8 @@ export class Turn {
     // Renewal has its own timer and short deadlines: nothing slower may delay it past the TTL.
     this.renewTimer = setInterval(() => void this.renew(), every);
     this.renewTimer.unref();
-    this.maintainTimer = setInterval(() => void this.maintain(), every);
+    // Upkeep (spare list, refills) is slower work and need not run at renewal pace.
+    this.maintainTimer = setInterval(() => void this.maintain(), Math.max(1000, this.opts.leaseTTL));
     this.maintainTimer.unref();
   }
 

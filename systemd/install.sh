@@ -75,8 +75,9 @@ install_unit() {
   [[ -f $from ]] || die "$from is missing"
   mkdir -p "$(dirname "$r_unit")"
   tmp=$(mktemp "$r_unit.XXXXXX")
-  sed -e "s|^ExecStart=/usr/bin/node /usr/local/lib/$name/|ExecStart=$node $libdir/|" "$from" > "$tmp"
-  grep -q "^ExecStart=$node $libdir/dist/cli.js " "$tmp" || { rm -f "$tmp"; die "could not set ExecStart in $from"; }
+  # ExecStart=/usr/bin/node [node flags] /usr/local/lib/NAME/dist/cli.js ...: swap node and prefix, keep the flags.
+  sed -e "/^ExecStart=/{s|^ExecStart=/usr/bin/node |ExecStart=$node |;s| /usr/local/lib/$name/| $libdir/|;}" "$from" > "$tmp"
+  grep -Eq "^ExecStart=$node( --[a-z-]+)* $libdir/dist/cli.js " "$tmp" || { rm -f "$tmp"; die "could not set ExecStart in $from"; }
   chmod 0644 "$tmp"
   mv -f "$tmp" "$r_unit"
   say "unit:    $r_unit (ExecStart=$node $libdir/dist/cli.js ...)"
