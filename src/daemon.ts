@@ -34,6 +34,8 @@ export class Daemon {
   private readonly abort = new AbortController();
   private lastView: ClusterView | undefined;
   private reconnectPending = false;
+  /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
+  private alarmEpisode: { defragged: boolean } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
   readonly metrics = new Metrics();
@@ -150,8 +152,9 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId });
+      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
       this.metrics.recordRun(result.outcome, mode, result.check);
+      if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
       if (result.check === 'integrity') this.halted = result.reason;
     } catch (err) {
       log.error({ event: 'run.fail', mode, error: errorMessage(err) }, `run failed: ${errorMessage(err)}`);
@@ -160,7 +163,7 @@ export class Daemon {
     if (mode === 'nospace' && !this.stopping && !this.halted) {
       try {
         await checkAndDisarm({
-          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(),
+          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), localDefragged: this.alarmEpisode?.defragged,
           registered: async () => {
             const v = await this.turn.view();
             const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
@@ -189,7 +192,9 @@ export class Daemon {
     for (const a of corrupt) {
       this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
     }
-    if (alarms.some((a) => a.alarm === 'NOSPACE')) {
+    if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
+    else {
+      this.alarmEpisode ??= { defragged: false };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }

@@ -6,7 +6,7 @@ import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { haltKey } from './pass.ts';
 import type { Log } from './log.ts';
-import { hexId, memberLabel, voting } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, hexId, memberLabel, voting } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
@@ -16,6 +16,8 @@ export interface DisarmDeps {
   pool: ClientPool;
   log: Log;
   onDisarm?: () => void;
+  /** The local member was defragmented since the alarm was raised: its in-use figure is real. */
+  localDefragged?: boolean;
   /** Member IDs with a registered etcd-defragd; `unknown` counts daemons that joined as a spare. */
   registered?: () => Promise<{ members: Set<string>; unknown: number }>;
 }
@@ -41,9 +43,11 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     log.warn({ event: 'nospace.wait', member: unknown[0]!.hex }, `NOSPACE stays armed for now: member ${memberLabel(unknown[0]!)} does not answer (${unknown[0]!.error ?? 'no answer'})`);
     return 'waiting';
   }
-  const tooBig = members.filter((m) => m.status!.dbSizeInUse >= limit);
+  // Only a defragmented member's in-use figure is trusted (freed pages wait for a write to be
+  // released, and NOSPACE refuses writes): each daemon speaks for its own member.
+  const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM);
   if (tooBig.length > 0) {
-    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use`).join(', ');
+    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment`).join(', ');
     log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: c.policy.quotaBytes },
       `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)} (${detail}); defragmenting cannot help. Raise --quota-backend-bytes on every member (and policy.quotaBytes), delete data, or compact history (nospace.compact: true)`);
     return 'blocked';

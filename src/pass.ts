@@ -67,6 +67,8 @@ export interface PassOptions {
   force?: boolean;
   mode?: 'scheduled' | 'once' | 'nospace';
   runId?: string;
+  /** NOSPACE mode: this daemon already defragmented its member since the alarm was raised. */
+  defraggedThisAlarm?: boolean;
 }
 
 async function defaultFreeDisk(dir: string): Promise<number> {
@@ -91,7 +93,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   const started = deps.clock.now();
   const hooks = { log, signal: deps.signal };
   const decideFor = (s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>): Decision =>
-    mode === 'nospace' ? decideNoSpace(s, c) : decide(s, c.policy, opts.force || c.policy.force);
+    mode === 'nospace' ? decideNoSpace(s, c, opts.defraggedThisAlarm) : decide(s, c.policy, opts.force || c.policy.force);
 
   log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
 
