@@ -242,6 +242,8 @@ export class Turn {
     if (!spares.some((p) => !p.info.memberId)) wanted.push('spare');
     for (const kind of wanted) {
       const lease = await this.createParticipant(kind);
+      // Renewed from now on: the next upkeep, which refreshes this list, may come after its TTL.
+      this.spareLeases.push(lease);
       this.deps.log.debug({ event: 'turn.spare.create', lease, kind }, `prepared ${kind} participant ${lease}`);
     }
   }
@@ -252,8 +254,9 @@ export class Turn {
     // Renewal has its own timer and short deadlines: nothing slower may delay it past the TTL.
     this.renewTimer = setInterval(() => void this.renew(), every);
     this.renewTimer.unref();
-    // Upkeep (spare list, refills) is slower work and need not run at renewal pace.
-    this.maintainTimer = setInterval(() => void this.maintain(), Math.max(1000, this.opts.leaseTTL));
+    // Upkeep (spare list, refills) is slower work and need not run at renewal pace, but it must
+    // pick up spares other daemons created well within their TTL.
+    this.maintainTimer = setInterval(() => void this.maintain(), Math.max(1000, Math.floor(this.opts.leaseTTL / 2)));
     this.maintainTimer.unref();
   }
 

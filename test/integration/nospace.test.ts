@@ -158,7 +158,9 @@ for (const version of versionsUnderTest()) {
 
       // Its daemon comes up (as an operator would start it): recovery completes.
       daemons.push(startDaemon(c, unattended, cfg));
-      await waitFor('writes to work again', 120_000, () => writesWork(c));
+      await waitFor('writes to work again', 120_000, () => writesWork(c)).catch((err: Error) => {
+        throw new Error(`${err.message}\n${daemons.map((d) => d.output()).join('\n-----\n')}`);
+      });
       t.diagnostic(`restarted daemon: ${restarted.jsonLines<LogLine>().filter((l) => /turn\.(register|spare)/.test(l.event ?? '')).map((l) => l.msg).join('; ')}`);
       assert.deepEqual(await listAlarms(c), []);
       await verifyHot(c, written);
