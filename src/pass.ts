@@ -311,7 +311,8 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<voi
   const rev = view.local.status!.revision - BigInt(deps.config.nospace.keepRevisions);
   if (rev <= 0n) return;
   try {
-    await deps.pool.get(view.local.endpoint).compact(rev);
+    // physical: wait until the backend has dropped the history, or the defrag copies it along.
+    await deps.pool.get(view.local.endpoint).compact(rev, true);
     deps.log.info({ event: 'compact', revision: rev.toString() }, `compacted history up to revision ${rev} (nospace.compact)`);
   } catch (err) {
     const kind = classify((err as DefragdError).cause ?? err);

@@ -1,0 +1,114 @@
+// `npm run bench`: etcd-defragd against the cron it replaces, side by side in one run.
+// Progress goes to stderr, the Markdown tables to stdout and to --out.
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { errorText } from '../test/harness/cluster.ts';
+import { etcdBinaries } from '../test/harness/etcd-bin.ts';
+import { REPO_ROOT } from '../test/harness/proc.ts';
+import { buildDaemon, unitNodeFlags } from './daemons.ts';
+import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
+import { header, versionSection, type VersionResults } from './report.ts';
+import { idleFootprint, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
+
+const t0 = Date.now();
+function progress(line: string): void {
+  const el = Math.round((Date.now() - t0) / 1000);
+  process.stderr.write(`[${String(Math.floor(el / 60)).padStart(2, '0')}:${String(el % 60).padStart(2, '0')}] ${line}\n`);
+}
+
+async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', cliJs: string): Promise<VersionResults> {
+  const started = Date.now();
+  const bins = await etcdBinaries(version);
+  const r: VersionResults = { version, fullVersion: bins.version, disruptions: {}, nospace: [], idle: [], errors: [], elapsedMs: 0 };
+  const ctx: Ctx = { version, opts, cliJs, log: (l) => progress(`etcd ${bins.version} ${l}`) };
+  const step = async (name: string, fn: () => Promise<void>): Promise<void> => {
+    try {
+      await fn();
+    } catch (err) {
+      const msg = `${name}: ${errorText(err)}`;
+      r.errors.push(msg);
+      progress(`etcd ${bins.version} FAILED ${msg}`);
+    }
+  };
+  const sc = opts.scenarios;
+  if (sc.has('a')) await step('(a)', async () => void (r.disruptions.a = await scenarioA(ctx)));
+  if (sc.has('b')) await step('(b)', async () => void (r.disruptions.b = await scenarioB(ctx)));
+  if (sc.has('c')) await step('(c)', async () => void (r.disruptions.c = await scenarioC(ctx)));
+  if (sc.has('d')) {
+    await step('(d) daemon', async () => void r.nospace.push(await scenarioD(ctx, 'daemon')));
+    if (opts.nospaceCompact) {
+      await step('(d) daemon, nobody compacts', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-nocompact')));
+      await step('(d) daemon, nospace.compact', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-compact')));
+    }
+    await step('(d) cron', async () => void r.nospace.push(await scenarioD(ctx, 'cron')));
+  }
+  if (sc.has('idle')) {
+    // As the systemd unit starts it, and (for reference, if the unit adds node flags) plain node.
+    const flags = unitNodeFlags();
+    await step('idle', async () => void r.idle.push(await idleFootprint(ctx, flags)));
+    if (flags.length) await step('idle, plain node', async () => void r.idle.push(await idleFootprint(ctx, [])));
+  }
+  r.elapsedMs = Date.now() - started;
+  return r;
+}
+
+async function main(argv: string[]): Promise<number> {
+  let opts: BenchOptions | 'help';
+  try {
+    opts = parseOptions(argv);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`bench: ${err.message}\n\n${USAGE}\n`);
+      return 64;
+    }
+    throw err;
+  }
+  if (opts === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const startedAt = new Date();
+  const versions = await Promise.all(opts.versions.map(async (v) => (await etcdBinaries(v)).version));
+  progress(`etcd ${versions.join(', ')}; ${opts.quick ? 'quick' : 'full'} run; scenarios ${[...opts.scenarios].join(', ')}`);
+  progress('building the daemon (tsc -p tsconfig.build.json); every daemon of this run starts from this build');
+  const build = await buildDaemon();
+  progress(`built ${build.source}`);
+  const out = resolve(REPO_ROOT, opts.out);
+  const sections: string[] = [header(opts, startedAt, versions.join(', '), build.source)];
+  process.stdout.write(`${sections[0]}\n`);
+  let failed = false;
+  const save = (): void => {
+    mkdirSync(dirname(out), { recursive: true });
+    writeFileSync(out, `${sections.join('\n')}\n`);
+  };
+  for (const v of opts.versions) {
+    const r = await runVersion(opts, v, build.cliJs);
+    if (r.errors.length) failed = true;
+    const text = versionSection(r, opts);
+    sections.push(text);
+    process.stdout.write(`${text}\n`);
+    save();
+  }
+  sections.push(`(whole run: ${((Date.now() - startedAt.getTime()) / 60_000).toFixed(1)} minutes)`);
+  save();
+  progress(`done; Markdown written to ${out}`);
+  return failed ? 1 : 0;
+}
+
+// Node warns (DEP0123) about TLS with an IP address as server name, which is what loopback etcd uses.
+const emitWarning = process.emitWarning.bind(process);
+process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
+  const code = typeof rest[0] === 'object' && rest[0] ? (rest[0] as { code?: string }).code : rest[1];
+  if (code === 'DEP0123') return;
+  (emitWarning as (...a: unknown[]) => void)(warning, ...rest);
+}) as typeof process.emitWarning;
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    process.stderr.write(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    process.exitCode = 1;
+  },
+);
