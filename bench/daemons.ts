@@ -7,7 +7,7 @@ import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import type { Cluster, Member } from '../test/harness/cluster.ts';
-import { events, type LogLine } from '../test/harness/defragd.ts';
+import { events, memberEtcd, type LogLine } from '../test/harness/defragd.ts';
 import { REPO_ROOT, spawnCli, type CliProcess } from '../test/harness/proc.ts';
 
 export type Settings = Record<string, Record<string, unknown>>;
@@ -26,16 +26,7 @@ export function cronAt(at: number): string {
  * logs (the benchmark reads them), and `settings`; everything else is the daemon's default.
  */
 export function writeBenchConfig(cluster: Cluster, member: Member, settings: Settings, name = `bench-defragd-${member.name}.yaml`): string {
-  const doc: Settings = {
-    etcd: {
-      endpoint: member.clientUrl,
-      caFile: cluster.pki?.caFile ?? '',
-      certFile: cluster.pki?.clientCertFile ?? '',
-      keyFile: cluster.pki?.clientKeyFile ?? '',
-      dataDir: member.dataDir,
-    },
-    log: { format: 'json' },
-  };
+  const doc: Settings = { etcd: memberEtcd(cluster, member), log: { format: 'json' } };
   for (const [section, keys] of Object.entries(settings)) doc[section] = { ...(doc[section] ?? {}), ...keys };
   const path = join(cluster.dir, name);
   writeFileSync(path, stringify(doc));

@@ -9,6 +9,7 @@ import { buildDaemon, unitNodeFlags } from './daemons.ts';
 import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
 import { header, versionSection, type VersionResults } from './report.ts';
 import { idleFootprint, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
+import { muteIpServernameWarning } from '../src/warnings.ts';
 
 const t0 = Date.now();
 function progress(line: string): void {
@@ -95,13 +96,7 @@ async function main(argv: string[]): Promise<number> {
   return failed ? 1 : 0;
 }
 
-// Node warns (DEP0123) about TLS with an IP address as server name, which is what loopback etcd uses.
-const emitWarning = process.emitWarning.bind(process);
-process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
-  const code = typeof rest[0] === 'object' && rest[0] ? (rest[0] as { code?: string }).code : rest[1];
-  if (code === 'DEP0123') return;
-  (emitWarning as (...a: unknown[]) => void)(warning, ...rest);
-}) as typeof process.emitWarning;
+muteIpServernameWarning();
 
 main(process.argv.slice(2)).then(
   (code) => {

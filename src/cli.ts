@@ -12,6 +12,7 @@ import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, type ClusterView } from './policy.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
+import { muteIpServernameWarning } from './warnings.ts';
 
 const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
 
@@ -255,14 +256,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   }
 }
 
-// Node warns (DEP0123) when TLS is used with an IP address as server name, which is how etcd
-// endpoints are written; the warning is noise to operators.
-const emitWarning = process.emitWarning.bind(process);
-process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
-  const code = typeof rest[0] === 'object' && rest[0] ? (rest[0] as { code?: string }).code : rest[1];
-  if (code === 'DEP0123') return;
-  (emitWarning as (...a: unknown[]) => void)(warning, ...rest);
-}) as typeof process.emitWarning;
+muteIpServernameWarning();
 
 main(process.argv.slice(2)).then((code) => {
   // Let stdout drain before exiting (pino writes synchronously to a pipe, but be safe).

@@ -6,18 +6,21 @@ import { spawnCli, runCli, type CliProcess, type RunResult } from './proc.ts';
 
 export type Overrides = Record<string, Record<string, unknown>>;
 
+/** The etcd section that points a daemon at `member`: endpoint, TLS files, data dir. */
+export function memberEtcd(cluster: Cluster, member: Member): Record<string, unknown> {
+  return {
+    endpoint: member.clientUrl,
+    caFile: cluster.pki?.caFile ?? '',
+    certFile: cluster.pki?.clientCertFile ?? '',
+    keyFile: cluster.pki?.clientKeyFile ?? '',
+    dataDir: member.dataDir,
+  };
+}
+
 /** A config file for the daemon of `member`, fast settings for tests, with per-section overrides. */
 export function writeConfig(cluster: Cluster, member: Member, overrides: Overrides = {}, name = `defragd-${member.name}.yaml`): string {
   const base: Overrides = {
-    etcd: {
-      endpoint: member.clientUrl,
-      caFile: cluster.pki?.caFile ?? '',
-      certFile: cluster.pki?.clientCertFile ?? '',
-      keyFile: cluster.pki?.clientKeyFile ?? '',
-      dataDir: member.dataDir,
-      requestTimeout: '2s',
-      defragTimeout: '2m',
-    },
+    etcd: { ...memberEtcd(cluster, member), requestTimeout: '2s', defragTimeout: '2m' },
     policy: { minReclaimable: '4MiB', freeDiskMargin: '16MiB' },
     coordination: { leaseTTL: '5s', settle: '1s', maxWait: '2m' },
     retry: { attempts: 3, minDelay: '200ms', maxDelay: '1s' },
