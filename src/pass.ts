@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import { classify, type ClientPool, type MemberStatus } from './etcd.ts';
-import { DefragdError, errorMessage } from './errors.ts';
+import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { decide, decideNoSpace, healthGate, hexId, memberLabel, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
@@ -80,7 +80,7 @@ const defaultHashKV: HashKVFn = (pool, member, revision) => pool.get(member.endp
 
 /** once: 0 done or not needed, 75 skipped (not safe now), 1 failed. */
 export function exitCodeFor(r: PassResult): number {
-  return r.outcome === 'skipped' ? 75 : r.outcome === 'failed' ? 1 : 0;
+  return r.outcome === 'skipped' ? EXIT.skipped : r.outcome === 'failed' ? EXIT.failed : EXIT.ok;
 }
 
 function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
