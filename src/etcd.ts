@@ -2,6 +2,8 @@
 // deadline on every call, the library's retry and circuit breaker replaced by our own policy by kind
 // of operation: reads retry transient errors with backoff; mutations are sent once.
 import { readFileSync } from 'node:fs';
+import { request as httpsRequest } from 'node:https';
+import { request as httpRequest } from 'node:http';
 import { noop } from 'cockatiel';
 import {
   Etcd3,
@@ -139,6 +141,46 @@ export interface Member {
   clientURLs: string[];
   peerURLs: string[];
   isLearner: boolean;
+}
+
+/**
+ * What a member publishes about itself on its own `/metrics` page (client URL, same TLS as gRPC).
+ * It answers while the member defragments, when Status blocks; a field is undefined when the page
+ * does not carry it.
+ */
+export interface ServerMetrics {
+  /** etcd_server_quota_backend_bytes: the member's --quota-backend-bytes. */
+  quotaBytes?: number;
+  /** etcd_disk_defrag_inflight: 1 while a defragment runs on that member. */
+  defragInflight?: boolean;
+  /** etcd_server_version{server_version="..."} */
+  version?: string;
+  dbSize?: number;
+  dbSizeInUse?: number;
+}
+
+/** Picks the gauges etcd-defragd uses out of a Prometheus text exposition. */
+export function parseServerMetrics(text: string): ServerMetrics {
+  const out: ServerMetrics = {};
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('etcd_')) continue;
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
+    if (!m) continue;
+    const value = Number(m[3]);
+    switch (m[1]) {
+      case 'etcd_server_quota_backend_bytes': if (Number.isFinite(value)) out.quotaBytes = value; break;
+      case 'etcd_disk_defrag_inflight': if (Number.isFinite(value)) out.defragInflight = value > 0; break;
+      case 'etcd_mvcc_db_total_size_in_bytes': if (Number.isFinite(value)) out.dbSize = value; break;
+      case 'etcd_mvcc_db_total_size_in_use_in_bytes': if (Number.isFinite(value)) out.dbSizeInUse = value; break;
+      case 'etcd_server_version': {
+        const v = m[2]?.match(/server_version="([^"]*)"/)?.[1];
+        if (v) out.version = v;
+        break;
+      }
+      default:
+    }
+  }
+  return out;
 }
 
 export interface RetryHooks {
@@ -316,6 +358,40 @@ export class MemberClient {
         stream.end();
       }
     }, timeoutMs);
+  }
+
+  /**
+   * The member's own /metrics page, on the same URL and TLS as its gRPC API; no retry (callers
+   * poll). Served by etcd's HTTP handler, so it answers while the member defragments.
+   */
+  serverMetrics(timeoutMs = this.access.requestTimeout): Promise<ServerMetrics> {
+    const url = new URL('/metrics', this.endpoint);
+    const tls = url.protocol === 'https:';
+    return new Promise<ServerMetrics>((resolve, reject) => {
+      const opts = {
+        method: 'GET',
+        timeout: timeoutMs,
+        headers: { accept: 'text/plain' },
+        ...(tls ? { ca: this.access.ca, cert: this.access.cert, key: this.access.key } : {}),
+      };
+      const req = (tls ? httpsRequest : httpRequest)(url, opts, (res) => {
+        if (res.statusCode !== 200) {
+          res.resume();
+          reject(new DefragdError('EDD_ETCD', `metrics on ${this.endpoint}: HTTP ${res.statusCode}`, { permanent: true }));
+          return;
+        }
+        res.setEncoding('utf8');
+        let body = '';
+        res.on('data', (chunk: string) => { body += chunk; });
+        res.on('end', () => resolve(parseServerMetrics(body)));
+        res.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+      });
+      const timer = setTimeout(() => req.destroy(new Error('metrics: timed out')), timeoutMs);
+      req.on('close', () => clearTimeout(timer));
+      req.on('timeout', () => req.destroy(new Error('metrics: timed out')));
+      req.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+      req.end();
+    });
   }
 
   close(): void {
