@@ -99,13 +99,9 @@ function version(): string {
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const c = loaded.config;
   const pool = new ClientPool(accessFromConfig(c));
-  let view: ClusterView | undefined;
   const turn = p.values['dry-run'] ? undefined : new Turn(
     { prefix: c.coordination.prefix, leaseTTL: c.coordination.leaseTTL, command: 'etcd-defragd once' },
-    {
-      endpoints: () => [...(view?.members ?? []).filter((m) => !m.isLocal && !m.isLearner && m.status).map((m) => m.endpoint), c.etcd.endpoint].map((e) => pool.get(e)),
-      log, now: realClock.now, sleep: realClock.sleep,
-    },
+    { pool, endpoint: c.etcd.endpoint, log, clock: realClock },
   );
   const abort = new AbortController();
   const onSignal = () => abort.abort();
@@ -114,10 +110,7 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
   try {
     const r = await runPass({
       config: c, pool, log, clock: realClock, turn, signal: abort.signal,
-      seen: (v) => {
-        view = v;
-        turn?.identify(v.local.id);
-      },
+      seen: (v) => turn?.identify(v.local.id),
     }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
     return exitCodeFor(r);
   } finally {

@@ -1,16 +1,29 @@
 // The long-running daemon: scheduled runs (node-cron), NOSPACE watch, metrics, reload and a
 // two-phase stop. It never exits because etcd is unreachable: it logs, counts, and tries again.
 import { randomBytes } from 'node:crypto';
-import { createTask, type ScheduledTask } from 'node-cron';
+import { createTask } from 'node-cron';
+import type { Clock, Timer } from './clock.ts';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
-import { accessFromConfig, ClientPool, type MemberClient } from './etcd.ts';
+import { accessFromConfig, ClientPool, type EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { runPass, type Clock, type HashKVFn, type PassResult } from './pass.ts';
-import type { ClusterView } from './policy.ts';
+import { runPass, type HashKVFn, type PassResult } from './pass.ts';
 import { Turn } from './turn.ts';
+
+/** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
+export interface Schedule {
+  stop(): void;
+  nextRun(): Date | undefined;
+}
+export type Scheduler = (cron: string, timezone: string, fn: () => void) => Schedule;
+
+export const cronScheduler: Scheduler = (cron, timezone, fn) => {
+  const task = createTask(cron, fn, { timezone, name: 'etcd-defragd', noOverlap: false });
+  task.start();
+  return { stop: () => task.destroy(), nextRun: () => task.getNextRun() ?? undefined };
+};
 
 export interface DaemonDeps {
   log: Log;
@@ -18,21 +31,25 @@ export interface DaemonDeps {
   /** Reload reads the same file and environment again. */
   loadOptions: LoadOptions;
   hashKV?: HashKVFn;
+  scheduler?: Scheduler;
+  /** Clients for a config (the real etcd client unless a test gives the model). */
+  pool?: (config: Config) => EtcdPool;
+  /** Tickets per participant (the model tests use fewer keys). */
+  tickets?: number;
 }
 
 type Mode = 'scheduled' | 'nospace';
 
 export class Daemon {
   private config: Config;
-  private pool: ClientPool;
+  private pool: EtcdPool;
   private turn: Turn;
-  private task: ScheduledTask | undefined;
-  private nospaceTimer: NodeJS.Timeout | undefined;
+  private task: Schedule | undefined;
+  private nospaceTimer: Timer | undefined;
   private running: Promise<void> | undefined;
   private pending: Mode | undefined;
   private stopping = false;
   private readonly abort = new AbortController();
-  private lastView: ClusterView | undefined;
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
   private alarmEpisode: { defragged: boolean } | undefined;
@@ -43,22 +60,24 @@ export class Daemon {
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
     this.config = config;
-    this.pool = new ClientPool(accessFromConfig(config));
+    this.pool = this.newPool();
     this.turn = this.newTurn();
+  }
+
+  private newPool(): EtcdPool {
+    return this.deps.pool ? this.deps.pool(this.config) : new ClientPool(accessFromConfig(this.config));
   }
 
   private newTurn(): Turn {
     return new Turn(
-      { prefix: this.config.coordination.prefix, leaseTTL: this.config.coordination.leaseTTL, command: 'etcd-defragd run', keepSpares: true },
-      { endpoints: () => this.endpoints(), log: this.deps.log, now: this.deps.clock.now, sleep: this.deps.clock.sleep },
+      { prefix: this.config.coordination.prefix, leaseTTL: this.config.coordination.leaseTTL, command: 'etcd-defragd run', keepSpares: true, tickets: this.deps.tickets },
+      { pool: this.pool, endpoint: this.config.etcd.endpoint, log: this.deps.log, clock: this.deps.clock },
     );
   }
 
-  /** Other members first: the local one may be the one defragmenting. */
-  private endpoints(): MemberClient[] {
-    const local = this.config.etcd.endpoint;
-    const others = (this.lastView?.members ?? []).filter((m) => !m.isLocal && !m.isLearner && m.status).map((m) => m.endpoint);
-    return [...others, local].map((e) => this.pool.get(e));
+  /** Its participant in the turn and whether it believes it holds the turn (the model tests' checks). */
+  turnState(): { participant: string | undefined; holding: boolean } {
+    return { participant: this.turn.participant(), holding: this.turn.holding() };
   }
 
   async start(): Promise<void> {
@@ -72,10 +91,10 @@ export class Daemon {
       }
     }
     this.schedule();
-    log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.getNextRun()?.toISOString() },
-      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.getNextRun()?.toISOString() ?? 'never'}`);
+    log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.nextRun()?.toISOString() },
+      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRun()?.toISOString() ?? 'never'}`);
     void this.join();
-    this.nospaceTimer = setInterval(() => void this.checkAlarms(), c.nospace.checkInterval);
+    this.nospaceTimer = this.deps.clock.every(c.nospace.checkInterval, () => void this.checkAlarms());
     if (c.schedule.runOnStart) this.trigger('scheduled');
     else void this.checkAlarms();
   }
@@ -93,14 +112,13 @@ export class Daemon {
 
   private schedule(): void {
     const c = this.config;
-    this.task?.destroy();
-    this.task = createTask(c.schedule.cron, () => this.trigger('scheduled'), { timezone: c.schedule.timezone, name: 'etcd-defragd', noOverlap: false });
-    this.task.start();
+    this.task?.stop();
+    this.task = (this.deps.scheduler ?? cronScheduler)(c.schedule.cron, c.schedule.timezone, () => this.trigger('scheduled'));
     this.updateNextRun();
   }
 
   private updateNextRun(): void {
-    const next = this.task?.getNextRun();
+    const next = this.task?.nextRun();
     if (next) this.metrics.nextRun.set(next.getTime() / 1000);
   }
 
@@ -136,14 +154,13 @@ export class Daemon {
       return;
     }
     try {
-      if (!this.turn.leaseId) await this.join();
+      if (!this.turn.joined()) await this.join();
       result = await runPass({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
         seen: (v) => {
-          this.lastView = v;
           this.metrics.recordView(v, this.config.policy.quotaBytes);
           this.metrics.recordAlarms(v.alarms);
-          if (!this.turn.leaseId) this.turn.identify(v.local.id);
+          this.turn.identify(v.local.id);
         },
         onDefrag: (d) => {
           this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
@@ -164,11 +181,7 @@ export class Daemon {
       try {
         await checkAndDisarm({
           config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), localDefragged: this.alarmEpisode?.defragged,
-          registered: async () => {
-            const v = await this.turn.view();
-            const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
-            return { members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))), unknown: ps.filter((p) => !p.info.memberId).length };
-          },
+          registered: () => this.turn.registeredMembers(),
         });
       } catch (err) {
         log.error({ event: 'nospace.check.fail', error: errorMessage(err) }, `NOSPACE check failed: ${errorMessage(err)}`);
@@ -182,7 +195,7 @@ export class Daemon {
     if (this.stopping) return;
     let alarms;
     try {
-      alarms = await this.turnEndpointsAlarms();
+      alarms = await this.pool.get(this.config.etcd.endpoint).alarms({ signal: this.abort.signal });
     } catch (err) {
       this.deps.log.warn({ event: 'alarm.check.fail', error: errorMessage(err) }, `cannot read the alarm list: ${errorMessage(err)}`);
       return;
@@ -198,18 +211,6 @@ export class Daemon {
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
-  }
-
-  private async turnEndpointsAlarms() {
-    let last: unknown;
-    for (const c of this.endpoints().reverse()) {
-      try {
-        return await c.alarms({ signal: this.abort.signal });
-      } catch (err) {
-        last = err;
-      }
-    }
-    throw last;
   }
 
   /** SIGHUP: a bad new config is rejected with its error and the old one kept. */
@@ -236,10 +237,10 @@ export class Daemon {
     }
     this.schedule();
     if (prev.nospace.checkInterval !== next.nospace.checkInterval && this.nospaceTimer) {
-      clearInterval(this.nospaceTimer);
-      this.nospaceTimer = setInterval(() => void this.checkAlarms(), next.nospace.checkInterval);
+      this.nospaceTimer.cancel();
+      this.nospaceTimer = this.deps.clock.every(next.nospace.checkInterval, () => void this.checkAlarms());
     }
-    log.info({ event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.getNextRun()?.toISOString() }, `config reloaded; next run ${this.task?.getNextRun()?.toISOString() ?? 'never'}`);
+    log.info({ event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.nextRun()?.toISOString() }, `config reloaded; next run ${this.task?.nextRun()?.toISOString() ?? 'never'}`);
     return true;
   }
 
@@ -247,7 +248,7 @@ export class Daemon {
     this.reconnectPending = false;
     const oldTurn = this.turn;
     const oldPool = this.pool;
-    this.pool = new ClientPool(accessFromConfig(this.config));
+    this.pool = this.newPool();
     this.turn = this.newTurn();
     void oldTurn.close().finally(() => oldPool.close());
     void this.join();
@@ -261,8 +262,8 @@ export class Daemon {
     if (this.stopping) return;
     this.stopping = true;
     this.pending = undefined;
-    this.task?.destroy();
-    if (this.nospaceTimer) clearInterval(this.nospaceTimer);
+    this.task?.stop();
+    this.nospaceTimer?.cancel();
     this.abort.abort();
     if (this.running) this.deps.log.info({ event: 'daemon.stopping' }, 'stopping: letting the current run finish its member (signal again to exit now)');
     await this.idle();

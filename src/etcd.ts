@@ -188,8 +188,45 @@ export interface RetryHooks {
   signal?: AbortSignal;
 }
 
+/** What a Defragment reply says: which member did it (the header's member_id, decimal). */
+export interface DefragmentReply {
+  memberId: string;
+}
+
+/**
+ * The part of one member's API that the turn, the pass and the daemon use. MemberClient is the
+ * real one; test/model/etcd-model.ts is an in-memory model of it driven by a fake clock.
+ */
+export interface EtcdMember {
+  readonly endpoint: string;
+  status(hooks?: RetryHooks, attempts?: number): Promise<MemberStatus>;
+  probe(timeoutMs: number): Promise<MemberStatus | Error>;
+  members(hooks?: RetryHooks, attempts?: number): Promise<Member[]>;
+  alarms(hooks?: RetryHooks): Promise<Alarm[]>;
+  disarm(alarm: Alarm): Promise<unknown>;
+  defragment(): Promise<DefragmentReply>;
+  moveLeader(targetId: string): Promise<unknown>;
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }>;
+  compact(revision: bigint, physical?: boolean): Promise<unknown>;
+  linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown>;
+  range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }>;
+  get(key: string, hooks?: RetryHooks): Promise<string | undefined>;
+  txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<Pick<ITxnResponse, 'succeeded'>>;
+  put(key: string, value: string, lease?: string): Promise<unknown>;
+  leaseGrant(ttlSeconds: number): Promise<string>;
+  leaseRevoke(id: string): Promise<unknown>;
+  leaseKeepAlive(id: string, timeoutMs?: number): Promise<number>;
+  serverMetrics(timeoutMs?: number): Promise<ServerMetrics>;
+}
+
+/** Member clients by endpoint. */
+export interface EtcdPool {
+  get(endpoint: string): EtcdMember;
+  close(): void;
+}
+
 /** A client bound to exactly one member endpoint. */
-export class MemberClient {
+export class MemberClient implements EtcdMember {
   readonly endpoint: string;
   private readonly client: Etcd3;
   private readonly access: Access;
@@ -263,8 +300,8 @@ export class MemberClient {
     }
   }
 
-  async members(hooks?: RetryHooks): Promise<Member[]> {
-    const res = await this.read('member list', (deadline) => this.client.cluster.memberList({ linearizable: true } as never, { deadline }), hooks);
+  async members(hooks?: RetryHooks, attempts?: number): Promise<Member[]> {
+    const res = await this.read('member list', (deadline) => this.client.cluster.memberList({ linearizable: true } as never, { deadline }), hooks, attempts);
     return res.members.map((m: IMember) => ({
       id: String(m.ID),
       name: m.name,
@@ -286,8 +323,10 @@ export class MemberClient {
   }
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */
-  defragment(): Promise<unknown> {
-    return this.once('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+  async defragment(): Promise<DefragmentReply> {
+    const res = await this.once('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+    // The header names the member that did it: behind DNS or a load balancer it may not be ours.
+    return { memberId: String((res as { header?: { member_id?: string } }).header?.member_id ?? '') };
   }
 
   moveLeader(targetId: string): Promise<unknown> {
@@ -295,8 +334,9 @@ export class MemberClient {
   }
 
   /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
-  hashKV(revision: bigint, hooks?: RetryHooks): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
-    return this.read('hash kv', async (deadline) => {
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+    return this.read('hash kv', async (d) => {
+      const deadline = timeoutMs === undefined ? d : this.deadline(timeoutMs);
       const pool = (this.client as unknown as { pool: { exec(s: string, m: string, p: unknown, o: unknown): Promise<Record<string, unknown>> } }).pool;
       const res = await pool.exec('Maintenance', 'hashKv', { revision: revision.toString() }, { deadline });
       return {
@@ -304,7 +344,7 @@ export class MemberClient {
         compactRevision: BigInt(String(res.compact_revision ?? '0')),
         revision: BigInt(String((res.header as { revision: string }).revision)),
       };
-    }, hooks);
+    }, hooks, attempts);
   }
 
   compact(revision: bigint, physical = false): Promise<unknown> {
@@ -412,7 +452,7 @@ export function prefixEnd(prefix: string): Buffer {
 }
 
 /** Member clients by endpoint, created once and reused across runs. */
-export class ClientPool {
+export class ClientPool implements EtcdPool {
   private readonly clients = new Map<string, MemberClient>();
   constructor(readonly access: Access) {}
 

@@ -1,6 +1,6 @@
 // Cluster inspection: the local member (by the member ID in etcd.endpoint's Status header), the
 // member list, alarms, and each voting member's Status through its advertised client URLs.
-import type { ClientPool, RetryHooks } from './etcd.ts';
+import type { EtcdPool, RetryHooks } from './etcd.ts';
 import { hexId, type ClusterView, type MemberView } from './policy.ts';
 
 export interface InspectOptions {
@@ -11,7 +11,7 @@ export interface InspectOptions {
   readKey?: string;
 }
 
-export async function inspect(pool: ClientPool, localEndpoint: string, hooks: RetryHooks, opts: InspectOptions = {}): Promise<ClusterView> {
+export async function inspect(pool: EtcdPool, localEndpoint: string, hooks: RetryHooks, opts: InspectOptions = {}): Promise<ClusterView> {
   const localClient = pool.get(localEndpoint);
   const localStatus = await localClient.status(hooks);
   const [list, alarms] = await Promise.all([localClient.members(hooks), localClient.alarms(hooks)]);
@@ -68,7 +68,7 @@ export async function inspect(pool: ClientPool, localEndpoint: string, hooks: Re
 }
 
 /** Status of every voting member with a short deadline and no retry: who is busy (defragmenting) right now? */
-export async function busyMembers(pool: ClientPool, view: ClusterView, timeoutMs: number): Promise<{ member: MemberView; error: string }[]> {
+export async function busyMembers(pool: EtcdPool, view: ClusterView, timeoutMs: number): Promise<{ member: MemberView; error: string }[]> {
   const results = await Promise.all(view.members.filter((m) => !m.isLearner).map(async (m) => {
     const r = await pool.get(m.endpoint).probe(timeoutMs);
     return r instanceof Error ? { member: m, error: r.message } : undefined;

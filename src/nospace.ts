@@ -1,7 +1,7 @@
 // NOSPACE recovery, after this daemon's own recovery pass: disarm the alarm once every voting
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
-import type { Alarm, ClientPool } from './etcd.ts';
+import type { Alarm, EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { haltKey } from './pass.ts';
@@ -13,7 +13,7 @@ export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 
 
 export interface DisarmDeps {
   config: Config;
-  pool: ClientPool;
+  pool: EtcdPool;
   log: Log;
   onDisarm?: () => void;
   /** The local member was defragmented since the alarm was raised: its in-use figure is real. */

@@ -3,12 +3,14 @@
 // `once`, scheduled runs and NOSPACE recovery all run this same sequence.
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
-import { classify, type ClientPool, type MemberStatus } from './etcd.ts';
+import type { Clock } from './clock.ts';
+import { classify, type EtcdPool, type MemberStatus } from './etcd.ts';
+import type { ICompare, IRequestOp } from 'etcd3';
 import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { decide, decideNoSpace, healthGate, hexId, memberLabel, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
-import { describeParticipant, type Turn } from './turn.ts';
+import type { Turn } from './turn.ts';
 import { formatBytes, formatDuration } from './units.ts';
 
 export type Outcome = 'done' | 'not-needed' | 'skipped' | 'failed';
@@ -26,30 +28,13 @@ export interface PassResult {
   haltRecorded?: boolean;
 }
 
-export interface Clock {
-  now(): number;
-  sleep(ms: number, signal?: AbortSignal): Promise<void>;
-}
+export { realClock, type Clock } from './clock.ts';
 
-export const realClock: Clock = {
-  now: () => Date.now(),
-  sleep: (ms, signal) => new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    function done() {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  }),
-};
-
-export type HashKVFn = (pool: ClientPool, member: MemberView, revision: bigint) => Promise<{ hash: string; compactRevision: bigint }>;
+export type HashKVFn = (pool: EtcdPool, member: MemberView, revision: bigint, timeoutMs?: number) => Promise<{ hash: string; compactRevision: bigint }>;
 
 export interface PassDeps {
   config: Config;
-  pool: ClientPool;
+  pool: EtcdPool;
   log: Log;
   clock: Clock;
   /** Absent for --dry-run: nothing is written to etcd. */
@@ -76,7 +61,7 @@ async function defaultFreeDisk(dir: string): Promise<number> {
   return Number(s.bavail) * Number(s.bsize);
 }
 
-const defaultHashKV: HashKVFn = (pool, member, revision) => pool.get(member.endpoint).hashKV(revision);
+const defaultHashKV: HashKVFn = (pool, member, revision, timeoutMs) => pool.get(member.endpoint).hashKV(revision, undefined, 1, timeoutMs);
 
 /** once: 0 done or not needed, 75 skipped (not safe now), 1 failed. */
 export function exitCodeFor(r: PassResult): number {
@@ -87,118 +72,175 @@ function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
   return { outcome: 'skipped', reason, ...extra };
 }
 
+interface Run {
+  deps: PassDeps;
+  opts: PassOptions;
+  mode: NonNullable<PassOptions['mode']>;
+  started: number;
+  decideFor(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>): Decision;
+  look(): Promise<ClusterView>;
+}
+
+/** What the steps with the turn in hand end with: a result, or "hand leadership away failed, go last". */
+type TurnStepsEnd = PassResult | 'leader-goes-last';
+
 export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<PassResult> {
   const { config: c, log } = deps;
   const mode = opts.mode ?? 'once';
-  const started = deps.clock.now();
-  const hooks = { log, signal: deps.signal };
-  const decideFor = (s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>): Decision =>
-    mode === 'nospace' ? decideNoSpace(s, c, opts.defraggedThisAlarm) : decide(s, c.policy, opts.force || c.policy.force);
-
-  log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
-
-  // inspect
-  const look = async () => {
-    const v = await inspect(deps.pool, c.etcd.endpoint, hooks, { readKey: `${c.coordination.prefix}health` });
-    deps.seen?.(v);
-    return v;
+  const run: Run = {
+    deps, opts, mode, started: deps.clock.now(),
+    decideFor: (s) => (mode === 'nospace' ? decideNoSpace(s, c, opts.defraggedThisAlarm) : decide(s, c.policy, opts.force || c.policy.force)),
+    look: async () => {
+      const v = await inspect(deps.pool, c.etcd.endpoint, { log, signal: deps.signal }, { readKey: `${c.coordination.prefix}health` });
+      deps.seen?.(v);
+      return v;
+    },
   };
+  log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
+  return finish(deps, run.started, await passSteps(run));
+}
+
+/** inspect, halt, gate, decide, guard the disk, then the steps that need the turn. */
+async function passSteps(run: Run): Promise<PassResult> {
+  const { deps, opts } = run;
+  const c = deps.config;
   let view: ClusterView;
   try {
-    view = await look();
+    view = await run.look();
   } catch (err) {
-    if (err instanceof DefragdError && !err.permanent) return finish(deps, started, skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' }));
+    if (err instanceof DefragdError && !err.permanent) return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
     throw err;
   }
 
   // an integrity mismatch anywhere halts every daemon until an operator has looked
   const halted = await readHalt(deps);
-  if (halted) return finish(deps, started, skip(halted, { check: 'halt', member: view.local.hex, view }));
+  if (halted) return skip(halted, { check: 'halt', member: view.local.hex, view });
 
   // gate (a member that does not answer while another daemon holds the turn is probably being
   // defragmented: wait for the turn instead of skipping, and check again once we hold it)
-  view = await gateSettled(deps, view, look);
+  view = await gateSettled(deps, view, run.look);
   const gateFail = healthGate(view, c);
   if (gateFail) {
-    const holder = gateFail.check === 'status' && deps.turn && !opts.dryRun ? await turnHolder(deps.turn) : undefined;
-    if (!holder) return finish(deps, started, skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view }));
-    log.info({ event: 'turn.wait', reason: gateFail.reason, holder }, `${gateFail.reason}; ${holder} holds the turn, waiting for it`);
+    const holder = gateFail.check === 'status' && deps.turn && !opts.dryRun ? await deps.turn.holder() : undefined;
+    if (!holder) return skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view });
+    deps.log.info({ event: 'turn.wait', reason: gateFail.reason, holder }, `${gateFail.reason}; ${holder} holds the turn, waiting for it`);
   }
   const local = view.local;
-  if (local.isLearner) return finish(deps, started, skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, { check: 'learner', member: local.hex, view }));
+  if (local.isLearner) return skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, { check: 'learner', member: local.hex, view });
 
-  // decide
-  const decision = decideFor(local.status!);
-  log.info({ event: 'run.decide', member: local.hex, defrag: decision.defrag, dbSize: local.status!.dbSize, dbSizeInUse: local.status!.dbSizeInUse, fragmentation: Number(decision.fragmentation.toFixed(4)) },
+  const decision = run.decideFor(local.status!);
+  deps.log.info({ event: 'run.decide', member: local.hex, defrag: decision.defrag, dbSize: local.status!.dbSize, dbSizeInUse: local.status!.dbSizeInUse, fragmentation: Number(decision.fragmentation.toFixed(4)) },
     `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`);
-  if (!decision.defrag) return finish(deps, started, { outcome: 'not-needed', reason: decision.reason, member: local.hex, view });
+  if (!decision.defrag) return { outcome: 'not-needed', reason: decision.reason, member: local.hex, view };
 
-  // guard the disk
   const disk = await diskGuard(deps, local.status!);
-  if (disk) return finish(deps, started, skip(disk, { check: 'disk', member: local.hex, view }));
+  if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
 
-  if (opts.dryRun) {
-    return finish(deps, started, { outcome: 'done', reason: `dry run: would defragment member ${memberLabel(local)}: ${decision.reason}`, member: local.hex, view });
-  }
+  if (opts.dryRun) return { outcome: 'done', reason: `dry run: would defragment member ${memberLabel(local)}: ${decision.reason}`, member: local.hex, view };
   if (!deps.turn) throw new DefragdError('EDD_USAGE', 'internal: a defragmenting pass needs the cluster-wide turn');
 
-  // take the turn (the leader waits for the others when it cannot hand leadership away)
-  const waitUntil = started + c.coordination.maxWait;
-  const isLeader = () => view.local.status!.leader === view.local.id;
-  let leaderGoesLast = isLeader() && (c.coordination.leader === 'last' || !transferTarget(view));
-  if (isLeader() && c.coordination.leader === 'transfer' && leaderGoesLast) {
-    log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
+  // The leader waits for the others when it cannot (or must not) hand leadership away.
+  const isLeader = local.status!.leader === local.id;
+  const leaderGoesLast = isLeader && (c.coordination.leader === 'last' || !transferTarget(view));
+  if (isLeader && c.coordination.leader === 'transfer' && leaderGoesLast) {
+    deps.log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
   }
-  let keepTurn = false;
-  for (;;) {
-    const got = await deps.turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
-      leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, decideFor) : undefined);
-    if (!got.ok) return finish(deps, started, skip(`did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`, { check: 'turn', member: local.hex, view }));
-    if (got.waitedMs > 0) log.info({ event: 'turn.acquired', waitedMs: got.waitedMs }, `took the cluster-wide turn after ${formatDuration(got.waitedMs)}`);
-    else log.debug({ event: 'turn.acquired', waitedMs: 0 }, 'took the cluster-wide turn');
-    try {
-      // A holder that died mid-defrag leaves the defrag running inside etcd: wait until every
-      // member answers, then look again with the turn in hand - the cluster may have changed.
-      const busy = await waitNotBusy(deps, view, waitUntil);
-      if (busy) return finish(deps, started, skip(busy, { check: 'busy', member: view.local.hex, view }));
-      view = await gateSettled(deps, await look(), look);
-      const again = healthGate(view, c);
-      if (again) return finish(deps, started, skip(again.reason, { check: again.check, member: again.member, view }));
-      const fresh = decideFor(view.local.status!);
-      if (!fresh.defrag) return finish(deps, started, { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view });
-      if (isLeader() && !leaderGoesLast) {
-        const moved = await transferLeadership(deps, view);
-        if (!moved.ok) {
-          log.warn({ event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason }, `could not move leadership away: ${moved.reason}; the leader goes last`);
-          leaderGoesLast = true;
-          await deps.turn.release();
-          continue;
-        }
-        view = await look();
-        if (isLeader()) return finish(deps, started, skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view }));
-      }
-      if (mode === 'nospace' && c.nospace.compact) await compactForNoSpace(deps, view);
-      // Last check before the point of no return: our lease may have lapsed while we looked.
-      if (!(await deps.turn.confirm())) return finish(deps, started, skip(`lost the cluster-wide turn before defragmenting (${deps.turn.lastTrouble || 'our ticket is gone'}); trying again at the next run`, { check: 'turn', member: view.local.hex, view }));
-      const result = await defragmentLocal(deps, view, opts);
-      if (result.check === 'integrity' && !result.haltRecorded) {
-        // etcd refuses the halt key (NOSPACE): keep the turn instead, so no other member goes next.
-        keepTurn = true;
-        log.error({ event: 'halt.hold', member: view.local.hex }, 'holding the cluster-wide turn so no other member is defragmented after the integrity mismatch; restart etcd-defragd on this node once the members are checked');
-      }
-      return finish(deps, started, result);
-    } finally {
-      if (!keepTurn) await deps.turn.release();
-    }
+  const first = await withTurn(run, view, leaderGoesLast);
+  if (first !== 'leader-goes-last') return first;
+  // The transfer failed with the turn in hand: gave it back, now wait as the leader that goes last.
+  const second = await withTurn(run, view, true);
+  return second === 'leader-goes-last' ? skip('could not move leadership away', { check: 'leader', member: local.hex, view }) : second;
+}
+
+/** Takes the turn, runs the steps that need it, and always gives it back. */
+async function withTurn(run: Run, view: ClusterView, leaderGoesLast: boolean): Promise<TurnStepsEnd> {
+  const { deps } = run;
+  const c = deps.config;
+  const turn = deps.turn!;
+  const waitUntil = run.started + c.coordination.maxWait;
+  const got = await turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
+    leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, run.decideFor) : undefined);
+  if (!got.ok) return skip(`did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`, { check: 'turn', member: view.local.hex, view });
+  if (got.waitedMs > 0) deps.log.info({ event: 'turn.acquired', waitedMs: got.waitedMs }, `took the cluster-wide turn after ${formatDuration(got.waitedMs)}`);
+  else deps.log.debug({ event: 'turn.acquired', waitedMs: 0 }, 'took the cluster-wide turn');
+  try {
+    return await turnSteps(run, view, leaderGoesLast, waitUntil);
+  } finally {
+    // The halt (if any) is durable in etcd by now, so the turn is always given back.
+    await turn.release();
   }
 }
 
+/** With the turn in hand: halt again, busy, look again, decide again, leader, compact, fence, defragment. */
+async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, waitUntil: number): Promise<TurnStepsEnd> {
+  const { deps, opts, mode } = run;
+  const c = deps.config;
+  const turn = deps.turn!;
+  // A halt written while we waited for the turn (by the holder before us) stops us too.
+  const halted = await readHalt(deps);
+  if (halted) return skip(halted, { check: 'halt', member: view.local.hex, view });
+
+  // A holder that died mid-defrag leaves the defrag running inside etcd: wait until no member is
+  // defragmenting, then look again with the turn in hand - the cluster may have changed.
+  const busy = await waitNotBusy(deps, view, waitUntil);
+  if (busy) return skip(busy, { check: 'busy', member: view.local.hex, view });
+  view = await gateSettled(deps, await run.look(), run.look);
+  const again = healthGate(view, c);
+  if (again) return skip(again.reason, { check: again.check, member: again.member, view });
+  const fresh = run.decideFor(view.local.status!);
+  if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
+
+  if (view.local.status!.leader === view.local.id && !leaderGoesLast) {
+    const moved = await transferLeadership(deps, view);
+    if (!moved.ok) {
+      deps.log.warn({ event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason }, `could not move leadership away: ${moved.reason}; the leader goes last`);
+      return 'leader-goes-last';
+    }
+    view = await run.look();
+    if (view.local.status!.leader === view.local.id) return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
+  }
+
+  if (mode === 'nospace' && c.nospace.compact) await compactForNoSpace(deps, view);
+
+  // The point of no return: a fresh keep-alive, our ticket still there, and a fresh look at every
+  // member showing none of them defragmenting, all within a third of the lease TTL.
+  const fenced = await turn.fence(() => busyNow(deps, view));
+  if (fenced) return skip(`not defragmenting: ${fenced}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
+  return defragmentLocal(deps, view, opts);
+}
+
 export const haltKey = (c: Config) => `${c.coordination.prefix}halt`;
+/**
+ * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
+ * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
+ * `fuse` key is written once, beside `fuse-armed`; a mismatch under NOSPACE deletes `fuse` (a
+ * delete works under NOSPACE), and a blown fuse halts like the halt key. The first daemon that can
+ * write again turns a blown fuse into the halt key and restores the fuse, so the operator's
+ * `etcdctl del <prefix>halt` stays the one way to resume.
+ */
+export const fuseKey = (c: Config) => `${c.coordination.prefix}fuse`;
+const fuseArmedKey = (c: Config) => `${c.coordination.prefix}fuse-armed`;
+
+const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
+const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
+const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
 
 async function readHalt(deps: PassDeps): Promise<string | undefined> {
   const key = haltKey(deps.config);
-  const value = await deps.pool.get(deps.config.etcd.endpoint).get(key, { log: deps.log, signal: deps.signal });
-  if (value === undefined) return undefined;
+  const client = deps.pool.get(deps.config.etcd.endpoint);
+  const value = await client.get(key, { log: deps.log, signal: deps.signal });
+  if (value === undefined) {
+    const [fuse, armed] = await Promise.all([client.get(fuseKey(deps.config), { log: deps.log, signal: deps.signal }), client.get(fuseArmedKey(deps.config), { log: deps.log, signal: deps.signal })]);
+    if (armed === undefined) {
+      await client.txn('arm fuse', [absent(fuseArmedKey(deps.config))], [putOp(fuseArmedKey(deps.config), 'delete fuse = halt'), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+      return undefined;
+    }
+    if (fuse !== undefined) return undefined;
+    const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
+    await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
+      [putOp(key, JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+    return `defragmentation is halted: ${reason}; after checking the members, resume with: etcdctl del ${key}`;
+  }
   let what = value;
   try {
     const h = JSON.parse(value) as { reason?: string; at?: string };
@@ -207,15 +249,24 @@ async function readHalt(deps: PassDeps): Promise<string | undefined> {
   return `defragmentation is halted after an integrity mismatch: ${what}; after checking the members, resume with: etcdctl del ${key}`;
 }
 
-/** Stops the round on every node: the others find this key and skip until an operator deletes it. */
+/** Stops the round on every node: the others find this key (or the blown fuse) and skip until an operator deletes it. */
 async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Promise<boolean> {
+  const client = deps.pool.get(view.local.endpoint);
   try {
-    await deps.pool.get(view.local.endpoint).put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
+    await client.put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
     return true;
   } catch (err) {
-    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
-    return false;
+    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not write the halt key: ${errorMessage(err)}; deleting the halt fuse instead`);
   }
+  try {
+    // A delete works under NOSPACE; a fuse never armed cannot be blown.
+    const res = await client.txn('blow fuse', [exists(fuseArmedKey(deps.config)), exists(fuseKey(deps.config))], [{ request_delete_range: { key: Buffer.from(fuseKey(deps.config)) } }]);
+    if (res.succeeded) return true;
+    deps.log.error({ event: 'halt.fail' }, 'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)');
+  } catch (err) {
+    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
+  }
+  return false;
 }
 
 /**
@@ -231,16 +282,6 @@ async function gateSettled(deps: PassDeps, view: ClusterView, look: () => Promis
     view = await look();
   }
   return view;
-}
-
-async function turnHolder(turn: Turn): Promise<string | undefined> {
-  try {
-    const v = await turn.view();
-    const h = [...v.participants.values()].find((p) => p.holding && p.lease !== turn.leaseId);
-    return h ? describeParticipant(h) : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 function finish(deps: PassDeps, started: number, r: PassResult): PassResult {
@@ -275,6 +316,12 @@ async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (s:
   const pending = voting(view).filter((m) => !m.isLocal && m.status && decideFor(m.status).defrag);
   if (pending.length === 0) return undefined;
   return `the local member is the leader and goes last; still to defragment: ${pending.map((m) => m.hex).join(', ')}`;
+}
+
+/** Is any voting member defragmenting right now? One look, short deadline. */
+async function busyNow(deps: PassDeps, view: ClusterView): Promise<string | undefined> {
+  const busy = await busyMembers(deps.pool, view, Math.min(deps.config.etcd.requestTimeout, 5000));
+  return busy.length === 0 ? undefined : `member ${memberLabel(busy[0]!.member)} is busy (defragmenting or down): ${busy[0]!.error}`;
 }
 
 /** No voting member may be defragmenting when we start: a dead holder's defrag goes on server-side. */
@@ -331,7 +378,14 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
     `defragmenting member ${memberLabel(local)}: ${formatBytes(before.dbSize)} on disk, ${formatBytes(before.dbSizeInUse)} in use`);
   let failure: string | undefined;
   try {
-    await client.defragment();
+    const reply = await client.defragment();
+    if (reply.memberId && reply.memberId !== local.id) {
+      // Behind DNS or a load balancer the endpoint reached another member, outside the turn.
+      const reason = `defragment sent to ${local.endpoint} was done by member ${hexId(reply.memberId)}, not the local member ${local.hex}: point etcd.endpoint at this node's member only`;
+      log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex, answeredBy: hexId(reply.memberId) }, reason);
+      deps.onDefrag?.({ member: local.hex, ok: false, tookMs: deps.clock.now() - t0, reclaimed: 0 });
+      return { outcome: 'failed', reason, member: local.hex, check: 'member', tookMs: deps.clock.now() - t0 };
+    }
   } catch (err) {
     failure = errorMessage(err);
     // A timed-out defragment goes on inside etcd: never send another, wait for the member instead.
@@ -413,7 +467,11 @@ async function settle(deps: PassDeps, view: ClusterView, catchUpMs: number): Pro
 async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: MemberStatus): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
   const hashKV = deps.hashKV ?? defaultHashKV;
   const members = voting(view);
-  for (let attempt = 1; attempt <= 3; attempt++) {
+  // One deadline for the whole check: a full-keyspace hash of a large db is slow, and retries
+  // must not stack up (each HashKV is sent once, with what is left of it).
+  const until = deps.clock.now() + Math.max(deps.config.etcd.requestTimeout, deps.config.etcd.defragTimeout);
+  const left = () => until - deps.clock.now();
+  for (let attempt = 1; attempt <= 3 && left() > 0; attempt++) {
     let hashes: { m: MemberView; hash: string; compactRevision: bigint }[];
     let rev: bigint;
     try {
@@ -425,7 +483,10 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
       rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
       // One member at a time: hashing the keyspace holds a read transaction on that member.
       hashes = [];
-      for (const m of members) hashes.push({ m, ...(await hashKV(deps.pool, m, rev)) });
+      for (const m of members) {
+        if (left() <= 0) throw new DefragdError('EDD_UNAVAILABLE', 'the HashKV check ran out of time');
+        hashes.push({ m, ...(await hashKV(deps.pool, m, rev, left())) });
+      }
     } catch (err) {
       // A compaction racing the check is retried; a member that cannot answer now leaves the
       // defragment unverified rather than failed.
@@ -446,7 +507,7 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
       fields: { revision: rev.toString(), hashes: Object.fromEntries(hashes.map((h) => [h.m.hex, h.hash])) },
     };
   }
-  deps.log.warn({ event: 'verify.skip' }, 'HashKV not compared: compactions kept moving during the check');
+  deps.log.warn({ event: 'verify.skip' }, left() <= 0 ? 'HashKV not compared: the check ran out of time' : 'HashKV not compared: compactions kept moving during the check');
   return undefined;
 }
 

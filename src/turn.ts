@@ -21,7 +21,8 @@
 // member) and the cluster keeps one anonymous spare for a daemon that never ran before.
 import { hostname } from 'node:os';
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
-import { classify, prefixEnd, type MemberClient } from './etcd.ts';
+import type { Clock, Timer } from './clock.ts';
+import { classify, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 
@@ -93,11 +94,12 @@ export type AcquireOutcome =
   | { ok: false; reason: string };
 
 export interface TurnDeps {
-  /** Endpoints to send coordination requests to, best first (the local member last: it may be defragmenting). */
-  endpoints(): MemberClient[];
+  /** Clients by endpoint; the turn picks the members it talks to itself. */
+  pool: EtcdPool;
+  /** This node's member (etcd.endpoint): asked for the member list, and tried last. */
+  endpoint: string;
   log: Log;
-  now(): number;
-  sleep(ms: number, signal?: AbortSignal): Promise<void>;
+  clock: Clock;
 }
 
 export interface TurnOptions {
@@ -107,34 +109,65 @@ export interface TurnOptions {
   pollInterval?: number;
   /** Keep reserve/spare participants for daemons restarting during NOSPACE (daemons yes, `once` no). */
   keepSpares?: boolean;
+  /** Tickets written per participant and per refill (TICKETS; the model tests use fewer keys). */
+  tickets?: number;
 }
+
+/** Why a mutation's outcome is unknown: it may or may not have been applied. */
+const uncertain = (err: unknown) => {
+  const kind = classify(err instanceof DefragdError ? err.cause ?? err : err);
+  return kind === 'timeout' || kind === 'unavailable' || kind === 'not-leader';
+};
 
 /** This process's participant: registration, keep-alive, taking and giving back the turn. */
 export class Turn {
   private lease: string | undefined;
   private holdKey: string | undefined;
-  private renewTimer: NodeJS.Timeout | undefined;
-  private maintainTimer: NodeJS.Timeout | undefined;
+  private renewTimer: Timer | undefined;
+  private spareTimer: Timer | undefined;
+  private maintainTimer: Timer | undefined;
   private renewing = false;
+  private renewingSpares = false;
   private maintaining = false;
+  private acquiring = false;
   private releasePending = false;
   private spareLeases: string[] = [];
   /** Why the last keep-alive failed, or how the lease was lost (for the reason of a skipped run). */
-  lastTrouble = '';
+  private trouble = '';
   private readonly poll: number;
   private memberId: string | undefined;
   private registering: Promise<void> | undefined;
+  private sparing: Promise<void> | undefined;
+  /** Client URLs of the other voting members, from the member list; the local endpoint is tried last. */
+  private others: string[] = [];
+  private membersKnown = new Set<string>();
+  /** The endpoint that answered last: tried first next time. */
+  private preferred: string | undefined;
 
   constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
     this.poll = opts.pollInterval ?? 500;
+    this.tickets = opts.tickets ?? TICKETS;
   }
+
+  private readonly tickets: number;
 
   /** Records which member this participant defragments (shown to the others). */
   identify(memberId: string): void {
     this.memberId = memberId;
   }
 
-  get leaseId(): string | undefined {
+  /** Has this process joined the turn (it has a live participant)? */
+  joined(): boolean {
+    return this.lease !== undefined;
+  }
+
+  /** Does this process hold the turn, as far as it knows? */
+  holding(): boolean {
+    return this.holdKey !== undefined;
+  }
+
+  /** The participant's lease (hex), for tests and logs. */
+  participant(): string | undefined {
     return this.lease;
   }
 
@@ -142,19 +175,51 @@ export class Turn {
     return `${this.opts.prefix}p/${lease}/${rest}`;
   }
 
-  /** Tries each endpoint in order until one answers. */
-  private async any<T>(what: string, fn: (c: MemberClient) => Promise<T>): Promise<T> {
-    let last: unknown;
-    for (const c of this.deps.endpoints()) {
+  /** Other members first (the local one may be the one defragmenting), the last one that answered first of all. */
+  private endpoints(): EtcdMember[] {
+    const list = [...this.others.filter((e) => e !== this.deps.endpoint), this.deps.endpoint];
+    if (this.preferred && list.includes(this.preferred)) list.sort((a, b) => (a === this.preferred ? -1 : b === this.preferred ? 1 : 0));
+    return list.map((e) => this.deps.pool.get(e));
+  }
+
+  /** Learns the other voting members' client URLs (from any member that answers). */
+  async refreshMembers(): Promise<void> {
+    for (const c of [this.deps.pool.get(this.deps.endpoint), ...this.endpoints()]) {
       try {
-        return await fn(c);
+        const list = await c.members({}, 1);
+        this.others = list.filter((m) => !m.isLearner && m.clientURLs[0]).map((m) => m.clientURLs[0]!).filter((e) => e !== this.deps.endpoint);
+        this.membersKnown = new Set(list.map((m) => m.id));
+        return;
+      } catch { /* the next one */ }
+    }
+  }
+
+  /** A read, or a mutation that is safe to repeat: tries each endpoint in order until one answers. */
+  private async any<T>(what: string, fn: (c: EtcdMember) => Promise<T>): Promise<T> {
+    let last: unknown;
+    for (const c of this.endpoints()) {
+      try {
+        const r = await fn(c);
+        this.preferred = c.endpoint;
+        return r;
       } catch (err) {
         last = err;
-        const kind = err instanceof DefragdError ? classify(err.cause ?? err) : classify(err);
-        if (kind !== 'unavailable' && kind !== 'timeout' && kind !== 'not-leader') throw err;
+        if (!uncertain(err)) throw err;
       }
     }
     throw last ?? new DefragdError('EDD_UNAVAILABLE', `${what}: no etcd endpoint known`);
+  }
+
+  /** A mutation that must not be repeated blindly: sent once, to the endpoint that answered last. */
+  private async once<T>(fn: (c: EtcdMember) => Promise<T>): Promise<T> {
+    const c = this.endpoints()[0]!;
+    try {
+      return await fn(c);
+    } catch (err) {
+      // Next time start with another member; the caller reads the state again before deciding.
+      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== c.endpoint);
+      throw err;
+    }
   }
 
   async view(): Promise<TurnView> {
@@ -173,18 +238,20 @@ export class Turn {
   }
 
   private async createParticipant(kind: 'self' | 'reserve' | 'spare'): Promise<string> {
+    // A grant whose reply was lost leaves a lease nobody renews: it expires by itself.
     const id = await this.any('lease grant', (c) => c.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
     const lease = BigInt(id).toString(16);
-    const since = new Date(this.deps.now()).toISOString();
+    const since = new Date(this.deps.clock.now()).toISOString();
     const info: ParticipantInfo = kind === 'spare' ? { spare: true, since }
       : kind === 'reserve' ? { spare: true, memberId: this.memberId, host: hostname(), since }
         : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
     const spare = kind !== 'self';
     const ops: IRequestOp[] = [
       { request_put: { key: Buffer.from(this.key(lease, 'info')), value: Buffer.from(JSON.stringify(info)), lease: id } },
-      ...this.ticketPuts(lease, 0, TICKETS),
+      ...this.ticketPuts(lease, 0, this.tickets),
     ];
     if (spare) ops.push({ request_put: { key: Buffer.from(this.key(lease, 'spare')), value: Buffer.alloc(0), lease: id } });
+    // Repeating these puts is harmless: nobody uses the new participant's keys yet.
     await this.any('register', (c) => c.txn('register', [], ops));
     return lease;
   }
@@ -203,6 +270,7 @@ export class Turn {
   }
 
   private async doRegister(): Promise<void> {
+    await this.refreshMembers();
     try {
       this.lease = await this.createParticipant('self');
       this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
@@ -213,6 +281,7 @@ export class Turn {
       }
       this.lease = await this.claimSpare();
     }
+    this.trouble = '';
     this.startKeepAlive();
     if (this.opts.keepSpares) await this.ensureSpare().catch((err) => this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`));
   }
@@ -221,8 +290,9 @@ export class Turn {
     const view = await this.view();
     // Our own member's reserve first (the others then still know whose daemon this is), then the anonymous spare.
     const rank = (p: Participant) => (p.info.memberId === this.memberId ? 0 : p.info.memberId ? 2 : 1);
-    const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2).sort((a, b) => rank(a) - rank(b));
+    const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2 && !p.holding).sort((a, b) => rank(a) - rank(b));
     for (const p of candidates) {
+      // A claim whose reply was lost leaves that spare unclaimed by anyone: nobody renews it, it expires.
       const res = await this.any('claim spare', (c) => c.txn('claim spare', [
         { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
       ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
@@ -234,8 +304,15 @@ export class Turn {
     throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it', { permanent: false });
   }
 
-  /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). */
-  private async ensureSpare(): Promise<void> {
+  /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). One at a time. */
+  private ensureSpare(): Promise<void> {
+    this.sparing ??= this.doEnsureSpare().finally(() => {
+      this.sparing = undefined;
+    });
+    return this.sparing;
+  }
+
+  private async doEnsureSpare(): Promise<void> {
     const spares = [...(await this.view()).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
     const wanted: ('reserve' | 'spare')[] = [];
     if (this.memberId && !spares.some((p) => p.info.memberId === this.memberId)) wanted.push('reserve');
@@ -251,23 +328,25 @@ export class Turn {
   private startKeepAlive(): void {
     if (this.renewTimer) return;
     const every = Math.max(500, Math.floor(this.opts.leaseTTL / 3));
-    // Renewal has its own timer and short deadlines: nothing slower may delay it past the TTL.
-    this.renewTimer = setInterval(() => void this.renew(), every);
-    this.renewTimer.unref();
-    // Upkeep (spare list, refills) is slower work and need not run at renewal pace, but it must
-    // pick up spares other daemons created well within their TTL.
-    this.maintainTimer = setInterval(() => void this.maintain(), Math.max(1000, Math.floor(this.opts.leaseTTL / 2)));
-    this.maintainTimer.unref();
+    // Our own lease has its own timer and short deadlines: nothing slower may delay it past the TTL.
+    this.renewTimer = this.deps.clock.every(every, () => void this.renew());
+    // Spares are renewed apart, all at once, so a member that does not answer delays only them.
+    this.spareTimer = this.deps.clock.every(every, () => void this.renewSpares());
+    // Upkeep (spare list, refills, members) is slower work and need not run at renewal pace, but it
+    // must pick up spares other daemons created well within their TTL.
+    this.maintainTimer = this.deps.clock.every(Math.max(1000, Math.floor(this.opts.leaseTTL / 2)), () => void this.maintain());
   }
 
-  /** One keep-alive, one short try per member, others first (the local one may be defragmenting). */
+  /** One keep-alive, one short try per member, the last one that answered first. */
   private async renewLease(lease: string): Promise<number> {
     // Short enough for three members to be tried within one renewal period (leaseTTL / 3).
     const timeout = Math.max(1000, Math.floor(this.opts.leaseTTL / 9));
     let last: unknown;
-    for (const c of this.deps.endpoints()) {
+    for (const c of this.endpoints()) {
       try {
-        return await c.leaseKeepAlive(BigInt(`0x${lease}`).toString(), timeout);
+        const ttl = await c.leaseKeepAlive(BigInt(`0x${lease}`).toString(), timeout);
+        if (lease === this.lease) this.preferred = c.endpoint;
+        return ttl;
       } catch (err) {
         last = err;
       }
@@ -275,35 +354,64 @@ export class Turn {
     throw last ?? new DefragdError('EDD_UNAVAILABLE', 'keep-alive: no etcd endpoint known');
   }
 
-  /** Renews our lease and the spares', and retries giving back a turn that could not be given back. */
+  /** Renews our lease, and retries giving back a turn that could not be given back. */
   async renew(): Promise<void> {
     if (this.renewing || !this.lease) return;
     this.renewing = true;
+    const lease = this.lease;
     try {
-      const ttl = await this.renewLease(this.lease);
+      const ttl = await this.renewLease(lease);
+      if (lease !== this.lease) return;
       if (ttl <= 0) {
-        this.lastTrouble = `lease ${this.lease} expired (last trouble: ${this.lastTrouble || 'none'})`;
+        this.trouble = `lease ${lease} expired (last trouble: ${this.trouble || 'none'})`;
         this.lost('our lease expired');
+        return;
       }
-      for (const spare of this.spareLeases) await this.renewLease(spare).catch(() => undefined);
       if (this.releasePending) await this.release();
     } catch (err) {
-      this.lastTrouble = `keep-alive failed at ${new Date(this.deps.now()).toISOString()}: ${errorMessage(err)}`;
+      this.trouble = `keep-alive failed at ${new Date(this.deps.clock.now()).toISOString()}: ${errorMessage(err)}`;
       this.deps.log.warn({ event: 'turn.keepalive.fail', error: errorMessage(err) }, `lease keep-alive failed: ${errorMessage(err)}`);
     } finally {
       this.renewing = false;
     }
   }
 
-  /** Slower upkeep: which spares to keep alive, tickets to refill, spares to prepare. */
+  private async renewSpares(): Promise<void> {
+    if (this.renewingSpares || !this.lease) return;
+    this.renewingSpares = true;
+    try {
+      await Promise.all(this.spareLeases.map((spare) => this.renewLease(spare).catch(() => undefined)));
+    } finally {
+      this.renewingSpares = false;
+    }
+  }
+
+  /** Slower upkeep: members, which spares to keep alive, tickets to refill, spares to prepare, a stray turn to give back. */
   async maintain(): Promise<void> {
     if (this.maintaining || !this.lease) return;
     this.maintaining = true;
     try {
+      await this.refreshMembers();
       const view = await this.view();
-      this.spareLeases = [...view.participants.values()].filter((p) => p.spare && p.lease !== this.lease).map((p) => p.lease);
+      // One reserve per current member and one anonymous spare are enough: the newest of each is
+      // kept alive, the rest (concurrent creations, members since removed) expire.
+      const keep = new Map<string, string>();
+      for (const p of [...view.participants.values()].filter((x) => x.spare && x.lease !== this.lease && x.tickets.length >= 2)) {
+        const slot = p.info.memberId ?? '';
+        if (slot && this.membersKnown.size > 0 && !this.membersKnown.has(slot)) continue;
+        const prev = keep.get(slot);
+        if (!prev || (view.participants.get(prev)!.info.since ?? '') < (p.info.since ?? '')) keep.set(slot, p.lease);
+      }
+      this.spareLeases = [...keep.values()];
       const me = view.participants.get(this.lease);
-      if (me && !this.holdKey && me.tickets.length < REFILL_BELOW) await this.refill(me, view.revision).catch(() => undefined);
+      // A turn that etcd says we hold but no run of ours uses (a take whose reply was lost, a
+      // give-back that failed): give it back, or nobody gets it until our lease ends.
+      if (me?.holding && !this.holdKey && !this.acquiring && this.lease === me.lease) {
+        this.deps.log.warn({ event: 'turn.stray', lease: me.lease }, 'etcd shows this participant holding the turn while no run uses it; giving it back');
+        this.holdKey = this.key(me.lease, `t/${pad(me.tickets[0]!)}`);
+        await this.release();
+      }
+      if (me && !this.holdKey && me.tickets.length < Math.min(REFILL_BELOW, this.tickets / 2)) await this.refill(me, view.revision).catch(() => undefined);
       if (this.opts.keepSpares) await this.ensureSpare().catch(() => undefined);
     } catch (err) {
       this.deps.log.debug({ event: 'turn.maintain.fail', error: errorMessage(err) }, `turn upkeep failed: ${errorMessage(err)}`);
@@ -317,6 +425,7 @@ export class Turn {
     else this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, `left the cluster-wide turn: ${why}; joining again`);
     this.lease = undefined;
     this.holdKey = undefined;
+    this.releasePending = false;
   }
 
   /**
@@ -328,7 +437,7 @@ export class Turn {
     const from = next % 2 === 0 ? next : next + 1;
     const own = `${this.opts.prefix}p/${me.lease}/t/`;
     const guard = { key: Buffer.from(own), range_end: prefixEnd(own), target: 'Mod', result: 'Less', mod_revision: (viewRevision + 1n).toString() } as ICompare;
-    await this.any('refill tickets', (c) => c.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, TICKETS)));
+    await this.any('refill tickets', (c) => c.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
   }
 
   /**
@@ -336,7 +445,16 @@ export class Turn {
    * Returns who blocked us when the time ran out.
    */
   async acquire(deadline: number, signal?: AbortSignal, mayGo?: () => Promise<string | undefined>): Promise<AcquireOutcome> {
-    const started = this.deps.now();
+    this.acquiring = true;
+    try {
+      return await this.doAcquire(deadline, signal, mayGo);
+    } finally {
+      this.acquiring = false;
+    }
+  }
+
+  private async doAcquire(deadline: number, signal?: AbortSignal, mayGo?: () => Promise<string | undefined>): Promise<AcquireOutcome> {
+    const started = this.deps.clock.now();
     let lastWaitReason = '';
     for (;;) {
       if (signal?.aborted) return { ok: false, reason: 'stopping' };
@@ -348,10 +466,10 @@ export class Turn {
         continue;
       }
       if (me.holding) {
-        // Still ours from a run whose give-back failed: use it.
+        // Ours already: a take whose reply was lost, or a give-back that failed. Use it.
         this.holdKey = this.key(me.lease, `t/${pad(me.tickets[0]!)}`);
         this.releasePending = false;
-        return { ok: true, waitedMs: this.deps.now() - started };
+        return { ok: true, waitedMs: this.deps.clock.now() - started };
       }
       if (me.tickets.length < 2) {
         await this.refill(me, view.revision).catch((err) => {
@@ -371,12 +489,20 @@ export class Turn {
           { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
           ...others.map((p) => ({ key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 }) as ICompare),
         ];
-        res = await this.any('take turn', (c) => c.txn('take turn', compare, [
-          { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
-        ]));
+        try {
+          // Sent once: after a timeout it may have been applied, so we read again (top of the
+          // loop) instead of sending it elsewhere; our even ticket gone means we hold the turn.
+          res = await this.once((c) => c.txn('take turn', compare, [
+            { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
+          ]));
+        } catch (err) {
+          if (!uncertain(err)) throw err;
+          this.deps.log.debug({ event: 'turn.uncertain', error: errorMessage(err) }, `taking the turn: no reply (${errorMessage(err)}); reading the state again`);
+          continue;
+        }
         if (res.succeeded) {
           this.holdKey = this.key(me.lease, `t/${pad(me.tickets[1]!)}`);
-          return { ok: true, waitedMs: this.deps.now() - started };
+          return { ok: true, waitedMs: this.deps.clock.now() - started };
         }
         waitReason = 'another participant changed the turn state';
       }
@@ -386,17 +512,60 @@ export class Turn {
         this.deps.log[level]({ event: 'turn.wait', reason: waitReason }, `waiting for the turn: ${waitReason}`);
         lastWaitReason = waitReason;
       }
-      if (this.deps.now() >= deadline) return { ok: false, reason: waitReason };
-      await this.deps.sleep(Math.min(this.poll, Math.max(0, deadline - this.deps.now())) + Math.floor(Math.random() * 100), signal);
+      if (this.deps.clock.now() >= deadline) return { ok: false, reason: waitReason };
+      await this.deps.clock.sleep(Math.min(this.poll, Math.max(0, deadline - this.deps.clock.now())) + Math.floor(Math.random() * 100), signal);
     }
   }
 
-  /** Do we still hold the turn in etcd? Checked right before a defragment is sent. */
-  async confirm(): Promise<boolean> {
+  /**
+   * The fence before the point of no return. Says why a defragment must not be sent now, or
+   * undefined: a keep-alive of our lease succeeds now, the turn is still ours in etcd, `check`
+   * (a fresh look at every member) passes, and all that took less than a third of the TTL - so
+   * the lease outlives the send by two thirds of a TTL at least.
+   */
+  async fence(check: () => Promise<string | undefined>): Promise<string | undefined> {
     const key = this.holdKey;
-    if (!key) return false;
-    const res = await this.any('check turn', (c) => c.range(key, undefined, 1));
-    return res.kvs.some((kv) => kv.key.toString() === key);
+    const lease = this.lease;
+    if (!key || !lease) return `lost the cluster-wide turn (${this.trouble || 'our lease is gone'})`;
+    const sent = this.deps.clock.now();
+    let ttl: number;
+    try {
+      ttl = await this.renewLease(lease);
+    } catch (err) {
+      return `no keep-alive of our lease succeeds (${errorMessage(err)})`;
+    }
+    if (ttl <= 0 || this.lease !== lease) return `lost the cluster-wide turn: lease ${lease} expired`;
+    let present: boolean;
+    try {
+      const res = await this.any('check turn', (c) => c.range(key, undefined, 1));
+      present = res.kvs.some((kv) => kv.key.toString() === key);
+    } catch (err) {
+      return `cannot check the turn (${errorMessage(err)})`;
+    }
+    if (!present) return 'lost the cluster-wide turn: our ticket is gone';
+    const busy = await check();
+    if (busy) return busy;
+    const age = this.deps.clock.now() - sent;
+    if (age > this.opts.leaseTTL / 3) return `the checks took ${age} ms, more than a third of coordination.leaseTTL since our last keep-alive`;
+    return undefined;
+  }
+
+  /** Another participant holding the turn, described; undefined when none (or unknown). */
+  async holder(): Promise<string | undefined> {
+    try {
+      const v = await this.view();
+      const h = [...v.participants.values()].find((p) => p.holding && p.lease !== this.lease);
+      return h ? describeParticipant(h) : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Members with a registered, non-spare participant; `unknown` counts those that joined as a spare. */
+  async registeredMembers(): Promise<{ members: Set<string>; unknown: number }> {
+    const v = await this.view();
+    const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
+    return { members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))), unknown: ps.filter((p) => !p.info.memberId).length };
   }
 
   /**
@@ -406,31 +575,36 @@ export class Turn {
   async release(): Promise<void> {
     const key = this.holdKey;
     if (!key) return;
+    let unsure = false;
     for (let attempt = 1; attempt <= 3; attempt++) {
       try {
-        const res = await this.any('give back turn', (c) => c.txn('give back turn', [
+        const res = await this.once((c) => c.txn('give back turn', [
           { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
         ], [{ request_delete_range: { key: Buffer.from(key) } }]));
-        if (!res.succeeded) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
-        this.holdKey = undefined;
+        // After an attempt without reply, "already gone" is that attempt's doing.
+        if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+        if (this.holdKey === key) this.holdKey = undefined;
         this.releasePending = false;
         return;
       } catch (err) {
+        unsure ||= uncertain(err);
         if (attempt === 3) {
           this.releasePending = true;
           this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
           return;
         }
-        await this.deps.sleep(500 * attempt);
+        await this.deps.clock.sleep(500 * attempt);
       }
     }
   }
 
   /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
   async close(): Promise<void> {
-    clearInterval(this.renewTimer);
-    clearInterval(this.maintainTimer);
+    this.renewTimer?.cancel();
+    this.spareTimer?.cancel();
+    this.maintainTimer?.cancel();
     this.renewTimer = undefined;
+    this.spareTimer = undefined;
     this.maintainTimer = undefined;
     const lease = this.lease;
     this.lease = undefined;

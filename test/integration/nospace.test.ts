@@ -178,7 +178,7 @@ for (const version of versionsUnderTest()) {
       const lines: Record<string, unknown>[] = [];
       log.error = ((obj: Record<string, unknown>) => lines.push(obj)) as typeof log.error;
       const turn = new Turn({ prefix: loaded.config.coordination.prefix, leaseTTL: 5000, command: 'test' },
-        { endpoints: () => [pool.get(target.clientUrl)], log, now: realClock.now, sleep: realClock.sleep });
+        { pool, endpoint: target.clientUrl, log, clock: realClock });
       try {
         const r = await runPass({
           config: loaded.config, pool, log, clock: realClock, turn,

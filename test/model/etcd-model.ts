@@ -1,0 +1,766 @@
+// An in-memory model of the part of etcd's API that the turn, the pass and the daemon use, driven by
+// the fake clock. It implements the same EtcdMember/EtcdPool interfaces as the real client, so the
+// production code runs against it unchanged. Where a behaviour is etcd's, the comment says where it
+// comes from: /work/shared/etcd-facts.md ("facts": seen on real 3.4.23/3.5.30 clusters) or the etcd
+// source (github.com/etcd-io/etcd, 3.4/3.5 branches).
+//
+// One keyspace stands for the replicated state machine (all members apply the same log); what is
+// per member is reachability (up, frozen, killed), its own defragment, its db sizes, its applied
+// index and the routing of its endpoint.
+import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
+import { describe, type Alarm, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type MemberStatus, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import type { FakeClock, Owner } from './clock.ts';
+
+const MiB = 1024 * 1024;
+const LATENCY = 2; // ms each way on loopback
+/** etcd's election timeout (--election-timeout default 1000 ms). */
+const ELECTION_MS = 1000;
+/** How often the leader's lessor looks for expired leases (lessor.go: revokeExpiredLeases every 500 ms). */
+const EXPIRY_TICK_MS = 500;
+
+export const ERR = {
+  timeout: () => new Error('4 DEADLINE_EXCEEDED: Deadline exceeded'),
+  unavailable: () => new Error('14 UNAVAILABLE: No connection established'),
+  // rpctypes.ErrGRPCNoSpace (api/v3rpc/rpctypes/error.go)
+  nospace: () => new Error('etcdserver: mvcc: database space exceeded'),
+  notLeader: () => new Error('etcdserver: not leader'),
+  compacted: () => new Error('etcdserver: mvcc: required revision has been compacted'),
+  future: () => new Error('etcdserver: mvcc: required revision is a future revision'),
+  leaseNotFound: () => new Error('etcdserver: requested lease not found'),
+};
+
+interface KV {
+  keyBuf?: Buffer;
+  value: Buffer;
+  create: bigint;
+  mod: bigint;
+  version: bigint;
+  lease: string; // decimal, '0' for none
+}
+
+interface Lease {
+  id: string; // decimal
+  ttlMs: number;
+  expiresAt: number;
+  keys: Set<string>;
+  grantedBy: string; // owner name (tests)
+}
+
+export interface ModelMember {
+  id: string; // decimal
+  name: string;
+  endpoint: string;
+  state: 'up' | 'frozen' | 'killed';
+  frozenAt?: number;
+  dbSize: number;
+  dbSizeInUse: number;
+  defragMs: number;
+  /** When the defragment under way ends (undefined: none). */
+  defragEndsAt?: number;
+  defragQueued: number;
+  /** Applied index while it cannot apply (frozen, killed, defragmenting: the backend is locked). */
+  appliedHeld?: bigint;
+  corrupt: boolean;
+  isLearner: boolean;
+  defrags: number;
+  /** Replies of the next mutations this member applies are lost on the way back. */
+  loseReplies: number;
+}
+
+export interface Violation {
+  at: number;
+  what: string;
+}
+
+interface Waiter {
+  ready: () => boolean;
+  run: () => void;
+}
+
+export interface ModelOptions {
+  members?: number;
+  quotaBytes: number;
+  retry: { attempts: number; minDelay: number; maxDelay: number };
+  requestTimeout: number;
+  defragTimeout: number;
+  haltKeys?: string[]; // keys whose presence means "halted" (checked at every defragment)
+  fuse?: { key: string; armed: string };
+}
+
+export class EtcdModel {
+  readonly members: ModelMember[] = [];
+  private kv = new Map<string, KV>();
+  private leases = new Map<string, Lease>();
+  revision = 1n;
+  compactRev = 0n;
+  commitIndex = 10n;
+  leader: string | undefined;
+  private electionAt: number | undefined;
+  alarms: Alarm[] = [];
+  violations: Violation[] = [];
+  /** Defragment arrivals: who, when (the checks and the tests read it). */
+  defragLog: { member: string; at: number; by: string }[] = [];
+  private waiters: Waiter[] = [];
+  /** endpoint -> member id; an endpoint can be re-pointed (DNS, a load balancer). */
+  routes = new Map<string, string>();
+  private nextLease = 0x694d8a0000n;
+
+  constructor(readonly clock: FakeClock, readonly opts: ModelOptions) {
+    const n = opts.members ?? 3;
+    for (let i = 0; i < n; i++) {
+      const id = (0x8e9e05c52164694dn + BigInt(i) * 0x1111n).toString();
+      const endpoint = `https://10.0.0.${i + 1}:2379`;
+      this.members.push({
+        id, name: `m${i + 1}`, endpoint, state: 'up', dbSize: 300 * MiB, dbSizeInUse: 100 * MiB, defragMs: 3000,
+        defragQueued: 0, corrupt: false, isLearner: false, defrags: 0, loseReplies: 0,
+      });
+      this.routes.set(endpoint, id);
+    }
+    this.leader = this.members[0]!.id;
+    this.tick();
+  }
+
+  // ---- faults and observations (the schedule's steps) ----
+
+  member(name: string): ModelMember {
+    return this.members.find((m) => m.name === name || m.id === name || m.endpoint === name)!;
+  }
+
+  private byId(id: string | undefined): ModelMember | undefined {
+    return id === undefined ? undefined : this.members.find((m) => m.id === id);
+  }
+
+  /** Every call to it hangs until the caller's deadline (SIGSTOP); its defragment pauses too. */
+  freeze(name: string): void {
+    const m = this.member(name);
+    if (m.state !== 'up') return;
+    this.holdApplied(m);
+    m.state = 'frozen';
+    m.frozenAt = this.clock.now();
+    if (m.id === this.leader) this.loseLeader();
+  }
+
+  thaw(name: string): void {
+    const m = this.member(name);
+    if (m.state !== 'frozen') return;
+    m.state = 'up';
+    if (m.defragEndsAt !== undefined) {
+      m.defragEndsAt += this.clock.now() - m.frozenAt!;
+      this.scheduleDefragEnd(m);
+    }
+    this.releaseApplied(m);
+    if (!this.leader && this.electionAt === undefined) this.loseLeader();
+    this.wake();
+  }
+
+  /** The process dies: connections refused; a defragment under way dies with it. */
+  kill(name: string): void {
+    const m = this.member(name);
+    if (m.state === 'killed') return;
+    this.holdApplied(m);
+    m.state = 'killed';
+    m.defragEndsAt = undefined;
+    m.defragQueued = 0;
+    if (m.id === this.leader) this.loseLeader();
+    this.wake();
+  }
+
+  restart(name: string): void {
+    const m = this.member(name);
+    if (m.state !== 'killed') return;
+    m.state = 'up';
+    this.releaseApplied(m);
+    if (!this.leader && this.electionAt === undefined) this.loseLeader();
+    this.wake();
+  }
+
+  /** Makes a member need a defragment again (fragmentation from churn). */
+  fragment(name: string, bytes = 200 * MiB): void {
+    const m = this.member(name);
+    m.dbSize += bytes;
+  }
+
+  /** The member's file reaches the quota: etcd raises NOSPACE through raft, cluster-wide (facts). */
+  fillToQuota(name: string): void {
+    const m = this.member(name);
+    m.dbSize = Math.max(m.dbSize, this.opts.quotaBytes + MiB);
+    this.raiseNoSpace(m);
+  }
+
+  private raiseNoSpace(m: ModelMember): void {
+    if (!this.alarms.some((a) => a.memberId === m.id && a.alarm === 'NOSPACE')) this.alarms.push({ memberId: m.id, alarm: 'NOSPACE' });
+  }
+
+  /** MoveLeader/election: the new leader's lessor extends every lease (lessor.go Promote: expiry = now + extend + TTL). */
+  private elect(m: ModelMember): void {
+    this.leader = m.id;
+    this.electionAt = undefined;
+    for (const l of this.leases.values()) l.expiresAt = Math.max(l.expiresAt, this.clock.now() + ELECTION_MS + l.ttlMs);
+    this.commitIndex++;
+    this.wake();
+  }
+
+  private loseLeader(): void {
+    this.leader = undefined;
+    this.electionAt = this.clock.now() + ELECTION_MS;
+    this.clock.at(this.electionAt, () => {
+      if (this.leader) return;
+      const next = this.members.find((x) => x.state === 'up' && !x.isLearner);
+      if (next) this.elect(next);
+      else this.electionAt = undefined;
+    });
+  }
+
+  /** A leader change without a fault (etcd decides, e.g. after a network blip). */
+  changeLeader(): void {
+    const others = this.members.filter((m) => m.state === 'up' && !m.isLearner && m.id !== this.leader);
+    if (others.length > 0) this.elect(others[0]!);
+  }
+
+  defragmenting(): ModelMember[] {
+    return this.members.filter((m) => m.defragEndsAt !== undefined);
+  }
+
+  /** Halted as the pass defines it: the halt key, or the fuse armed and blown. */
+  halted(): boolean {
+    if ((this.opts.haltKeys ?? []).some((k) => this.kv.has(k))) return true;
+    const f = this.opts.fuse;
+    return f !== undefined && this.kv.has(f.armed) && !this.kv.has(f.key);
+  }
+
+  keys(prefix = ''): string[] {
+    return [...this.kv.keys()].filter((k) => k.startsWith(prefix)).sort();
+  }
+
+  getValue(key: string): string | undefined {
+    return this.kv.get(key)?.value.toString();
+  }
+
+  leaseAlive(idDec: string): boolean {
+    return this.leases.has(idDec);
+  }
+
+  /** Writes outside the daemons (an operator, the API server). */
+  adminPut(key: string, value: string): void {
+    this.applyTxn([], [{ request_put: { key: Buffer.from(key), value: Buffer.from(value) } }]);
+  }
+
+  adminDelete(key: string): void {
+    this.applyTxn([], [{ request_delete_range: { key: Buffer.from(key) } }]);
+  }
+
+  disarmAll(): void {
+    this.alarms = [];
+  }
+
+  // ---- the state machine ----
+
+  private holdApplied(m: ModelMember): void {
+    m.appliedHeld ??= this.commitIndex;
+  }
+
+  private releaseApplied(m: ModelMember): void {
+    if (m.state === 'up' && m.defragEndsAt === undefined) m.appliedHeld = undefined;
+  }
+
+  private leaderLive(): ModelMember | undefined {
+    const l = this.byId(this.leader);
+    return l && l.state === 'up' ? l : undefined;
+  }
+
+  /** The leader's lessor revokes expired leases through raft; a frozen or dead leader revokes nothing. */
+  private tick(): void {
+    this.clock.at(this.clock.now() + EXPIRY_TICK_MS, () => {
+      if (this.leaderLive()) {
+        for (const l of [...this.leases.values()]) if (l.expiresAt <= this.clock.now()) this.revoke(l.id);
+      }
+      this.tick();
+    });
+  }
+
+  private revoke(id: string): boolean {
+    const l = this.leases.get(id);
+    if (!l) return false;
+    this.leases.delete(id);
+    if (l.keys.size > 0) {
+      // One revision for the whole revoke (mvcc: the deletes of a LeaseRevoke share one txn).
+      this.revision++;
+      for (const k of l.keys) this.kv.delete(k);
+    }
+    this.commitIndex++;
+    this.wake();
+    return true;
+  }
+
+  private range(key: Buffer, rangeEnd?: Buffer): [string, KV][] {
+    const k = key.toString('latin1');
+    if (!rangeEnd || rangeEnd.length === 0) {
+      const v = this.kv.get(key.toString());
+      return v ? [[key.toString(), v]] : [];
+    }
+    const end = rangeEnd.toString('latin1');
+    const all = rangeEnd.length === 1 && rangeEnd[0] === 0;
+    return [...this.kv.entries()].filter(([x]) => x >= k && (all || x < end)).sort(([a], [b]) => (a < b ? -1 : 1));
+  }
+
+  /**
+   * etcd's applyCompare (server/etcdserver/apply.go in 3.4/3.5): a compare on a range must hold for
+   * every key in it; on an empty range it is evaluated against a zero KeyValue (version, create and
+   * mod revision 0), except a Value compare, which then fails.
+   */
+  private compare(c: ICompare): boolean {
+    const rows = this.range(c.key as Buffer, (c as { range_end?: Buffer }).range_end);
+    const target = c.target as string;
+    if (rows.length === 0) {
+      if (target === 'Value') return false;
+      return compareKV(c, { value: Buffer.alloc(0), create: 0n, mod: 0n, version: 0n, lease: '0' });
+    }
+    return rows.every(([, kv]) => compareKV(c, kv));
+  }
+
+  /** Applies a Txn (all compares, then the success ops); one revision for all its writes. */
+  applyTxn(compare: ICompare[], success: IRequestOp[]): { succeeded: boolean } {
+    const ok = compare.every((c) => this.compare(c));
+    if (!ok) return { succeeded: false };
+    const writes = success.filter((op) => op.request_put || op.request_delete_range);
+    if (writes.length === 0) return { succeeded: true };
+    const rev = this.revision + 1n;
+    let changed = false;
+    for (const op of success) {
+      if (op.request_put) {
+        const key = Buffer.from(op.request_put.key as Buffer).toString();
+        const lease = String(op.request_put.lease ?? '0');
+        if (lease !== '0' && !this.leases.has(lease)) throw ERR.leaseNotFound();
+        const prev = this.kv.get(key);
+        if (prev && prev.lease !== '0') this.leases.get(prev.lease)?.keys.delete(key);
+        this.kv.set(key, { value: Buffer.from(op.request_put.value as Buffer ?? Buffer.alloc(0)), create: prev?.create ?? rev, mod: rev, version: (prev?.version ?? 0n) + 1n, lease });
+        if (lease !== '0') this.leases.get(lease)!.keys.add(key);
+        changed = true;
+      } else if (op.request_delete_range) {
+        for (const [key, kv] of this.range(op.request_delete_range.key as Buffer, op.request_delete_range.range_end as Buffer | undefined)) {
+          this.kv.delete(key);
+          if (kv.lease !== '0') this.leases.get(kv.lease)?.keys.delete(key);
+          changed = true;
+        }
+      }
+    }
+    // A txn that deletes nothing and puts nothing does not bump the revision (mvcc: no changes).
+    if (changed) this.revision = rev;
+    this.commitIndex++;
+    this.wake();
+    return { succeeded: true };
+  }
+
+  private hasPut(ops: IRequestOp[]): boolean {
+    return ops.some((op) => op.request_put);
+  }
+
+  /**
+   * NOSPACE (facts, seen on 3.4.23): Put, a Txn with a put and LeaseGrant fail; reads, deletes, a
+   * compare-and-delete Txn, keep-alive, compact, defragment and disarm work. Disarming while a member
+   * is still over the quota gets the alarm raised again by the next write.
+   */
+  private checkSpace(): void {
+    if (this.alarms.some((a) => a.alarm === 'NOSPACE')) throw ERR.nospace();
+    const over = this.members.find((m) => m.dbSize >= this.opts.quotaBytes && m.state !== 'killed');
+    if (over) {
+      this.raiseNoSpace(over);
+      throw ERR.nospace();
+    }
+  }
+
+  private wake(): void {
+    if (this.waiters.length === 0) return;
+    const still: Waiter[] = [];
+    const ready: Waiter[] = [];
+    for (const w of this.waiters) (w.ready() ? ready : still).push(w);
+    this.waiters = still;
+    for (const w of ready) w.run();
+  }
+
+  private scheduleDefragEnd(m: ModelMember): void {
+    const ends = m.defragEndsAt!;
+    this.clock.at(ends, () => {
+      if (m.defragEndsAt !== ends || m.state !== 'up') return;
+      m.defragEndsAt = undefined;
+      m.defrags++;
+      m.dbSize = m.dbSizeInUse;
+      this.commitIndex++;
+      if (m.defragQueued > 0) {
+        // A second Defragment sent while one ran waited for it and now runs (facts: a re-sent
+        // defragment queues a second defrag on the same member).
+        m.defragQueued--;
+        m.defragEndsAt = this.clock.now() + m.defragMs;
+        this.scheduleDefragEnd(m);
+      } else this.releaseApplied(m);
+      this.wake();
+    });
+  }
+
+  // ---- requests ----
+
+  /**
+   * One request from `owner` to the member behind `endpoint`: it arrives after LATENCY, waits until
+   * `ready` (the member answers and whatever it needs is free), runs `apply`, and the reply takes
+   * LATENCY back. A killed member refuses the connection; otherwise the caller's deadline bounds it.
+   * A lost reply (after the request was applied) ends at the deadline like a frozen member.
+   */
+  request<T>(owner: Owner, endpoint: string, timeoutMs: number, kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics', apply: (m: ModelMember) => T, mutation = false): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let done = false;
+      const finish = (fn: () => void) => {
+        if (done) return;
+        done = true;
+        deadline.cancel();
+        this.clock.at(this.clock.now() + LATENCY, fn, owner);
+      };
+      const deadline = this.clock.at(this.clock.now() + timeoutMs, () => {
+        if (done) return;
+        done = true;
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(ERR.timeout());
+      }, owner);
+      const m = () => this.byId(this.routes.get(endpoint));
+      const ready = () => {
+        const x = m();
+        if (!x || x.state !== 'up') return false;
+        if (kind === 'metrics' || kind === 'memory') return true;
+        // While a member defragments it serves no reads or writes; Status blocks (facts).
+        if (x.defragEndsAt !== undefined && kind !== 'keepalive') return false;
+        if (kind === 'raft' || kind === 'keepalive') {
+          const l = this.leaderLive();
+          if (!l) return false;
+          // A keep-alive is answered by the leader's lessor after it applied what is committed
+          // (etcd commit fef4a795, "force leader to apply its pending committed index for lease
+          // operations"); the leader's apply waits for its defragment, and Kubernetes writes all the time.
+          if (kind === 'keepalive' && l.defragEndsAt !== undefined) return false;
+        }
+        return true;
+      };
+      const waiter: Waiter = {
+        ready,
+        run: () => {
+          if (done) return;
+          let value: T;
+          try {
+            value = apply(m()!);
+          } catch (err) {
+            finish(() => reject(err));
+            return;
+          }
+          const x = m()!;
+          if (mutation && x.loseReplies > 0) {
+            x.loseReplies--;
+            return; // applied; the reply is lost: the caller's deadline ends it
+          }
+          finish(() => resolve(value));
+        },
+      };
+      this.clock.at(this.clock.now() + LATENCY, () => {
+        if (done) return;
+        const x = m();
+        if (!x || x.state === 'killed') {
+          finish(() => reject(ERR.unavailable()));
+          return;
+        }
+        if (ready()) waiter.run();
+        else this.waiters.push(waiter);
+      });
+    });
+  }
+
+  // What each request does once the member serves it.
+
+  status(m: ModelMember): MemberStatus {
+    const applied = m.appliedHeld ?? this.commitIndex;
+    return {
+      endpoint: m.endpoint, memberId: m.id, leader: this.leader ?? '0', version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
+      raftIndex: applied, raftAppliedIndex: applied, raftTerm: 2n, revision: this.revision, isLearner: m.isLearner, errors: [],
+    };
+  }
+
+  memberList(): Member[] {
+    return this.members.map((m) => ({ id: m.id, name: m.name, clientURLs: [m.endpoint], peerURLs: [], isLearner: m.isLearner }));
+  }
+
+  /** A Defragment arrives at member m: the invariants are checked here, where the harm would be. */
+  startDefrag(m: ModelMember, by: string): void {
+    this.defragLog.push({ member: m.name, at: this.clock.now(), by });
+    const busy = this.defragmenting().filter((x) => x !== m);
+    if (busy.length > 0) this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);
+    if (this.halted()) this.violate(`defragment of ${m.name} while halted (sent by ${by})`);
+    if (m.defragEndsAt !== undefined) {
+      this.violate(`defragment sent to ${m.name} while it is still defragmenting (sent by ${by})`);
+      m.defragQueued++;
+      return;
+    }
+    this.holdApplied(m);
+    m.defragEndsAt = this.clock.now() + m.defragMs;
+    this.scheduleDefragEnd(m);
+  }
+
+  /** The Defragment's reply: when the member's defragments are done, or the caller's deadline. */
+  defragDone(owner: Owner, m: ModelMember, timeoutMs: number): Promise<DefragmentReply> {
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const waiter: Waiter = {
+        ready: () => m.defragEndsAt === undefined && m.defragQueued === 0,
+        run: () => {
+          if (done) return;
+          done = true;
+          deadline.cancel();
+          // A member killed mid-defragment drops the connection.
+          if (m.state === 'killed') this.clock.at(this.clock.now() + LATENCY, () => reject(ERR.unavailable()), owner);
+          else this.clock.at(this.clock.now() + LATENCY, () => resolve({ memberId: m.id }), owner);
+        },
+      };
+      const deadline = this.clock.at(this.clock.now() + timeoutMs, () => {
+        if (done) return;
+        done = true;
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(ERR.timeout());
+      }, owner);
+      if (waiter.ready()) waiter.run();
+      else this.waiters.push(waiter);
+    });
+  }
+
+  violate(what: string): void {
+    this.violations.push({ at: this.clock.now(), what });
+  }
+
+  rangeKvs(prefix: Buffer, rangeEnd?: Buffer): IKeyValue[] {
+    return this.range(prefix, rangeEnd).map(([key, kv]) => ({
+      key: (kv.keyBuf ??= Buffer.from(key)), value: kv.value, create_revision: String(kv.create), mod_revision: String(kv.mod), version: String(kv.version), lease: kv.lease,
+    }) as IKeyValue);
+  }
+
+  txn(compare: ICompare[], success: IRequestOp[]): { succeeded: boolean } {
+    if (this.hasPut(success)) this.checkSpace();
+    return this.applyTxn(compare, success);
+  }
+
+  grant(ttlSeconds: number, by: string): string {
+    this.checkSpace();
+    const id = (this.nextLease++).toString();
+    this.leases.set(id, { id, ttlMs: ttlSeconds * 1000, expiresAt: this.clock.now() + ttlSeconds * 1000, keys: new Set(), grantedBy: by });
+    this.commitIndex++;
+    return id;
+  }
+
+  /** Keep-alive: the remaining TTL, 0 for a lease that is gone (v3rpc/lease.go answers TTL 0 for not found). */
+  keepAlive(id: string): number {
+    const l = this.leases.get(id);
+    if (!l) return 0;
+    l.expiresAt = this.clock.now() + l.ttlMs;
+    return Math.round(l.ttlMs / 1000);
+  }
+
+  revokeLease(id: string): void {
+    if (!this.revoke(id)) throw ERR.leaseNotFound();
+  }
+
+  compact(rev: bigint): void {
+    if (rev <= this.compactRev) throw ERR.compacted();
+    if (rev > this.revision) throw ERR.future();
+    this.compactRev = rev;
+    this.commitIndex++;
+  }
+
+  disarm(alarm: Alarm): void {
+    this.alarms = this.alarms.filter((a) => !(a.memberId === alarm.memberId && a.alarm === alarm.alarm));
+    this.commitIndex++;
+  }
+
+  moveLeader(m: ModelMember, targetId: string): void {
+    if (m.id !== this.leader) throw ERR.notLeader();
+    const t = this.byId(targetId);
+    if (!t || t.isLearner || t.state !== 'up') throw new Error('etcdserver: bad leader transferee');
+    this.elect(t);
+  }
+
+  /** A pool of clients for one process. */
+  pool(owner: Owner): ModelPool {
+    return new ModelPool(this, owner);
+  }
+}
+
+function num(v: unknown): bigint {
+  return BigInt(String(v ?? 0));
+}
+
+function compareKV(c: ICompare, kv: KV): boolean {
+  const target = c.target as string;
+  let r: number;
+  switch (target) {
+    case 'Version': r = cmp(kv.version, num((c as { version?: unknown }).version)); break;
+    case 'Create': r = cmp(kv.create, num((c as { create_revision?: unknown }).create_revision)); break;
+    case 'Mod': r = cmp(kv.mod, num((c as { mod_revision?: unknown }).mod_revision)); break;
+    case 'Lease': r = cmp(BigInt(kv.lease), num((c as { lease?: unknown }).lease)); break;
+    case 'Value': r = Buffer.compare(kv.value, Buffer.from((c as { value?: Buffer | string }).value ?? '')); break;
+    default: throw new Error(`model: unknown compare target ${target}`);
+  }
+  switch (c.result as string) {
+    case 'Equal': return r === 0;
+    case 'Greater': return r > 0;
+    case 'Less': return r < 0;
+    case 'NotEqual': return r !== 0;
+    default: throw new Error(`model: unknown compare result ${String(c.result)}`);
+  }
+}
+
+const cmp = (a: bigint, b: bigint) => (a < b ? -1 : a > b ? 1 : 0);
+
+/** One process's clients (what ClientPool is to the real daemon). */
+export class ModelPool implements EtcdPool {
+  private clients = new Map<string, ModelClient>();
+  constructor(readonly model: EtcdModel, readonly owner: Owner) {}
+  get(endpoint: string): ModelClient {
+    let c = this.clients.get(endpoint);
+    if (!c) {
+      c = new ModelClient(this.model, this.owner, endpoint);
+      this.clients.set(endpoint, c);
+    }
+    return c;
+  }
+  close(): void {
+    this.clients.clear();
+  }
+}
+
+/** MemberClient's behaviour over the model: reads retried on transient errors with backoff, mutations sent once. */
+export class ModelClient implements EtcdMember {
+  constructor(private readonly model: EtcdModel, private readonly owner: Owner, readonly endpoint: string) {}
+
+  private get o() {
+    return this.model.opts;
+  }
+
+  private async read<T>(what: string, kind: 'backend' | 'raft' | 'memory', fn: (m: ModelMember) => T, hooks: RetryHooks = {}, attempts = this.o.retry.attempts, timeout = this.o.requestTimeout): Promise<T> {
+    const clock = this.owner.clock();
+    for (let i = 1; ; i++) {
+      try {
+        return await this.model.request(this.owner, this.endpoint, timeout, kind, fn);
+      } catch (err) {
+        const e = describe(err, what, this.endpoint);
+        if (e.permanent || i >= attempts || hooks.signal?.aborted) throw e;
+        await clock.sleep(Math.min(this.o.retry.maxDelay, this.o.retry.minDelay * 2 ** (i - 1)), hooks.signal);
+      }
+    }
+  }
+
+  private async once<T>(what: string, kind: 'backend' | 'raft' | 'memory' | 'keepalive', fn: (m: ModelMember) => T, timeout = this.o.requestTimeout): Promise<T> {
+    try {
+      return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, true);
+    } catch (err) {
+      throw describe(err, what, this.endpoint);
+    }
+  }
+
+  status(hooks?: RetryHooks, attempts?: number): Promise<MemberStatus> {
+    return this.read('status', 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }), hooks, attempts);
+  }
+
+  async probe(timeoutMs: number): Promise<MemberStatus | Error> {
+    try {
+      return await this.model.request(this.owner, this.endpoint, timeoutMs, 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }));
+    } catch (err) {
+      return describe(err, 'status', this.endpoint);
+    }
+  }
+
+  // MemberList is answered from the member's own membership store (linearizable: a ReadIndex).
+  members(hooks?: RetryHooks, attempts?: number): Promise<Member[]> {
+    return this.read('member list', 'memory', () => this.model.memberList(), hooks, attempts);
+  }
+
+  // Every Alarm action, GET included, goes through raft (etcdserver v3_server.go Alarm -> raftRequest).
+  alarms(hooks?: RetryHooks): Promise<Alarm[]> {
+    return this.read('alarm list', 'raft', () => this.model.alarms.map((a) => ({ ...a })), hooks);
+  }
+
+  disarm(alarm: Alarm): Promise<unknown> {
+    return this.once('alarm disarm', 'raft', () => this.model.disarm(alarm));
+  }
+
+  defragment(): Promise<DefragmentReply> {
+    // Defragment is served by the member itself, outside raft; it blocks the member while it runs.
+    const by = this.owner.name;
+    return this.once('defragment', 'memory', (m) => {
+      this.model.startDefrag(m, by);
+      return m;
+    }, this.o.defragTimeout).then((m) => this.model.defragDone(this.owner, m, this.o.defragTimeout).catch((err: unknown) => {
+      throw describe(err, 'defragment', this.endpoint);
+    }));
+  }
+
+  moveLeader(targetId: string): Promise<unknown> {
+    return this.once('move leader', 'memory', (m) => this.model.moveLeader(m, targetId));
+  }
+
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+    return this.read('hash kv', 'backend', (m) => {
+      if (revision <= this.model.compactRev && revision !== 0n) throw ERR.compacted();
+      return { hash: m.corrupt ? `bad-${m.name}` : `h${this.model.compactRev}`, compactRevision: this.model.compactRev, revision: this.model.revision };
+    }, hooks, attempts, timeoutMs);
+  }
+
+  compact(revision: bigint): Promise<unknown> {
+    return this.once('compact', 'raft', () => this.model.compact(revision));
+  }
+
+  linearizableRead(_key: string, hooks?: RetryHooks): Promise<unknown> {
+    return this.read('linearizable read', 'raft', () => true, hooks);
+  }
+
+  range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
+    return this.read('range', 'raft', () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }), hooks, attempts);
+  }
+
+  get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
+    return this.read('get', 'raft', () => this.model.getValue(key), hooks);
+  }
+
+  txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<{ succeeded: boolean }> {
+    return this.once(what, 'raft', () => this.model.txn(compare, success));
+  }
+
+  put(key: string, value: string, lease?: string): Promise<unknown> {
+    return this.once('put', 'raft', () => this.model.txn([], [{ request_put: { key: Buffer.from(key), value: Buffer.from(value), lease } }]));
+  }
+
+  leaseGrant(ttlSeconds: number): Promise<string> {
+    const by = this.owner.name;
+    return this.once('lease grant', 'raft', () => this.model.grant(ttlSeconds, by));
+  }
+
+  leaseRevoke(id: string): Promise<unknown> {
+    return this.once('lease revoke', 'raft', () => this.model.revokeLease(id));
+  }
+
+  leaseKeepAlive(id: string, timeoutMs = this.o.requestTimeout): Promise<number> {
+    return this.once('lease keep-alive', 'keepalive', () => this.model.keepAlive(id), timeoutMs);
+  }
+
+  // Served by etcd's HTTP handler: answers while the member defragments (facts).
+  serverMetrics(timeoutMs = this.o.requestTimeout): Promise<ServerMetrics> {
+    return this.model.request(this.owner, this.endpoint, timeoutMs, 'metrics', (m) => ({
+      quotaBytes: this.o.quotaBytes, defragInflight: m.defragEndsAt !== undefined, version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
+    })).catch((err: unknown) => {
+      throw describe(err, 'metrics', this.endpoint);
+    });
+  }
+
+  close(): void { /* nothing held */ }
+}
+
+function prefixEnd(prefix: string): Buffer {
+  const b = Buffer.from(prefix);
+  for (let i = b.length - 1; i >= 0; i--) {
+    if (b[i]! < 0xff) {
+      b[i]!++;
+      return b.subarray(0, i + 1);
+    }
+  }
+  return Buffer.from([0]);
+}

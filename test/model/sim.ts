@@ -1,0 +1,215 @@
+// A simulated cluster for the model tests: the etcd model, a fake clock, daemons and `once` runs on
+// it, fault steps, and the invariants checked after every step.
+import { loadConfig, type Config } from '../../src/config.ts';
+import { Daemon } from '../../src/daemon.ts';
+import { silentLogger, type Log } from '../../src/log.ts';
+import { haltKey, fuseKey, runPass, type PassResult } from '../../src/pass.ts';
+import { decide } from '../../src/policy.ts';
+import { Turn } from '../../src/turn.ts';
+import { FakeClock, type Owner } from './clock.ts';
+import { EtcdModel } from './etcd-model.ts';
+
+export interface SimOptions {
+  members?: number;
+  leaseTTL?: number;
+  requestTimeout?: number;
+  defragTimeout?: number;
+  maxWait?: number;
+  leader?: 'transfer' | 'last';
+  /** How often the fake cron fires. */
+  cronEvery?: number;
+  seed?: number;
+  compact?: boolean;
+  log?: Log;
+  quotaBytes?: number;
+  /** Tickets per participant (production: 64). */
+  tickets?: number;
+}
+
+export interface Proc {
+  name: string;
+  member: string;
+  owner: Owner;
+  kind: 'daemon' | 'once';
+  daemon?: Daemon;
+  turn?: Turn;
+  result?: Promise<PassResult | Error>;
+  settled?: PassResult | Error;
+}
+
+const MiB = 1024 * 1024;
+
+/** A small, seeded PRNG (mulberry32): the production code's jitter (Math.random) replays from the seed. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export class Sim {
+  readonly clock = new FakeClock();
+  readonly model: EtcdModel;
+  readonly procs: Proc[] = [];
+  readonly base: Config;
+  private readonly configs = new Map<string, Config>();
+  private readonly log: Log;
+  private readonly random: () => number;
+  private readonly savedRandom = Math.random;
+  private strays = new Map<string, number>();
+  private lastCheck = 0;
+  private seq = 0;
+
+  constructor(readonly o: SimOptions = {}) {
+    this.log = o.log ?? silentLogger();
+    this.random = prng(o.seed ?? 1);
+    Math.random = this.random;
+    const flags: Record<string, unknown> = {
+      'etcd.endpoint': 'https://10.0.0.1:2379', 'etcd.dataDir': '', 'etcd.requestTimeout': o.requestTimeout ?? 2000, 'etcd.defragTimeout': o.defragTimeout ?? 20_000,
+      'coordination.leaseTTL': o.leaseTTL ?? 6000, 'coordination.maxWait': o.maxWait ?? 120_000, 'coordination.settle': 500, 'coordination.leader': o.leader ?? 'transfer',
+      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, 'nospace.compact': o.compact ?? false,
+      'metrics.listen': '', 'policy.quotaBytes': o.quotaBytes ?? 2048 * MiB, 'policy.minReclaimable': '64MiB', 'log.level': 'silent',
+    };
+    this.base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config;
+    this.model = new EtcdModel(this.clock, {
+      members: o.members ?? 3, quotaBytes: this.base.policy.quotaBytes, retry: this.base.retry, requestTimeout: this.base.etcd.requestTimeout,
+      defragTimeout: this.base.etcd.defragTimeout, haltKeys: [haltKey(this.base)], fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
+    });
+    this.clock.onStep = () => this.step();
+  }
+
+  dispose(): void {
+    Math.random = this.savedRandom;
+    for (const p of this.procs) p.owner.kill();
+  }
+
+  config(member: string): Config {
+    const m = this.model.member(member);
+    let c = this.configs.get(m.endpoint);
+    if (!c) {
+      c = { ...this.base, etcd: { ...this.base.etcd, endpoint: m.endpoint } };
+      this.configs.set(m.endpoint, c);
+    }
+    return c;
+  }
+
+  startDaemon(member: string, config = this.config(member)): Proc {
+    const owner = this.clock.owner(`daemon-${member}-${++this.seq}`);
+    const clock = owner.clock();
+    const every = this.o.cronEvery ?? 60_000;
+    const daemon = new Daemon(config, {
+      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16,
+      pool: () => this.model.pool(owner),
+      scheduler: (_cron, _tz, fn) => {
+        const t = clock.every(every, fn);
+        return { stop: () => t.cancel(), nextRun: () => undefined };
+      },
+    });
+    const p: Proc = { name: owner.name, member, owner, kind: 'daemon', daemon };
+    this.procs.push(p);
+    void daemon.start();
+    return p;
+  }
+
+  /** `etcd-defragd once` on a member's node: same code path as cli.ts once(). */
+  runOnce(member: string, opts: { force?: boolean } = {}, config = this.config(member)): Proc {
+    const owner = this.clock.owner(`once-${member}-${++this.seq}`);
+    const clock = owner.clock();
+    const pool = this.model.pool(owner);
+    const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'etcd-defragd once', tickets: this.o.tickets ?? 16 },
+      { pool, endpoint: config.etcd.endpoint, log: this.log, clock });
+    const p: Proc = { name: owner.name, member, owner, kind: 'once', turn };
+    p.result = (async () => {
+      try {
+        return await runPass({ config, pool, log: this.log, clock, turn, seen: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
+      } catch (err) {
+        return err as Error;
+      } finally {
+        await turn.close();
+        owner.kill(); // the process exits
+      }
+    })().then((r) => (p.settled = r));
+    this.procs.push(p);
+    return p;
+  }
+
+  /** SIGKILL: timers and replies to it are dropped; what it sent to etcd goes on there. */
+  kill(p: Proc): void {
+    p.owner.kill();
+  }
+
+  live(): Proc[] {
+    return this.procs.filter((p) => p.owner.alive);
+  }
+
+  turnState(p: Proc): { participant: string | undefined; holding: boolean } {
+    if (p.daemon) return p.daemon.turnState();
+    return { participant: p.turn?.participant(), holding: p.turn?.holding() ?? false };
+  }
+
+  /** Who holds the turn in etcd (lease hex), by the lowest ticket of each participant. */
+  holders(): string[] {
+    if (this.holdersAt?.rev === this.model.revision) return this.holdersAt.holders;
+    const holders = this.computeHolders();
+    this.holdersAt = { rev: this.model.revision, holders };
+    return holders;
+  }
+
+  private holdersAt: { rev: bigint; holders: string[] } | undefined;
+
+  private computeHolders(): string[] {
+    const base = `${this.base.coordination.prefix}p/`;
+    const lowest = new Map<string, number>();
+    for (const k of this.model.keys(base)) {
+      const [lease, kind, index] = k.slice(base.length).split('/');
+      if (kind !== 't' || !lease) continue;
+      const n = Number(index);
+      if (!lowest.has(lease) || n < lowest.get(lease)!) lowest.set(lease, n);
+    }
+    return [...lowest.entries()].filter(([, n]) => n % 2 === 1).map(([l]) => l);
+  }
+
+  /** After every timer: the checks that are not made where a Defragment arrives (see EtcdModel.startDefrag). */
+  private step(): void {
+    const now = this.clock.now();
+    if (now - this.lastCheck < 250) return;
+    this.lastCheck = now;
+    const holders = this.holders();
+    if (holders.length > 1) this.model.violate(`two participants hold the turn: ${holders.join(', ')}`);
+    // No turn left held by nobody: a held turn belongs to a live process that knows it holds it,
+    // or to a dead one whose lease then expires. Grace: a take in flight, a give-back being retried.
+    const grace = 3 * this.base.coordination.leaseTTL + 4 * this.base.etcd.requestTimeout;
+    for (const lease of holders) {
+      const owner = this.live().find((p) => this.turnState(p).participant === lease);
+      const ok = owner ? this.turnState(owner).holding : false;
+      if (ok) {
+        this.strays.delete(lease);
+        continue;
+      }
+      const since = this.strays.get(lease) ?? now;
+      this.strays.set(lease, since);
+      if (now - since > grace) {
+        this.model.violate(`the turn is held by ${lease} and nobody uses it (${owner ? `${owner.name} does not know it holds it` : 'no live process owns it'}) for ${now - since} ms`);
+        this.strays.set(lease, now); // report once per grace period
+      }
+    }
+    for (const lease of [...this.strays.keys()]) if (!holders.includes(lease)) this.strays.delete(lease);
+  }
+
+  run(ms: number): Promise<void> {
+    return this.clock.runFor(ms);
+  }
+
+  /** Members that still need a defragment by the policy (liveness). */
+  needing(): string[] {
+    return this.model.members.filter((m) => !m.isLearner && decide(m, this.base.policy).defrag).map((m) => m.name);
+  }
+
+  rng(): number {
+    return this.random();
+  }
+}
