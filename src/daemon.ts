@@ -9,7 +9,7 @@ import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { runPass, type HashKVFn, type PassResult } from './pass.ts';
+import { armHaltFuse, runPass, type HashKVFn, type PassResult } from './pass.ts';
 import { Turn } from './turn.ts';
 
 /** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
@@ -105,6 +105,7 @@ export class Daemon {
       const s = await this.pool.get(this.config.etcd.endpoint).status({ log: this.deps.log, signal: this.abort.signal });
       this.turn.identify(s.memberId);
       await this.turn.register();
+      await armHaltFuse(this.pool, this.config);
     } catch (err) {
       this.deps.log.warn({ event: 'turn.register.fail', error: errorMessage(err) }, `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`);
     }

@@ -225,6 +225,11 @@ const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Ver
 const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
 const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
 
+/** Writes the halt fuse once per cluster, while writes work (best effort: a daemon does it when it joins, a run when it looks). */
+export async function armHaltFuse(pool: EtcdPool, c: Config): Promise<void> {
+  await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
+}
+
 async function readHalt(deps: PassDeps): Promise<string | undefined> {
   const key = haltKey(deps.config);
   const client = deps.pool.get(deps.config.etcd.endpoint);
@@ -232,7 +237,7 @@ async function readHalt(deps: PassDeps): Promise<string | undefined> {
   if (value === undefined) {
     const [fuse, armed] = await Promise.all([client.get(fuseKey(deps.config), { log: deps.log, signal: deps.signal }), client.get(fuseArmedKey(deps.config), { log: deps.log, signal: deps.signal })]);
     if (armed === undefined) {
-      await client.txn('arm fuse', [absent(fuseArmedKey(deps.config))], [putOp(fuseArmedKey(deps.config), 'delete fuse = halt'), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+      await armHaltFuse(deps.pool, deps.config);
       return undefined;
     }
     if (fuse !== undefined) return undefined;

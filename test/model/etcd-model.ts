@@ -98,6 +98,12 @@ export class EtcdModel {
   private electionAt: number | undefined;
   alarms: Alarm[] = [];
   violations: Violation[] = [];
+  /** Called when a request arrives at its member, before it is served (directed tests inject faults here). */
+  onArrive: ((owner: Owner, op: string, endpoint: string, detail?: string) => void) | undefined;
+  /** Per member: HashKV takes this long (a full-keyspace hash of a large db). */
+  hashMs = new Map<string, number>();
+  /** Requests sent, by operation (to see where simulated time goes, and for the tests). */
+  stats: Record<string, number> = {};
   /** Defragment arrivals: who, when (the checks and the tests read it). */
   defragLog: { member: string; at: number; by: string }[] = [];
   private waiters: Waiter[] = [];
@@ -405,7 +411,11 @@ export class EtcdModel {
    * LATENCY back. A killed member refuses the connection; otherwise the caller's deadline bounds it.
    * A lost reply (after the request was applied) ends at the deadline like a frozen member.
    */
-  request<T>(owner: Owner, endpoint: string, timeoutMs: number, kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics', apply: (m: ModelMember) => T, mutation = false): Promise<T> {
+  request<T>(owner: Owner, endpoint: string, timeoutMs: number, kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics', apply: (m: ModelMember) => T, mutation = false, op: string = kind, detail?: string): Promise<T> {
+    // A slow HashKV: served after hashMs (the caller's deadline may end the wait first; the hash
+    // goes on inside etcd regardless).
+    const serviceMs = op === 'hash kv' ? (m: ModelMember) => this.hashMs.get(m.name) ?? 0 : () => 0;
+    this.stats[op] = (this.stats[op] ?? 0) + 1;
     return new Promise<T>((resolve, reject) => {
       let done = false;
       const finish = (fn: () => void) => {
@@ -437,10 +447,17 @@ export class EtcdModel {
         }
         return true;
       };
+      let serving = false;
       const waiter: Waiter = {
         ready,
         run: () => {
           if (done) return;
+          const ms = serving ? 0 : serviceMs(m()!);
+          if (ms > 0) {
+            serving = true;
+            this.clock.at(this.clock.now() + ms, () => waiter.run());
+            return;
+          }
           let value: T;
           try {
             value = apply(m()!);
@@ -458,6 +475,7 @@ export class EtcdModel {
       };
       this.clock.at(this.clock.now() + LATENCY, () => {
         if (done) return;
+        this.onArrive?.(owner, op, endpoint, detail);
         const x = m();
         if (!x || x.state === 'killed') {
           finish(() => reject(ERR.unavailable()));
@@ -636,11 +654,11 @@ export class ModelClient implements EtcdMember {
     return this.model.opts;
   }
 
-  private async read<T>(what: string, kind: 'backend' | 'raft' | 'memory', fn: (m: ModelMember) => T, hooks: RetryHooks = {}, attempts = this.o.retry.attempts, timeout = this.o.requestTimeout): Promise<T> {
+  private async read<T>(what: string, kind: 'backend' | 'raft' | 'memory', fn: (m: ModelMember) => T, hooks: RetryHooks = {}, attempts = this.o.retry.attempts, timeout = this.o.requestTimeout, detail?: string): Promise<T> {
     const clock = this.owner.clock();
     for (let i = 1; ; i++) {
       try {
-        return await this.model.request(this.owner, this.endpoint, timeout, kind, fn);
+        return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, false, what, detail);
       } catch (err) {
         const e = describe(err, what, this.endpoint);
         if (e.permanent || i >= attempts || hooks.signal?.aborted) throw e;
@@ -651,7 +669,7 @@ export class ModelClient implements EtcdMember {
 
   private async once<T>(what: string, kind: 'backend' | 'raft' | 'memory' | 'keepalive', fn: (m: ModelMember) => T, timeout = this.o.requestTimeout): Promise<T> {
     try {
-      return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, true);
+      return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, true, what);
     } catch (err) {
       throw describe(err, what, this.endpoint);
     }
@@ -663,7 +681,7 @@ export class ModelClient implements EtcdMember {
 
   async probe(timeoutMs: number): Promise<MemberStatus | Error> {
     try {
-      return await this.model.request(this.owner, this.endpoint, timeoutMs, 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }));
+      return await this.model.request(this.owner, this.endpoint, timeoutMs, 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }), false, 'probe');
     } catch (err) {
       return describe(err, 'status', this.endpoint);
     }
@@ -714,7 +732,7 @@ export class ModelClient implements EtcdMember {
   }
 
   range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
-    return this.read('range', 'raft', () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }), hooks, attempts);
+    return this.read('range', 'raft', () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }), hooks, attempts, undefined, prefix);
   }
 
   get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
@@ -746,7 +764,7 @@ export class ModelClient implements EtcdMember {
   serverMetrics(timeoutMs = this.o.requestTimeout): Promise<ServerMetrics> {
     return this.model.request(this.owner, this.endpoint, timeoutMs, 'metrics', (m) => ({
       quotaBytes: this.o.quotaBytes, defragInflight: m.defragEndsAt !== undefined, version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
-    })).catch((err: unknown) => {
+    }), false, 'metrics').catch((err: unknown) => {
       throw describe(err, 'metrics', this.endpoint);
     });
   }

@@ -2,116 +2,44 @@
 // freezes, kills and restarts, lost replies, slow and timed-out defragments, NOSPACE raised and
 // cleared, leader changes, daemons killed, paused and restarted. Checked after every step: never two
 // members defragmenting at once, never a Defragment sent to a member still defragmenting, the halt
-// obeyed, no turn left held by nobody (see Sim.step and EtcdModel.startDefrag). Once the faults stop,
-// every member that needs it is defragmented (liveness).
+// obeyed, no turn left held by nobody (Sim.step and EtcdModel.startDefrag). Once the faults stop,
+// every member that needs it is defragmented and NOSPACE is gone (liveness). See scenario.ts.
 //
-// A failure prints fast-check's seed and path. Replay exactly that schedule with:
+// The schedules run in worker threads (one per core, at most 2), each with its own fast-check seed.
+// A failure prints that seed and the counterexample path; replay exactly that schedule with:
 //   MODEL_SEED=<seed> MODEL_PATH=<path> node --import tsx --test test/model/schedules.test.ts
-// More or fewer schedules: MODEL_RUNS=<n> (default 40: one schedule takes about 1-2 s, see the commit).
+// MODEL_RUNS=<n> sets the number of schedules (all workers together).
 import assert from 'node:assert/strict';
+import { availableParallelism } from 'node:os';
 import { it } from 'node:test';
-import fc from 'fast-check';
-import { Sim, type Proc } from './sim.ts';
+import { Worker } from 'node:worker_threads';
 
-const RUNS = Number(process.env.MODEL_RUNS ?? 40);
-const PART = process.env.MODEL_PART ?? '';
+const RUNS = Number(process.env.MODEL_RUNS ?? 400);
 
-type Step =
-  | { t: 'wait'; ms: number }
-  | { t: 'freeze' | 'thaw' | 'kill' | 'restart' | 'fragment' | 'nospace' | 'lose'; m: number }
-  | { t: 'slow'; m: number; ms: number }
-  | { t: 'killDaemon' | 'startDaemon' | 'pauseDaemon' | 'resumeDaemon' | 'once'; m: number }
-  | { t: 'leader' | 'disarm' | 'trigger' };
+interface Report { count: number; seed: number; failed: boolean; path?: string; report: string }
 
-const member = fc.integer({ min: 0, max: 4 });
-const step: fc.Arbitrary<Step> = fc.oneof(
-  { weight: 6, arbitrary: fc.record({ t: fc.constant('wait' as const), ms: fc.integer({ min: 100, max: 15_000 }) }) },
-  { weight: 2, arbitrary: fc.record({ t: fc.constantFrom('freeze' as const, 'thaw' as const, 'kill' as const, 'restart' as const, 'fragment' as const, 'lose' as const), m: member }) },
-  { weight: 1, arbitrary: fc.record({ t: fc.constant('nospace' as const), m: member }) },
-  { weight: 1, arbitrary: fc.record({ t: fc.constant('slow' as const), m: member, ms: fc.integer({ min: 500, max: 40_000 }) }) },
-  { weight: 2, arbitrary: fc.record({ t: fc.constantFrom('killDaemon' as const, 'startDaemon' as const, 'pauseDaemon' as const, 'resumeDaemon' as const, 'once' as const), m: member }) },
-  { weight: 1, arbitrary: fc.record({ t: fc.constantFrom('leader' as const, 'disarm' as const, 'trigger' as const) }) },
-);
-
-const scenario = fc.record({
-  members: fc.integer({ min: 3, max: 5 }),
-  leader: fc.constantFrom('transfer' as const, 'last' as const),
-  seed: fc.integer({ min: 1, max: 2 ** 31 - 1 }),
-  steps: fc.array(step, { minLength: 1, maxLength: 14 }),
-});
-
-type Scenario = typeof scenario extends fc.Arbitrary<infer T> ? T : never;
-
-export async function runScenario(s: Scenario): Promise<{ violations: string[]; needing: string[]; sim: Sim }> {
-  const sim = new Sim({ members: s.members, leader: s.leader, seed: s.seed, cronEvery: 20_000, leaseTTL: 3000, requestTimeout: 1000, defragTimeout: 10_000, maxWait: 60_000 });
-  const names = sim.model.members.map((m) => m.name);
-  const daemons = new Map<string, Proc>();
-  const at = (i: number) => names[i % names.length]!;
-  try {
-    for (const n of names) daemons.set(n, sim.startDaemon(n));
-    // Daemons join while writes work (one that is first started during NOSPACE cannot: a known
-    // limit, README "What it cannot do").
-    await sim.run(3000);
-    for (const st of s.steps) {
-      switch (st.t) {
-        case 'wait': await sim.run(st.ms); break;
-        case 'freeze': sim.model.freeze(at(st.m)); break;
-        case 'thaw': sim.model.thaw(at(st.m)); break;
-        case 'kill': sim.model.kill(at(st.m)); break;
-        case 'restart': sim.model.restart(at(st.m)); break;
-        case 'fragment': sim.model.fragment(at(st.m)); break;
-        case 'lose': sim.model.member(at(st.m)).loseReplies += 1; break;
-        case 'nospace': sim.model.fillToQuota(at(st.m)); break;
-        case 'slow': sim.model.member(at(st.m)).defragMs = st.ms; break;
-        case 'leader': sim.model.changeLeader(); break;
-        case 'disarm': sim.model.disarmAll(); break;
-        case 'trigger': for (const d of daemons.values()) d.daemon?.trigger('scheduled'); break;
-        case 'killDaemon': { const d = daemons.get(at(st.m)); if (d?.owner.alive) sim.kill(d); break; }
-        case 'startDaemon': { const d = daemons.get(at(st.m)); if (!d?.owner.alive) daemons.set(at(st.m), sim.startDaemon(at(st.m))); break; }
-        case 'pauseDaemon': daemons.get(at(st.m))?.owner.pause(); break;
-        case 'resumeDaemon': daemons.get(at(st.m))?.owner.resume(); break;
-        case 'once': sim.runOnce(at(st.m), { force: true }); break;
-      }
-      await sim.run(1);
-    }
-    // The faults stop: every member answers, every node has a running daemon, replies arrive.
-    for (const m of sim.model.members) {
-      sim.model.thaw(m.name);
-      sim.model.restart(m.name);
-      m.loseReplies = 0;
-      m.defragMs = Math.min(m.defragMs, 5000);
-    }
-    for (const n of names) {
-      const d = daemons.get(n)!;
-      d.owner.resume();
-      if (!d.owner.alive) daemons.set(n, sim.startDaemon(n));
-    }
-    await sim.run(3 * 60_000);
-    return { violations: sim.model.violations.map((v) => `${new Date(v.at).toISOString()} ${v.what}`), needing: sim.needing(), sim };
-  } finally {
-    sim.dispose();
-  }
+function worker(seed: number, runs: number, path?: string): Promise<Report> {
+  return new Promise((resolve, reject) => {
+    // A worker's own module loader does not see the test's `--import tsx`: register tsx first.
+    const entry = JSON.stringify(new URL('./schedules.worker.ts', import.meta.url).href);
+    const boot = `import('tsx/esm/api').then((t) => { t.register(); return import(${entry}); })`;
+    const w = new Worker(boot, { eval: true, workerData: { seed, runs, path } });
+    w.once('message', (m: Report) => resolve(m));
+    w.once('error', reject);
+    w.once('exit', (code) => code !== 0 && reject(new Error(`model worker exited with ${code}`)));
+  });
 }
 
-it(`${RUNS} random fault schedules keep the turn safe and every member defragmented${PART ? ` (part ${PART})` : ''}`, { timeout: 600_000 }, async () => {
-  const seed = process.env.MODEL_SEED ? Number(process.env.MODEL_SEED) : Date.now() ^ (PART ? Number(PART) * 7919 : 0);
-  const path = process.env.MODEL_PATH;
+it(`${RUNS} random fault schedules keep the turn safe and every member defragmented`, { timeout: 900_000 }, async (t) => {
   const started = Date.now();
-  let runs = 0;
-  const result = await fc.check(fc.asyncProperty(scenario, async (s) => {
-    runs++;
-    const r = await runScenario(s);
-    if (r.violations.length > 0) throw new Error(`safety: ${r.violations.slice(0, 3).join('; ')}`);
-    if (sim_alarm(r.sim)) throw new Error('liveness: the NOSPACE alarm is still raised after the faults stopped');
-    if (r.needing.length > 0 && !r.sim.model.halted()) throw new Error(`liveness: ${r.needing.join(', ')} still need a defragment after the faults stopped`);
-  }), { numRuns: path ? 1 : RUNS, seed, path, endOnFailure: false });
-  const took = Date.now() - started;
-  console.log(`model: ${runs} schedules (seed ${seed}) in ${(took / 1000).toFixed(1)} s`);
-  if (result.failed) {
-    assert.fail(`${fc.defaultReportMessage(result)}\nreplay: MODEL_SEED=${result.seed} MODEL_PATH=${result.counterexamplePath} node --import tsx --test test/model/schedules.test.ts`);
+  const replay = process.env.MODEL_SEED;
+  const seeds = replay ? [Number(replay)] : Array.from({ length: Math.min(2, availableParallelism()) }, (_, i) => (Date.now() + i * 7919) % 2 ** 31);
+  const reports = await Promise.all(seeds.map((seed) => worker(seed, Math.ceil(RUNS / seeds.length), process.env.MODEL_PATH)));
+  const count = reports.reduce((n, r) => n + r.count, 0);
+  const msg = `model: ${count} schedules, seeds ${seeds.join(', ')}, in ${((Date.now() - started) / 1000).toFixed(1)} s`;
+  t.diagnostic(msg);
+  console.log(msg);
+  for (const r of reports) {
+    if (r.failed) assert.fail(`${r.report}\nreplay: MODEL_SEED=${r.seed} MODEL_PATH=${r.path} node --import tsx --test test/model/schedules.test.ts`);
   }
 });
-
-function sim_alarm(sim: Sim): boolean {
-  return sim.model.alarms.some((a) => a.alarm === 'NOSPACE');
-}

@@ -137,6 +137,36 @@ export class Sim {
     return p;
   }
 
+  /** A bare participant of the turn in its own process (what `once` and the daemon build). */
+  newTurn(member: string, opts: { keepSpares?: boolean; tickets?: number } = {}): { turn: Turn; owner: Owner } {
+    const config = this.config(member);
+    const owner = this.clock.owner(`turn-${member}-${++this.seq}`);
+    const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'test', keepSpares: opts.keepSpares, tickets: opts.tickets ?? this.o.tickets ?? 16 },
+      { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.log, clock: owner.clock() });
+    turn.identify(this.model.member(member).id);
+    this.procs.push({ name: owner.name, member, owner, kind: 'once', turn });
+    return { turn, owner };
+  }
+
+  /** Runs simulated time until `done()` or `maxMs` passed. */
+  async until(done: () => boolean, maxMs: number, stepMs = 100): Promise<boolean> {
+    const end = this.clock.now() + maxMs;
+    while (!done() && this.clock.now() < end) await this.run(stepMs);
+    return done();
+  }
+
+  /** Awaits a promise of the simulated world while driving its clock. */
+  async drive<T>(p: Promise<T>, maxMs = 10 * 60_000): Promise<T> {
+    let settled = false;
+    let value: T | undefined;
+    let error: unknown;
+    p.then((v) => { settled = true; value = v; }, (e: unknown) => { settled = true; error = e; });
+    await this.until(() => settled, maxMs);
+    if (!settled) throw new Error(`did not settle within ${maxMs} ms of simulated time`);
+    if (error !== undefined) throw error;
+    return value as T;
+  }
+
   /** SIGKILL: timers and replies to it are dropped; what it sent to etcd goes on there. */
   kill(p: Proc): void {
     p.owner.kill();
