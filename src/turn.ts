@@ -472,9 +472,19 @@ export class Turn {
         return { ok: true, waitedMs: this.deps.clock.now() - started };
       }
       if (me.tickets.length < 2) {
-        await this.refill(me, view.revision).catch((err) => {
-          throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
-        });
+        try {
+          await this.refill(me, view.revision);
+        } catch (err) {
+          // Every turn costs two tickets and NOSPACE refuses refills: a long alarm would leave us
+          // stuck. Move to a spare participant (our member's reserve first), which has fresh ones.
+          if (!/nospace/.test(classify((err as DefragdError).cause ?? err)) || !this.opts.keepSpares) {
+            throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
+          }
+          const old = me.lease;
+          this.lease = await this.claimSpare();
+          this.deps.log.warn({ event: 'turn.tickets', from: old, to: this.lease }, `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`);
+          await this.any('lease revoke', (c) => c.leaseRevoke(BigInt(`0x${old}`).toString())).catch(() => undefined);
+        }
         continue;
       }
       const others = [...view.participants.values()].filter((p) => p.lease !== me.lease && p.tickets.length > 0);
