@@ -331,7 +331,8 @@ export class Turn {
     // Our own lease has its own timer and short deadlines: nothing slower may delay it past the TTL.
     this.renewTimer = this.deps.clock.every(every, () => void this.renew());
     // Spares are renewed apart, all at once, so a member that does not answer delays only them.
-    this.spareTimer = this.deps.clock.every(every, () => void this.renewSpares());
+    // Every live daemon renews them, so half a TTL is enough (a renewal takes at most a third).
+    this.spareTimer = this.deps.clock.every(Math.max(500, Math.floor(this.opts.leaseTTL / 2)), () => void this.renewSpares());
     // Upkeep (spare list, refills, members) is slower work and need not run at renewal pace, but it
     // must pick up spares other daemons created well within their TTL.
     this.maintainTimer = this.deps.clock.every(Math.max(1000, Math.floor(this.opts.leaseTTL / 2)), () => void this.maintain());

@@ -80,6 +80,8 @@ export class FakeClock {
   private t: number;
   private seq = 0;
   private heap: Entry[] = [];
+  /** Timers fired so far (how much work a schedule was). */
+  fired = 0;
   /** Called after every timer that fired (the invariant checks). */
   onStep: (() => void) | undefined;
 
@@ -111,6 +113,7 @@ export class FakeClock {
       this.pop();
       if (e.cancelled) continue;
       this.t = e.at;
+      this.fired++;
       if (e.owner) e.owner.deliver(e.fn);
       else e.fn();
       this.onStep?.();

@@ -421,15 +421,21 @@ export class EtcdModel {
       const finish = (fn: () => void) => {
         if (done) return;
         done = true;
-        deadline.cancel();
-        this.clock.at(this.clock.now() + LATENCY, fn, owner);
+        deadline?.cancel();
+        // Both ways of the round trip on the way back (the request is served when it is sent).
+        this.clock.at(Math.min(this.clock.now() + 2 * LATENCY, sentAt + timeoutMs), fn, owner);
       };
-      const deadline = this.clock.at(this.clock.now() + timeoutMs, () => {
-        if (done) return;
-        done = true;
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(ERR.timeout());
-      }, owner);
+      const sentAt = this.clock.now();
+      // The deadline timer exists only for a request that has to wait (most are served at once).
+      let deadline: { cancel(): void } | undefined;
+      const arm = () => {
+        deadline = this.clock.at(sentAt + timeoutMs, () => {
+          if (done) return;
+          done = true;
+          this.waiters = this.waiters.filter((w) => w !== waiter);
+          reject(ERR.timeout());
+        }, owner);
+      };
       const m = () => this.byId(this.routes.get(endpoint));
       const ready = () => {
         const x = m();
@@ -455,6 +461,7 @@ export class EtcdModel {
           const ms = serving ? 0 : serviceMs(m()!);
           if (ms > 0) {
             serving = true;
+            if (!deadline) arm();
             this.clock.at(this.clock.now() + ms, () => waiter.run());
             return;
           }
@@ -468,12 +475,13 @@ export class EtcdModel {
           const x = m()!;
           if (mutation && x.loseReplies > 0) {
             x.loseReplies--;
+            if (!deadline) arm();
             return; // applied; the reply is lost: the caller's deadline ends it
           }
           finish(() => resolve(value));
         },
       };
-      this.clock.at(this.clock.now() + LATENCY, () => {
+      queueMicrotask(() => {
         if (done) return;
         this.onArrive?.(owner, op, endpoint, detail);
         const x = m();
@@ -482,7 +490,10 @@ export class EtcdModel {
           return;
         }
         if (ready()) waiter.run();
-        else this.waiters.push(waiter);
+        else {
+          arm();
+          this.waiters.push(waiter);
+        }
       });
     });
   }

@@ -239,4 +239,27 @@ describe('issue 10, the nine points, on the etcd model', () => {
       s.dispose();
     }
   });
+  it('point 9b: during NOSPACE the leader hands leadership away even with leader: last, so the spares outlive its defragment', async () => {
+    const s = sim({ seed: 29, leader: 'last', maxWait: 20_000 });
+    try {
+      const leader = s.model.member(s.model.leader!);
+      const other = s.model.members.find((m) => m !== leader)!;
+      for (const m of s.model.members) m.defragMs = 2000;
+      leader.defragMs = 5 * TTL; // longer than the TTL: with the leader defragmenting, keep-alives stall
+      const daemons = new Map(s.model.members.map((m) => [m.name, s.startDaemon(m.name)]));
+      await s.run(3000);
+      // The other member's daemon is down: its member stays over the quota while the leader's goes.
+      s.kill(daemons.get(other.name)!);
+      s.model.fillToQuota(leader.name);
+      s.model.fillToQuota(other.name);
+      await s.until(() => leader.defrags > 0, 5 * 60_000);
+      await s.run(3 * TTL);
+      // Its daemon comes back during the alarm: it must still find a spare to join, and finish the recovery.
+      s.startDaemon(other.name);
+      assert.ok(await s.until(() => s.model.alarms.length === 0, 5 * 60_000), `NOSPACE recovered (alarms ${JSON.stringify(s.model.alarms)}, defrags ${JSON.stringify(s.model.defragLog)})`);
+      assert.deepEqual(s.model.violations, []);
+    } finally {
+      s.dispose();
+    }
+  });
 });

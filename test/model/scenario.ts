@@ -29,7 +29,7 @@ export const scenario = fc.record({
 export type Scenario = typeof scenario extends fc.Arbitrary<infer T> ? T : never;
 
 export async function runScenario(s: Scenario): Promise<{ violations: string[]; needing: string[]; sim: Sim }> {
-  const sim = new Sim({ members: s.members, leader: s.leader, seed: s.seed, cronEvery: 15_000, leaseTTL: 3000, requestTimeout: 1000, defragTimeout: 10_000, maxWait: 60_000 });
+  const sim = new Sim({ members: s.members, leader: s.leader, seed: s.seed, cronEvery: 10_000, leaseTTL: 3000, requestTimeout: 1000, defragTimeout: 10_000, maxWait: 60_000 });
   const names = sim.model.members.map((m) => m.name);
   const daemons = new Map<string, Proc>();
   const at = (i: number) => names[i % names.length]!;
@@ -72,7 +72,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
       d.owner.resume();
       if (!d.owner.alive) daemons.set(n, sim.startDaemon(n));
     }
-    await sim.run(120_000);
+    await sim.run(90_000);
     return { violations: sim.model.violations.map((v) => `${new Date(v.at).toISOString()} ${v.what}`), needing: sim.needing(), sim };
   } finally {
     sim.dispose();
