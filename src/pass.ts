@@ -141,7 +141,10 @@ async function passSteps(run: Run): Promise<PassResult> {
 
   // The leader waits for the others when it cannot (or must not) hand leadership away.
   const isLeader = local.status!.leader === local.id;
-  const leaderGoesLast = isLeader && (c.coordination.leader === 'last' || !transferTarget(view));
+  // During NOSPACE the leader always hands leadership away when it can: a leader defragmenting stalls
+  // every keep-alive, and leases lost then (the spares with them) cannot be granted again.
+  const lastByChoice = c.coordination.leader === 'last' && run.mode !== 'nospace';
+  const leaderGoesLast = isLeader && (lastByChoice || !transferTarget(view));
   if (isLeader && c.coordination.leader === 'transfer' && leaderGoesLast) {
     deps.log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
   }

@@ -218,7 +218,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
     }
   });
 
-  it('point 9: leader: last with a long leader defragment stalls keep-alives; the turn stays safe and NOSPACE is recovered', async () => {
+  it('point 9: leader: last with a long leader defragment stalls keep-alives; the turn stays safe', async () => {
     const s = sim({ seed: 19, leader: 'last' });
     try {
       const leader = s.model.member(s.model.leader!);
@@ -227,18 +227,19 @@ describe('issue 10, the nine points, on the etcd model', () => {
       const daemons = ['m1', 'm2', 'm3'].map((m) => s.startDaemon(m));
       await s.run(3000);
       const leaseOfLeader = daemons.find((d) => d.member === leader.name)!.daemon!.turnState().participant!;
-      for (const m of s.model.members) s.model.fillToQuota(m.name);
-      await s.until(() => s.model.alarms.length === 0 && s.model.members.every((m) => m.defrags > 0), 10 * 60_000);
+      await s.until(() => s.model.members.every((m) => m.defrags > 0), 10 * 60_000);
+      await s.run(2 * TTL);
       assert.deepEqual(s.model.violations, []);
-      assert.deepEqual(s.model.alarms, [], 'NOSPACE recovered');
       assert.equal(s.model.defragLog.at(-1)!.member, leader.name, 'the leader went last');
       assert.equal(s.model.defragLog.length, 3, JSON.stringify(s.model.defragLog));
-      // The stall is real: the leader's daemon lost its lease during its own defragment.
+      // The stall is real: the leader's daemon lost its lease during its own defragment (harmless
+      // outside NOSPACE: it joins again; the next holder's busy check saw the leader defragmenting).
       assert.equal(s.model.leaseAlive(BigInt(`0x${leaseOfLeader}`).toString()), false);
     } finally {
       s.dispose();
     }
   });
+
   it('point 9b: during NOSPACE the leader hands leadership away even with leader: last, so the spares outlive its defragment', async () => {
     const s = sim({ seed: 29, leader: 'last', maxWait: 20_000 });
     try {
