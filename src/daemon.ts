@@ -36,6 +36,8 @@ export interface DaemonDeps {
   pool?: (config: Config) => EtcdPool;
   /** Tickets per participant (the model tests use fewer keys). */
   tickets?: number;
+  /** The model tests share one registry among their many daemons (each new one samples the event loop). */
+  metrics?: Metrics;
 }
 
 type Mode = 'scheduled' | 'nospace';
@@ -55,11 +57,12 @@ export class Daemon {
   private alarmEpisode: { defragged: boolean } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
-  readonly metrics = new Metrics();
+  readonly metrics: Metrics;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
     this.config = config;
+    this.metrics = deps.metrics ?? new Metrics();
     this.pool = this.newPool();
     this.turn = this.newTurn();
   }

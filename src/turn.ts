@@ -60,21 +60,29 @@ export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): T
   for (const kv of kvs) {
     const key = kv.key.toString();
     if (!key.startsWith(base)) continue;
-    const [lease, kind, index] = key.slice(base.length).split('/');
+    // <lease>/<kind>[/<index>]
+    const a = key.indexOf('/', base.length);
+    const lease = key.slice(base.length, a < 0 ? undefined : a);
     if (!lease) continue;
     let p = participants.get(lease);
     if (!p) {
       p = { lease, info: {}, tickets: [], spare: false, holding: false };
       participants.set(lease, p);
     }
-    if (kind === 'info') {
+    if (a < 0) continue;
+    const b = key.indexOf('/', a + 1);
+    const kind = key.slice(a + 1, b < 0 ? undefined : b);
+    if (kind === 't') {
+      const index = b < 0 ? '' : key.slice(b + 1);
+      if (/^\d+$/.test(index)) p.tickets.push(Number(index));
+    } else if (b >= 0) continue;
+    else if (kind === 'info') {
       try {
         p.info = JSON.parse(kv.value.toString()) as ParticipantInfo;
       } catch {
         p.info = {};
       }
     } else if (kind === 'spare') p.spare = true;
-    else if (kind === 't' && index && /^\d+$/.test(index)) p.tickets.push(Number(index));
   }
   for (const p of participants.values()) {
     p.tickets.sort((a, b) => a - b);
@@ -305,15 +313,15 @@ export class Turn {
   }
 
   /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). One at a time. */
-  private ensureSpare(): Promise<void> {
-    this.sparing ??= this.doEnsureSpare().finally(() => {
+  private ensureSpare(view?: TurnView): Promise<void> {
+    this.sparing ??= this.doEnsureSpare(view).finally(() => {
       this.sparing = undefined;
     });
     return this.sparing;
   }
 
-  private async doEnsureSpare(): Promise<void> {
-    const spares = [...(await this.view()).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
+  private async doEnsureSpare(known?: TurnView): Promise<void> {
+    const spares = [...(known ?? await this.view()).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
     const wanted: ('reserve' | 'spare')[] = [];
     if (this.memberId && !spares.some((p) => p.info.memberId === this.memberId)) wanted.push('reserve');
     if (!spares.some((p) => !p.info.memberId)) wanted.push('spare');
@@ -413,7 +421,7 @@ export class Turn {
         await this.release();
       }
       if (me && !this.holdKey && me.tickets.length < Math.min(REFILL_BELOW, this.tickets / 2)) await this.refill(me, view.revision).catch(() => undefined);
-      if (this.opts.keepSpares) await this.ensureSpare().catch(() => undefined);
+      if (this.opts.keepSpares) await this.ensureSpare(view).catch(() => undefined);
     } catch (err) {
       this.deps.log.debug({ event: 'turn.maintain.fail', error: errorMessage(err) }, `turn upkeep failed: ${errorMessage(err)}`);
     } finally {

@@ -14,7 +14,7 @@ import { availableParallelism } from 'node:os';
 import { it } from 'node:test';
 import { Worker } from 'node:worker_threads';
 
-const RUNS = Number(process.env.MODEL_RUNS ?? 400);
+const RUNS = Number(process.env.MODEL_RUNS ?? 150);
 
 interface Report { count: number; seed: number; failed: boolean; path?: string; report: string }
 

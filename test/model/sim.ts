@@ -2,6 +2,7 @@
 // it, fault steps, and the invariants checked after every step.
 import { loadConfig, type Config } from '../../src/config.ts';
 import { Daemon } from '../../src/daemon.ts';
+import { Metrics } from '../../src/metrics.ts';
 import { silentLogger, type Log } from '../../src/log.ts';
 import { haltKey, fuseKey, runPass, type PassResult } from '../../src/pass.ts';
 import { decide } from '../../src/policy.ts';
@@ -50,6 +51,9 @@ export function prng(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+/** One registry for every simulated daemon: a Metrics starts an event-loop monitor that is never stopped. */
+let sharedMetrics: Metrics | undefined;
 
 export class Sim {
   readonly clock = new FakeClock();
@@ -102,7 +106,7 @@ export class Sim {
     const clock = owner.clock();
     const every = this.o.cronEvery ?? 60_000;
     const daemon = new Daemon(config, {
-      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16,
+      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics()),
       pool: () => this.model.pool(owner),
       scheduler: (_cron, _tz, fn) => {
         const t = clock.every(every, fn);
