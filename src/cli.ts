@@ -20,8 +20,10 @@ Usage:
   etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics
   etcd-defragd once           one gated pass now (exit 0 done or not needed, 75 skipped, 1 failed)
       --dry-run               decide and report, change nothing
-      --force                 defragment even when not needed (policy.force)
-  etcd-defragd status         show the cluster as etcd-defragd sees it
+      --force                 defragment even when not needed (policy.force); the only
+                              voting member of a cluster still needs policy.singleMember
+  etcd-defragd status         show the cluster as etcd-defragd sees it: sizes, each member's
+                              quota (from etcd) and whether it is defragmenting now
       --json                  as JSON
   etcd-defragd check-config   validate the config and print the effective values
 
