@@ -347,16 +347,18 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<str
   const markText = `${formatBytes(mark)} (${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quota)}, less 1MiB)`;
   const latest = local.status!.revision;
   let inUse = local.status!.dbSizeInUse;
-  if (inUse < mark) {
-    log.info({ event: 'compact.skip', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) }, `no compaction needed: member ${local.hex} has ${formatBytes(inUse)} in use, under ${markText}`);
-    return undefined;
-  }
+  // Step 1 frees what the API server would have freed had it been able to run; it always runs.
+  // Step 2 (no history kept: every watcher relists) only when the member is still over the mark.
   const steps: { name: string; revision: bigint }[] = [];
   const kept = keepHistoryRevision(deps, latest);
   if (kept.revision !== undefined) steps.push({ name: `keep ${kept.what}`, revision: kept.revision });
-  else log.info({ event: 'compact.history', member: local.hex }, `NOSPACE compaction: ${kept.what}; compacting to the latest revision ${latest}`);
+  else log.info({ event: 'compact.history', member: local.hex }, `NOSPACE compaction: ${kept.what}`);
   steps.push({ name: 'keep no history', revision: latest });
   for (const step of steps) {
+    if (step.revision === latest && inUse < mark) {
+      log.info({ event: 'compact.enough', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) }, `no compaction to the latest revision needed: member ${local.hex} has ${formatBytes(inUse)} in use, under ${markText}`);
+      return undefined;
+    }
     const t0 = deps.clock.now();
     // Status' in-use size lags a compaction by a backend commit or two: pages freed by the last
     // commit stay pending until the next write, and NOSPACE refuses writes (seen on 3.4.23 and
@@ -369,29 +371,32 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<str
     }
     const after = (await client.status({ log, signal: deps.signal }, 2)).dbSizeInUse;
     const fields = { event: 'compact', member: local.hex, step: step.name, revision: step.revision.toString(), inUseBefore: inUse, inUseAfter: after, markBytes: Math.floor(mark), tookMs: deps.clock.now() - t0 };
-    const enough = after < mark;
-    log.info(fields, `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${enough ? 'under' : 'still over'} ${markText}`);
+    log.info(fields, `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`);
     inUse = after;
-    if (enough) return undefined;
+    if (after < mark) return undefined;
   }
   log.warn({ event: 'compact.insufficient', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
     `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: live data fills the quota, which neither compaction nor defragmentation can fix (defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data`);
   return undefined;
 }
 
-/** The revision seen nospace.keepHistory ago, or the documented fallback when none is that old. */
+/**
+ * The revision seen nospace.keepHistory before the latest revision was reached (NOSPACE stops the
+ * revision, so every holder during one alarm finds the same one), or the documented fallback.
+ */
 function keepHistoryRevision(deps: PassDeps, latest: bigint): { revision?: bigint; what: string } {
   const keep = deps.config.nospace.keepHistory;
   const now = deps.clock.now();
-  const old = deps.revisions?.atOrBefore(now - keep);
-  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(now - old.at)} ago)` };
-  if (old) return { what: `the revision seen ${formatDuration(keep)} ago is the latest (${latest}): no history to keep` };
-  // Rule: without a sample that old (the daemon started less than keepHistory ago), keep what
-  // this daemon has seen, from its oldest sample on; without any older one, keep none.
+  const reached = deps.revisions?.reachedAt(latest) ?? now;
+  const old = deps.revisions?.atOrBefore(reached - keep);
+  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reached - old.at)} before the revision stopped at ${latest})` };
+  if (old) return { what: `no revision older than the latest (${latest}) within nospace.keepHistory (${formatDuration(keep)}): no history to keep` };
+  // Rule: without a sample that old (the daemon started less than keepHistory before the alarm),
+  // keep what this daemon has seen, from its oldest sample on; without any older one, keep none.
   const oldest = deps.revisions?.oldest();
   if (oldest && oldest.revision < latest) {
     deps.log.info({ event: 'compact.history', revision: oldest.revision.toString(), seenMsAgo: now - oldest.at }, `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`);
-    return { revision: oldest.revision, what: `${formatDuration(now - oldest.at)} of history (oldest revision this daemon saw, ${oldest.revision})` };
+    return { revision: oldest.revision, what: `the history this daemon saw (since revision ${oldest.revision}, ${formatDuration(now - oldest.at)} ago)` };
   }
   return { what: `no revision older than the latest was seen since this daemon started, so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept` };
 }
