@@ -37,7 +37,7 @@ export class Daemon {
   private lastView: ClusterView | undefined;
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean } | undefined;
+  private alarmEpisode: { defragged: boolean; since: number } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
   readonly metrics = new Metrics();
@@ -175,7 +175,7 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
+      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
       if (result.check === 'integrity') this.halted = result.reason;
@@ -217,7 +217,7 @@ export class Daemon {
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
     else {
-      this.alarmEpisode ??= { defragged: false };
+      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
