@@ -9,7 +9,10 @@ import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
+import { RevisionLog } from './history.ts';
+import { inspect } from './inspect.ts';
 import { armHaltFuse, runPass, type HashKVFn, type PassResult } from './pass.ts';
+import { quotaMismatch } from './policy.ts';
 import { Turn } from './turn.ts';
 
 /** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
@@ -54,10 +57,12 @@ export class Daemon {
   private readonly abort = new AbortController();
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean } | undefined;
+  private alarmEpisode: { defragged: boolean; since: number } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
   readonly metrics: Metrics;
+  /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
+  private readonly revisions: RevisionLog;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
@@ -65,6 +70,7 @@ export class Daemon {
     this.metrics = deps.metrics ?? new Metrics();
     this.pool = this.newPool();
     this.turn = this.newTurn();
+    this.revisions = new RevisionLog(config.nospace.keepHistory);
   }
 
   private newPool(): EtcdPool {
@@ -97,6 +103,7 @@ export class Daemon {
     log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.nextRun()?.toISOString() },
       `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRun()?.toISOString() ?? 'never'}`);
     void this.join();
+    void this.checkQuota();
     this.nospaceTimer = this.deps.clock.every(c.nospace.checkInterval, () => void this.checkAlarms());
     if (c.schedule.runOnStart) this.trigger('scheduled');
     else void this.checkAlarms();
@@ -111,6 +118,21 @@ export class Daemon {
       await armHaltFuse(this.pool, this.config);
     } catch (err) {
       this.deps.log.warn({ event: 'turn.register.fail', error: errorMessage(err) }, `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`);
+    }
+  }
+
+  /** At start: say which quota each run will judge the local member by, and warn on a mismatch. */
+  private async checkQuota(): Promise<void> {
+    const c = this.config;
+    try {
+      const view = await inspect(this.pool, c.etcd.endpoint, { log: this.deps.log, signal: this.abort.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
+      const local = view.local;
+      const mismatch = quotaMismatch(local);
+      if (mismatch) this.deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
+      else if (local.quotaBytes === undefined) this.deps.log.warn({ event: 'quota.unknown', member: local.hex }, local.quotaError ?? 'the quota of the local member is unknown');
+      else this.deps.log.info({ event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource }, `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`);
+    } catch (err) {
+      this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }
   }
 
@@ -161,8 +183,10 @@ export class Daemon {
       if (!this.turn.joined()) await this.join();
       result = await runPass({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
+        revisions: this.revisions,
         seen: (v) => {
-          this.metrics.recordView(v, this.config.policy.quotaBytes);
+          if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
+          this.metrics.recordView(v);
           this.metrics.recordAlarms(v.alarms);
           this.turn.identify(v.local.id);
         },
@@ -173,7 +197,7 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
+      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
       if (result.check === 'integrity') this.halted = result.reason;
@@ -199,7 +223,7 @@ export class Daemon {
     if (this.stopping) return;
     let alarms;
     try {
-      alarms = await this.pool.get(this.config.etcd.endpoint).alarms({ signal: this.abort.signal });
+      alarms = await this.alarmsAndRevision();
     } catch (err) {
       this.deps.log.warn({ event: 'alarm.check.fail', error: errorMessage(err) }, `cannot read the alarm list: ${errorMessage(err)}`);
       return;
@@ -211,10 +235,18 @@ export class Daemon {
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
     else {
-      this.alarmEpisode ??= { defragged: false };
+      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
+  }
+
+  /** The alarm list, and a sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory). */
+  private async alarmsAndRevision() {
+    const c = this.pool.get(this.config.etcd.endpoint);
+    const alarms = await c.alarms({ signal: this.abort.signal });
+    await c.revision({ signal: this.abort.signal }, 1).then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
+    return alarms;
   }
 
   /** SIGHUP: a bad new config is rejected with its error and the old one kept. */
@@ -229,6 +261,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
+    this.revisions.setKeep(next.nospace.keepHistory);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);

@@ -708,6 +708,11 @@ export class ModelClient implements EtcdMember {
     return this.read('alarm list', 'raft', () => this.model.alarms.map((a) => ({ ...a })), hooks);
   }
 
+  // A serializable count-only read: answered by the member itself (blocked while it defragments).
+  revision(hooks?: RetryHooks, attempts?: number): Promise<bigint> {
+    return this.read('revision', 'backend', () => this.model.revision, hooks, attempts);
+  }
+
   disarm(alarm: Alarm): Promise<unknown> {
     return this.once('alarm disarm', 'raft', () => this.model.disarm(alarm));
   }
@@ -734,8 +739,8 @@ export class ModelClient implements EtcdMember {
     }, hooks, attempts, timeoutMs);
   }
 
-  compact(revision: bigint): Promise<unknown> {
-    return this.once('compact', 'raft', () => this.model.compact(revision));
+  compact(revision: bigint, _physical = false, timeoutMs = this.o.requestTimeout): Promise<unknown> {
+    return this.once('compact', 'raft', () => this.model.compact(revision), timeoutMs);
   }
 
   linearizableRead(_key: string, hooks?: RetryHooks): Promise<unknown> {

@@ -75,12 +75,12 @@ export class Sim {
     const flags: Record<string, unknown> = {
       'etcd.endpoint': 'https://10.0.0.1:2379', 'etcd.dataDir': '', 'etcd.requestTimeout': o.requestTimeout ?? 2000, 'etcd.defragTimeout': o.defragTimeout ?? 20_000,
       'coordination.leaseTTL': o.leaseTTL ?? 6000, 'coordination.maxWait': o.maxWait ?? 120_000, 'coordination.settle': 500, 'coordination.leader': o.leader ?? 'transfer',
-      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, 'nospace.compact': o.compact ?? false,
+      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
       'metrics.listen': '', 'policy.quotaBytes': o.quotaBytes ?? 2048 * MiB, 'policy.minReclaimable': '64MiB', 'log.level': 'silent',
     };
     this.base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config;
     this.model = new EtcdModel(this.clock, {
-      members: o.members ?? 3, quotaBytes: this.base.policy.quotaBytes, retry: this.base.retry, requestTimeout: this.base.etcd.requestTimeout,
+      members: o.members ?? 3, quotaBytes: o.quotaBytes ?? 2048 * MiB, retry: this.base.retry, requestTimeout: this.base.etcd.requestTimeout,
       defragTimeout: this.base.etcd.defragTimeout, haltKeys: [haltKey(this.base)], fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
     });
     this.clock.onStep = () => this.step();
@@ -240,7 +240,7 @@ export class Sim {
 
   /** Members that still need a defragment by the policy (liveness). */
   needing(): string[] {
-    return this.model.members.filter((m) => !m.isLearner && decide(m, this.base.policy).defrag).map((m) => m.name);
+    return this.model.members.filter((m) => !m.isLearner && decide(m, this.base.policy, this.model.opts.quotaBytes).defrag).map((m) => m.name);
   }
 
   rng(): number {
