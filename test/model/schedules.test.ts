@@ -14,9 +14,9 @@ import { availableParallelism } from 'node:os';
 import { it } from 'node:test';
 import { Worker } from 'node:worker_threads';
 
-const RUNS = Number(process.env.MODEL_RUNS ?? 150);
+const RUNS = Number(process.env.MODEL_RUNS ?? 100);
 
-interface Report { count: number; seed: number; failed: boolean; path?: string; report: string }
+interface Report { count: number; seed: number; failed: boolean; path?: string; report: string; cpuMs: number; coverage: Record<string, number> }
 
 function worker(seed: number, runs: number, path?: string): Promise<Report> {
   return new Promise((resolve, reject) => {
@@ -36,7 +36,10 @@ it(`${RUNS} random fault schedules keep the turn safe and every member defragmen
   const seeds = replay ? [Number(replay)] : Array.from({ length: Math.min(2, availableParallelism()) }, (_, i) => (Date.now() + i * 7919) % 2 ** 31);
   const reports = await Promise.all(seeds.map((seed) => worker(seed, Math.ceil(RUNS / seeds.length), process.env.MODEL_PATH)));
   const count = reports.reduce((n, r) => n + r.count, 0);
-  const msg = `model: ${count} schedules, seeds ${seeds.join(', ')}, in ${((Date.now() - started) / 1000).toFixed(1)} s`;
+  const cpuMs = reports.reduce((n, r) => n + r.cpuMs, 0);
+  const cov: Record<string, number> = {};
+  for (const r of reports) for (const [k, v] of Object.entries(r.coverage)) cov[k] = (cov[k] ?? 0) + v;
+  const msg = `model: ${count} schedules, seeds ${seeds.join(', ')}, in ${((Date.now() - started) / 1000).toFixed(1)} s (${(cpuMs / Math.max(1, count)).toFixed(0)} ms CPU each); exercised: ${JSON.stringify(cov)}`;
   t.diagnostic(msg);
   console.log(msg);
   for (const r of reports) {
