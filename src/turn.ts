@@ -538,22 +538,14 @@ export class Turn {
 
   /**
    * The fence before the point of no return. Says why a defragment must not be sent now, or
-   * undefined: a keep-alive of our lease succeeds now, the turn is still ours in etcd, `check`
-   * (a fresh look at every member) passes, and all that took less than a third of the TTL - so
-   * the lease outlives the send by two thirds of a TTL at least.
+   * undefined: the turn is still ours in etcd, `check` (a fresh look at every member) passes, and
+   * then a keep-alive of our lease succeeds within a third of the TTL - so the lease outlives the
+   * send by two thirds of a TTL at least, however long the process was paused before.
    */
   async fence(check: () => Promise<string | undefined>): Promise<string | undefined> {
     const key = this.holdKey;
     const lease = this.lease;
     if (!key || !lease) return `lost the cluster-wide turn (${this.trouble || 'our lease is gone'})`;
-    const sent = this.deps.clock.now();
-    let ttl: number;
-    try {
-      ttl = await this.renewLease(lease);
-    } catch (err) {
-      return `no keep-alive of our lease succeeds (${errorMessage(err)})`;
-    }
-    if (ttl <= 0 || this.lease !== lease) return `lost the cluster-wide turn: lease ${lease} expired`;
     let present: boolean;
     try {
       const res = await this.any('check turn', (c) => c.range(key, undefined, 1));
@@ -564,8 +556,17 @@ export class Turn {
     if (!present) return 'lost the cluster-wide turn: our ticket is gone';
     const busy = await check();
     if (busy) return busy;
+    // Last: the keep-alive, timed from its send. Nothing else runs between it and the Defragment.
+    const sent = this.deps.clock.now();
+    let ttl: number;
+    try {
+      ttl = await this.renewLease(lease);
+    } catch (err) {
+      return `no keep-alive of our lease succeeds (${errorMessage(err)})`;
+    }
+    if (ttl <= 0 || this.lease !== lease || this.holdKey !== key) return `lost the cluster-wide turn: lease ${lease} expired`;
     const age = this.deps.clock.now() - sent;
-    if (age > this.opts.leaseTTL / 3) return `the checks took ${age} ms, more than a third of coordination.leaseTTL since our last keep-alive`;
+    if (age > this.opts.leaseTTL / 3) return `the keep-alive took ${age} ms, more than a third of coordination.leaseTTL`;
     return undefined;
   }
 
