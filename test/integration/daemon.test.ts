@@ -14,7 +14,13 @@ const NEVER = '0 0 1 1 *'; // scheduled runs must not interfere: runs come from 
 async function startAll(cluster: Cluster, overrides: Overrides, env: Record<string, string> = {}): Promise<CliProcess[]> {
   // Write every config first so the three processes start at the same instant.
   const daemons = cluster.members.map((m) => startDaemon(cluster, m, overrides, env));
-  await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'daemon.start', 30_000)));
+  try {
+    await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'daemon.start', 30_000)));
+  } catch (err) {
+    // Not started in time (a loaded machine): stop them, or they run on into the next test's cluster state.
+    await stopAll(daemons).catch(() => undefined);
+    throw err;
+  }
   return daemons;
 }
 
