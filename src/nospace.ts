@@ -4,7 +4,7 @@ import type { Config } from './config.ts';
 import type { Alarm, EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { haltKey } from './pass.ts';
+import { fuseBlown, fuseKey, haltKey } from './pass.ts';
 import type { Log } from './log.ts';
 import { NEAR_QUOTA_MIN_RECLAIM, hexId, memberLabel, voting, type MemberView } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
@@ -28,6 +28,11 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
   const halt = await deps.pool.get(c.etcd.endpoint).get(haltKey(c), { log });
+  // A mismatch found during NOSPACE is recorded by deleting the halt fuse (the halt key's put is refused).
+  if (halt === undefined && (await fuseBlown(deps.pool.get(c.etcd.endpoint), c, { log })).blown) {
+    log.error({ event: 'nospace.blocked', reason: 'halt' }, `NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm (${fuseKey(c)} was deleted); check the members first`);
+    return 'blocked';
+  }
   if (halt !== undefined) {
     log.error({ event: 'nospace.blocked', reason: 'halt' }, `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${haltKey(c)}); check the members first`);
     return 'blocked';

@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
-import { classify, type EtcdMember, type EtcdPool, type MemberStatus } from './etcd.ts';
+import { classify, type EtcdMember, type EtcdPool, type MemberStatus, type RetryHooks } from './etcd.ts';
 import type { ICompare, IRequestOp } from 'etcd3';
 import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import type { RevisionLog } from './history.ts';
@@ -255,20 +255,30 @@ export async function armHaltFuse(pool: EtcdPool, c: Config): Promise<void> {
   await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
 }
 
+/** Is the halt fuse blown (armed, and its key deleted)? */
+export async function fuseBlown(client: EtcdMember, c: Config, hooks: RetryHooks = {}): Promise<{ blown: boolean; armed: boolean }> {
+  const [fuse, armed] = await Promise.all([client.get(fuseKey(c), hooks), client.get(fuseArmedKey(c), hooks)]);
+  return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
+}
+
 async function readHalt(deps: PassDeps): Promise<string | undefined> {
   const key = haltKey(deps.config);
   const client = deps.pool.get(deps.config.etcd.endpoint);
   const value = await client.get(key, { log: deps.log, signal: deps.signal });
+  // A dry run (no turn) writes nothing: it neither arms the fuse nor turns a blown one into the key.
+  const writes = deps.turn !== undefined;
   if (value === undefined) {
-    const [fuse, armed] = await Promise.all([client.get(fuseKey(deps.config), { log: deps.log, signal: deps.signal }), client.get(fuseArmedKey(deps.config), { log: deps.log, signal: deps.signal })]);
-    if (armed === undefined) {
-      await armHaltFuse(deps.pool, deps.config);
+    const fuse = await fuseBlown(client, deps.config, { log: deps.log, signal: deps.signal });
+    if (!fuse.armed) {
+      if (writes) await armHaltFuse(deps.pool, deps.config);
       return undefined;
     }
-    if (fuse !== undefined) return undefined;
+    if (!fuse.blown) return undefined;
     const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
-    await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
-      [putOp(key, JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+    if (writes) {
+      await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
+        [putOp(key, JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+    }
     return `defragmentation is halted: ${reason}; after checking the members, resume with: etcdctl del ${key}`;
   }
   let what = value;
