@@ -24,6 +24,12 @@ export interface DaemonDeps {
 
 type Mode = 'scheduled' | 'nospace';
 
+/**
+ * Revision samples are kept keepHistory plus this long: a recovery that starts within it still
+ * finds the revision keepHistory before the alarm (a sample every checkInterval: ~400 at 10s).
+ */
+const REVISION_LOG_SLACK = 3_600_000;
+
 export class Daemon {
   private config: Config;
   private pool: ClientPool;
@@ -49,7 +55,7 @@ export class Daemon {
     this.config = config;
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
-    this.revisions = new RevisionLog(config.nospace.keepHistory);
+    this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
   }
 
   private newTurn(): Turn {
@@ -250,7 +256,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
-    this.revisions.setKeep(next.nospace.keepHistory);
+    this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
