@@ -459,7 +459,9 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
     }
   }
-  if (c.coordination.settle > 0) await deps.clock.sleep(c.coordination.settle, deps.signal);
+  // The settle pause lets the write load recover before the next member goes down. During NOSPACE
+  // etcd refuses writes anyway, and every second of it is a second the API server cannot write.
+  if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
     reason: `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
