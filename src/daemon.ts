@@ -45,6 +45,12 @@ export interface DaemonDeps {
 
 type Mode = 'scheduled' | 'nospace';
 
+/**
+ * Revision samples are kept keepHistory plus this long: a recovery that starts within it still
+ * finds the revision keepHistory before the alarm (a sample every checkInterval: ~400 at 10s).
+ */
+const REVISION_LOG_SLACK = 3_600_000;
+
 export class Daemon {
   private config: Config;
   private pool: EtcdPool;
@@ -62,7 +68,7 @@ export class Daemon {
   private halted: string | undefined;
   readonly metrics: Metrics;
   /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
-  private readonly revisions: RevisionLog;
+  private revisions: RevisionLog;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
@@ -70,7 +76,7 @@ export class Daemon {
     this.metrics = deps.metrics ?? new Metrics();
     this.pool = this.newPool();
     this.turn = this.newTurn();
-    this.revisions = new RevisionLog(config.nospace.keepHistory);
+    this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
   }
 
   private newPool(): EtcdPool {
@@ -223,30 +229,34 @@ export class Daemon {
     if (this.stopping) return;
     let alarms;
     try {
-      alarms = await this.alarmsAndRevision();
+      alarms = await this.localAlarms();
     } catch (err) {
       this.deps.log.warn({ event: 'alarm.check.fail', error: errorMessage(err) }, `cannot read the alarm list: ${errorMessage(err)}`);
       return;
     }
     this.metrics.recordAlarms(alarms);
+    // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory), always from
+    // the local member, so that a revision going back means a restore and not a lagging member.
+    await this.pool.get(this.config.etcd.endpoint).revision({ signal: this.abort.signal }, 1)
+      .then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
       this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
     }
-    if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
-    else {
+    if (!alarms.some((a) => a.alarm === 'NOSPACE')) {
+      this.alarmEpisode = undefined;
+      this.revisions.hold(undefined);
+    } else {
       this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
+      this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
   }
 
-  /** The alarm list, and a sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory). */
-  private async alarmsAndRevision() {
-    const c = this.pool.get(this.config.etcd.endpoint);
-    const alarms = await c.alarms({ signal: this.abort.signal });
-    await c.revision({ signal: this.abort.signal }, 1).then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
-    return alarms;
+  /** The alarm list, from the local member (the turn keeps the other members' endpoints). */
+  private localAlarms() {
+    return this.pool.get(this.config.etcd.endpoint).alarms({ signal: this.abort.signal });
   }
 
   /** SIGHUP: a bad new config is rejected with its error and the old one kept. */
@@ -261,7 +271,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
-    this.revisions.setKeep(next.nospace.keepHistory);
+    this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
@@ -285,6 +295,8 @@ export class Daemon {
     this.reconnectPending = false;
     const oldTurn = this.turn;
     const oldPool = this.pool;
+    // Another endpoint may be another cluster: its revisions are not ours.
+    this.revisions = new RevisionLog(this.config.nospace.keepHistory + REVISION_LOG_SLACK);
     this.pool = this.newPool();
     this.turn = this.newTurn();
     void oldTurn.close().finally(() => oldPool.close());

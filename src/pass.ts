@@ -10,7 +10,7 @@ import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
 import type { Turn } from './turn.ts';
 import { formatBytes, formatDuration, formatPercent } from './units.ts';
 
@@ -80,6 +80,7 @@ function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
 interface Run {
   deps: PassDeps;
   opts: PassOptions;
+  /** A NOSPACE run whose alarm is gone by the time it looks becomes a scheduled one. */
   mode: NonNullable<PassOptions['mode']>;
   started: number;
   decideFor(m: MemberView): Decision;
@@ -91,18 +92,18 @@ type TurnStepsEnd = PassResult | 'leader-goes-last';
 
 export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<PassResult> {
   const { config: c, log } = deps;
-  const mode = opts.mode ?? 'once';
   const run: Run = {
-    deps, opts, mode, started: deps.clock.now(),
-    // A member whose quota could not be read is judged on fragmentation alone (quota 0).
-    decideFor: (m) => (mode === 'nospace' ? decideNoSpace(m.status!, c, m.quotaBytes ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
+    deps, opts, mode: opts.mode ?? 'once', started: deps.clock.now(),
+    // A member whose quota could not be read is judged on fragmentation alone (quota 0). During
+    // NOSPACE the member's own quota counts when it is lower than the configured one.
+    decideFor: (m) => (run.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
     look: async () => {
       const v = await inspect(deps.pool, c.etcd.endpoint, { log, signal: deps.signal }, { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes });
       deps.seen?.(v);
       return v;
     },
   };
-  log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
+  log.info({ event: 'run.start', mode: run.mode, dryRun: Boolean(opts.dryRun) }, `run started (${run.mode}${opts.dryRun ? ', dry run' : ''})`);
   return finish(deps, run.started, await passSteps(run));
 }
 
@@ -116,6 +117,12 @@ async function passSteps(run: Run): Promise<PassResult> {
   } catch (err) {
     if (err instanceof DefragdError && !err.permanent) return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
     throw err;
+  }
+
+  // A recovery run queued while another daemon disarmed: nothing to recover, run as scheduled.
+  if (run.mode === 'nospace' && !view.alarms.some((a) => a.alarm === 'NOSPACE')) {
+    deps.log.info({ event: 'nospace.gone' }, 'the NOSPACE alarm is gone: running as a scheduled run');
+    run.mode = 'scheduled';
   }
 
   // an integrity mismatch anywhere halts every daemon until an operator has looked
@@ -192,7 +199,7 @@ async function withTurn(run: Run, view: ClusterView, leaderGoesLast: boolean): P
 
 /** With the turn in hand: halt again, busy, look again, decide again, leader, compact, fence, defragment. */
 async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, waitUntil: number): Promise<TurnStepsEnd> {
-  const { deps, opts, mode } = run;
+  const { deps, opts } = run;
   const c = deps.config;
   const turn = deps.turn!;
   // A halt written while we waited for the turn (by the holder before us) stops us too.
@@ -206,6 +213,9 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   view = await gateSettled(deps, await run.look(), run.look);
   const again = healthGate(view, c);
   if (again) return skip(again.reason, { check: again.check, member: again.member, view });
+  if (view.local.quotaBytes === undefined && (run.mode === 'nospace' || !(opts.force || c.policy.force))) {
+    return skip(view.local.quotaError ?? `the quota of member ${memberLabel(view.local)} is unknown`, { check: 'quota', member: view.local.hex, view });
+  }
   const fresh = run.decideFor(view.local);
   if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
 
@@ -219,17 +229,23 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
     if (view.local.status!.leader === view.local.id) return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
   }
 
-  if (mode === 'nospace' && c.nospace.compact) {
+  if (run.mode === 'nospace' && c.nospace.compact) {
+    // Only the holder compacts: make sure we still are one before dropping history.
+    const lost = await turn.fence(async () => undefined);
+    if (lost) return skip(`not compacting: ${lost}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
     const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
     if (stuck) return skip(stuck, { check: 'compact', member: view.local.hex, view });
+    // A compaction can take a while: the cluster must still be healthy before the defragment.
     view = await run.look();
+    const after = healthGate(view, c);
+    if (after) return skip(after.reason, { check: after.check, member: after.member, view });
   }
 
   // The point of no return: a fresh keep-alive, our ticket still there, and a fresh look at every
   // member showing none of them defragmenting, all within a third of the lease TTL.
-  let busyAtFence: string | undefined;
-  const fenced = await turn.fence(async () => (busyAtFence = await busyNow(deps, view)));
-  if (busyAtFence) return skip(busyAtFence, { check: 'busy', member: view.local.hex, view });
+  let busyAtFence: Awaited<ReturnType<typeof busyNow>>;
+  const fenced = await turn.fence(async () => (busyAtFence = await busyNow(deps, view))?.reason);
+  if (busyAtFence) return skip(busyAtFence.reason, { check: busyAtFence.check, member: busyAtFence.member, view });
   if (fenced) return skip(`not defragmenting: ${fenced}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
   return defragmentLocal(deps, view, opts);
 }
@@ -358,10 +374,14 @@ async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (m:
   return `the local member is the leader and goes last; still to defragment: ${pending.map((m) => m.hex).join(', ')}`;
 }
 
-/** Is any voting member defragmenting right now? One look, short deadline. */
-async function busyNow(deps: PassDeps, view: ClusterView): Promise<string | undefined> {
+/** Is any voting member defragmenting (or down) right now? One look, short deadline. */
+async function busyNow(deps: PassDeps, view: ClusterView): Promise<{ reason: string; check: string; member: string } | undefined> {
   const busy = await busyMembers(deps.pool, view, Math.min(deps.config.etcd.requestTimeout, 5000));
-  return busy.length === 0 ? undefined : `${busy[0]!.reason}; not defragmenting a second member at the same time`;
+  const b = busy[0];
+  if (!b) return undefined;
+  return b.down
+    ? { reason: `${b.reason}; not defragmenting with a voting member down`, check: 'status', member: b.member.hex }
+    : { reason: `${b.reason}; not defragmenting a second member at the same time`, check: 'busy', member: b.member.hex };
 }
 
 /** No voting member may be defragmenting when we start: a dead holder's defrag goes on server-side. */
@@ -369,7 +389,8 @@ async function waitNotBusy(deps: PassDeps, view: ClusterView, until: number): Pr
   const probe = Math.min(deps.config.etcd.requestTimeout, 5000);
   let logged = false;
   for (;;) {
-    const busy = await busyMembers(deps.pool, view, probe);
+    // A member that is down is not waited for here: the health gate that follows skips the run.
+    const busy = (await busyMembers(deps.pool, view, probe)).filter((b) => !b.down);
     if (busy.length === 0) return undefined;
     const reason = busy[0]!.reason;
     if (!logged) {
@@ -408,7 +429,8 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt:
   const { config: c, log } = deps;
   const local = view.local;
   const client = deps.pool.get(local.endpoint);
-  const quota = local.quotaBytes!;
+  const quota = enforcedQuota(local);
+  if (quota === undefined) return local.quotaError ?? `the quota of member ${memberLabel(local)} is unknown`;
   const mark = quota * c.nospace.disarmBelow - NEAR_QUOTA_MIN_RECLAIM;
   const markText = `${formatBytes(mark)} (${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quota)}, less 1MiB)`;
   const latest = local.status!.revision;
@@ -432,6 +454,7 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt:
     // read afterwards shows this step (still an upper bound: it never reads too low).
     for (const rev of [step.revision - 2n, step.revision - 1n, step.revision]) {
       if (rev <= 0n) continue;
+      if (deps.signal?.aborted) return 'stopping before the compaction finished';
       const stuck = await compactTo(deps, client, rev);
       if (stuck) return stuck;
     }
@@ -530,7 +553,9 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
     }
   }
-  if (c.coordination.settle > 0) await deps.clock.sleep(c.coordination.settle, deps.signal);
+  // The settle pause lets the write load recover before the next member goes down. During NOSPACE
+  // etcd refuses writes anyway, and every second of it is a second the API server cannot write.
+  if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
     reason: `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
