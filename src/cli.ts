@@ -7,7 +7,7 @@ import { Daemon } from './daemon.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { createLogger, type Log } from './log.ts';
+import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
 import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, type ClusterView } from './policy.ts';
 import { Turn } from './turn.ts';
@@ -165,9 +165,9 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
           decision: m.status ? decide(m.status, loaded.config.policy) : null,
         })),
       }, null, 2);
-      process.stdout.write(`${json}\n`);
+      writeOut(`${json}\n`);
     } else {
-      process.stdout.write(`${statusTable(view, loaded)}\n`);
+      writeOut(`${statusTable(view, loaded)}\n`);
     }
     return EXIT.ok;
   } finally {
@@ -195,14 +195,47 @@ async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.Proces
     log.info({ event: 'daemon.signal', signal: 'SIGHUP' }, 'SIGHUP received: reloading the config');
     daemon.reload();
   });
-  // A bug must not leave a daemon running half-broken: log it and exit 1, systemd restarts us.
-  process.on('unhandledRejection', (err) => {
-    log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
-    process.exit(EXIT.failed);
-  });
+  // A documented debug trigger (docs/operations.md): crash exactly as a bug would, through the same
+  // uncaught-exception path, to check that a crash reaches the journal with its stack and that
+  // systemd restarts the unit. Node's default for SIGQUIT would end the process without a word.
+  process.on('SIGQUIT', () => setImmediate(() => {
+    throw new Error('SIGQUIT received: crashing on purpose to test crash reporting (docs/operations.md)');
+  }));
   await daemon.start();
   await stopped;
   return EXIT.ok;
+}
+
+/**
+ * Machine output (status, check-config, help) goes to stdout, logs to stderr. When stdout itself is
+ * the journal (e.g. `ExecStartPre=etcd-defragd check-config`), each line is stored at info.
+ */
+function writeOut(text: string): void {
+  process.stdout.write(isJournalStream(1, process.env) ? withPriority(PRIORITY.info, text) : text);
+}
+
+/** Set once the logger exists: crashes and Node's warnings then go through it. */
+let processLog: Log | undefined;
+
+/** A bug must not leave a process running half-broken: log it with its stack, exit 1 (systemd restarts a daemon). */
+function crash(err: unknown): never {
+  if (processLog) processLog.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
+  else process.stderr.write(consoleText(process.env, PRIORITY.crit, `etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}`));
+  process.exit(EXIT.failed);
+}
+
+/**
+ * Node prints its warnings itself, unprefixed on stderr, which journald would store at the unit's
+ * SyslogLevel; they go through the logger instead, at warning level with the warning's code.
+ */
+function routeProcessEvents(): void {
+  process.on('uncaughtException', crash);
+  process.on('unhandledRejection', crash);
+  process.removeAllListeners('warning');
+  process.on('warning', (w: Error & { code?: string }) => {
+    if (processLog) processLog.warn({ event: 'node.warning', name: w.name, code: w.code }, `Node.js ${w.name}: ${w.message}`);
+    else process.stderr.write(consoleText(process.env, PRIORITY.warning, `etcd-defragd: Node.js ${w.name}: ${w.message}`));
+  });
 }
 
 export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
@@ -210,15 +243,15 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   try {
     p = parse(argv);
   } catch (err) {
-    process.stderr.write(`etcd-defragd: ${errorMessage(err)}\n`);
+    process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: ${errorMessage(err)}`));
     return EXIT.usage;
   }
   if (p.values.help) {
-    process.stdout.write(`${HELP}\n`);
+    writeOut(`${HELP}\n`);
     return EXIT.ok;
   }
   if (p.values.version) {
-    process.stdout.write(`etcd-defragd ${version()}\n`);
+    writeOut(`etcd-defragd ${version()}\n`);
     return EXIT.ok;
   }
   let loaded: LoadedConfig;
@@ -226,22 +259,23 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     loaded = loadConfig(loadOptions(p, env));
   } catch (err) {
     if (err instanceof UsageError) {
-      process.stderr.write(`etcd-defragd: ${err.message}\n`);
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: ${err.message}`));
       return EXIT.usage;
     }
     if (err instanceof ConfigError) {
-      process.stderr.write(`etcd-defragd: config error: ${err.message}\n`);
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: config error: ${err.message}`));
       return EXIT.config;
     }
     throw err;
   }
   if (p.command === 'check-config') {
-    process.stdout.write(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
+    writeOut(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
     return EXIT.ok;
   }
   // gRPC's own logging is muted unless debugging: its messages repeat ours with less context.
   if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
   const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
+  processLog = log;
   try {
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
@@ -257,12 +291,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
 }
 
 muteIpServernameWarning();
+routeProcessEvents();
 
 main(process.argv.slice(2)).then((code) => {
   // Let stdout drain before exiting (pino writes synchronously to a pipe, but be safe).
   process.exitCode = code;
   setTimeout(() => process.exit(code), 50).unref();
-}, (err: unknown) => {
-  process.stderr.write(`etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}\n`);
-  process.exit(EXIT.failed);
-});
+}, crash);
