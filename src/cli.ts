@@ -153,7 +153,17 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
 async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const pool = new ClientPool(accessFromConfig(loaded.config));
   try {
-    const view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health` });
+    let view: ClusterView;
+    try {
+      view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health` });
+    } catch (err) {
+      // `status --json | jq` must still parse: the failure as JSON on stdout, the log line on stderr.
+      if (p.values.json) {
+        const code = err instanceof DefragdError ? err.code : 'EDD_UNEXPECTED';
+        writeOut(`${JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2)}\n`);
+      }
+      throw err;
+    }
     if (p.values.json) {
       const json = JSON.stringify({
         local: view.local.hex,

@@ -1,5 +1,6 @@
 // Issue 2 acceptance: `once` against real 3-member clusters over mutual TLS, etcd 3.4 and 3.5.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
 import { allDefragEvents, defragEvents, startCluster, type Cluster } from '../harness/cluster.ts';
 import { fill, memberStatus } from '../harness/data.ts';
@@ -88,7 +89,10 @@ for (const version of versionsUnderTest()) {
       assert.equal(table.code, 0, table.stderr);
       for (const m of cluster.members) assert.match(table.stdout, new RegExp(`${m.id}`));
       assert.match(table.stdout, /health: ok/);
-      const json = JSON.parse((await runCli(['status', '--json', '--config', cfg])).stdout);
+      const raw = await runCli(['status', '--json', '--config', cfg]);
+      const jq = spawnSync('jq', ['.'], { input: raw.stdout, encoding: 'utf8' });
+      assert.equal(jq.status, 0, `status --json | jq . failed: ${jq.stderr}\n${raw.stdout}`);
+      const json = JSON.parse(raw.stdout);
       assert.equal(json.members.length, 3);
       assert.equal(json.local, cluster.members[0]!.id);
     });
