@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
-import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
@@ -12,6 +11,7 @@ import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, type ClusterView } from './policy.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
+import { version } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
 
 const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
@@ -89,11 +89,6 @@ function loadOptions(p: Parsed, env: NodeJS.ProcessEnv): LoadOptions {
   if (p.values['log-level'] !== undefined) flags['log.level'] = p.values['log-level'];
   const path = p.values.config ?? env.ETCD_DEFRAGD_CONFIG;
   return { path, pathExplicit: Boolean(path), env, flags };
-}
-
-function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
 }
 
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {

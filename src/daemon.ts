@@ -3,6 +3,7 @@
 import { randomBytes } from 'node:crypto';
 import { createTask, type ScheduledTask } from 'node-cron';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
+import { readControl } from './control.ts';
 import { accessFromConfig, ClientPool, type MemberClient } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
@@ -10,7 +11,9 @@ import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { runPass, type Clock, type HashKVFn, type PassResult } from './pass.ts';
 import type { ClusterView } from './policy.ts';
+import { writeTextfile } from './textfile.ts';
 import { Turn } from './turn.ts';
+import { version } from './version.ts';
 
 export interface DaemonDeps {
   log: Log;
@@ -36,15 +39,21 @@ export class Daemon {
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
   private alarmEpisode: { defragged: boolean } | undefined;
-  /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
+  /**
+   * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
+   * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
+   */
   private halted: string | undefined;
-  readonly metrics = new Metrics();
+  private haltRecorded = false;
+  private textfileTrouble = '';
+  readonly metrics = new Metrics(version());
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
     this.config = config;
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
+    this.metrics.watchTurn(() => this.turn.holding);
   }
 
   private newTurn(): Turn {
@@ -100,8 +109,24 @@ export class Daemon {
   }
 
   private updateNextRun(): void {
-    const next = this.task?.getNextRun();
-    if (next) this.metrics.nextRun.set(next.getTime() / 1000);
+    const [next, after] = this.task?.getNextRuns(2) ?? [];
+    this.metrics.recordSchedule(next, after);
+  }
+
+  /** node_exporter's textfile collector (metrics.textfile): after each run and alarm check. */
+  private async publish(): Promise<void> {
+    const path = this.config.metrics.textfile;
+    if (!path) return;
+    try {
+      await writeTextfile(path, await this.metrics.own.metrics());
+      if (this.textfileTrouble) this.deps.log.info({ event: 'metrics.textfile', path }, `writing ${path} works again`);
+      this.textfileTrouble = '';
+    } catch (err) {
+      const why = errorMessage(err);
+      // Once per kind of trouble, not every alarm check.
+      if (why !== this.textfileTrouble) this.deps.log.warn({ event: 'metrics.textfile.fail', path, error: why }, `cannot write metrics.textfile ${path}: ${why}`);
+      this.textfileTrouble = why;
+    }
   }
 
   /** Starts a run now, or after the current one (never two runs of one daemon at once). */
@@ -131,7 +156,8 @@ export class Daemon {
     const log = this.deps.log.child({ runId });
     let result: PassResult | undefined;
     if (this.halted) {
-      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then restart etcd-defragd`);
+      const how = this.haltRecorded ? 'etcd-defragd resume --integrity-checked' : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
+      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`);
       this.metrics.recordRun('skipped', mode, 'halt');
       return;
     }
@@ -145,7 +171,9 @@ export class Daemon {
           this.metrics.recordAlarms(v.alarms);
           if (!this.turn.leaseId) this.turn.identify(v.local.id);
         },
+        onDefragStart: (member) => this.metrics.defragStarted(member),
         onDefrag: (d) => {
+          this.metrics.defragEnded(d.member);
           this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
           if (d.ok) {
             this.metrics.reclaimed.inc(d.reclaimed);
@@ -155,7 +183,10 @@ export class Daemon {
       }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
-      if (result.check === 'integrity') this.halted = result.reason;
+      if (result.check === 'integrity') {
+        this.halted = result.reason;
+        this.haltRecorded = Boolean(result.haltRecorded);
+      }
     } catch (err) {
       log.error({ event: 'run.fail', mode, error: errorMessage(err) }, `run failed: ${errorMessage(err)}`);
       this.metrics.recordRun('failed', mode);
@@ -175,6 +206,7 @@ export class Daemon {
       }
     }
     this.updateNextRun();
+    await this.publish();
   }
 
   /** Reads the alarm list; NOSPACE starts a recovery run at once, CORRUPT is reported every check. */
@@ -188,6 +220,8 @@ export class Daemon {
       return;
     }
     this.metrics.recordAlarms(alarms);
+    await this.checkControl();
+    await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
       this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
@@ -197,6 +231,23 @@ export class Daemon {
       this.alarmEpisode ??= { defragged: false };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
+    }
+  }
+
+  /** Pause and halt as every daemon sees them (metrics), and a halt lifted by `resume`. */
+  private async checkControl(): Promise<void> {
+    let state;
+    try {
+      state = await readControl(this.endpoints().at(-1)!, this.config, { signal: this.abort.signal });
+    } catch {
+      return; // the alarm check that just worked will try again
+    }
+    this.metrics.recordControl({ paused: Boolean(state.pause), halted: Boolean(state.halt) || Boolean(this.halted) });
+    if (this.halted && this.haltRecorded && !state.halt) {
+      this.deps.log.info({ event: 'halt.cleared' }, 'the integrity halt was cleared (etcd-defragd resume --integrity-checked): runs go again');
+      this.halted = undefined;
+      this.haltRecorded = false;
+      this.metrics.recordControl({ paused: Boolean(state.pause), halted: false });
     }
   }
 
@@ -245,6 +296,8 @@ export class Daemon {
 
   private reloadConnections(): void {
     this.reconnectPending = false;
+    this.metrics.forgetMember(); // another endpoint may be another member; the next inspection says
+
     const oldTurn = this.turn;
     const oldPool = this.pool;
     this.pool = new ClientPool(accessFromConfig(this.config));

@@ -3,6 +3,7 @@
 // `once`, scheduled runs and NOSPACE recovery all run this same sequence.
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
+import { describeHalt, describePause, haltKey, readControl } from './control.ts';
 import { classify, type ClientPool, type MemberStatus } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import { busyMembers, inspect } from './inspect.ts';
@@ -60,6 +61,7 @@ export interface PassDeps {
   /** Called with every fresh inspection (the daemon keeps its endpoint list from it). */
   seen?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
+  onDefragStart?: (member: string) => void;
 }
 
 export interface PassOptions {
@@ -111,9 +113,9 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
     throw err;
   }
 
-  // an integrity mismatch anywhere halts every daemon until an operator has looked
-  const halted = await readHalt(deps);
-  if (halted) return finish(deps, started, skip(halted, { check: 'halt', member: view.local.hex, view }));
+  // an integrity mismatch anywhere halts every daemon until an operator has looked; a pause too
+  const stop = await readStop(deps);
+  if (stop) return finish(deps, started, skip(stop.reason, { check: stop.check, member: view.local.hex, view }));
 
   // gate (a member that does not answer while another daemon holds the turn is probably being
   // defragmented: wait for the turn instead of skipping, and check again once we hold it)
@@ -193,18 +195,14 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   }
 }
 
-export const haltKey = (c: Config) => `${c.coordination.prefix}halt`;
+export { haltKey };
 
-async function readHalt(deps: PassDeps): Promise<string | undefined> {
-  const key = haltKey(deps.config);
-  const value = await deps.pool.get(deps.config.etcd.endpoint).get(key, { log: deps.log, signal: deps.signal });
-  if (value === undefined) return undefined;
-  let what = value;
-  try {
-    const h = JSON.parse(value) as { reason?: string; at?: string };
-    what = `${h.reason ?? value}${h.at ? ` (at ${h.at})` : ''}`;
-  } catch { /* a hand-written key: show it as is */ }
-  return `defragmentation is halted after an integrity mismatch: ${what}; after checking the members, resume with: etcdctl del ${key}`;
+/** Why no run may go now: an integrity halt, or an operator's pause (src/control.ts). */
+async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
+  const { pause, halt } = await readControl(deps.pool.get(deps.config.etcd.endpoint), deps.config, { log: deps.log, signal: deps.signal });
+  if (halt) return { check: 'halt', reason: `defragmentation is halted after an integrity mismatch: ${describeHalt(halt)}; after checking the members, resume with: etcd-defragd resume --integrity-checked` };
+  if (pause) return { check: 'pause', reason: `defragmentation is ${describePause(pause)}; resume with: etcd-defragd resume` };
+  return undefined;
 }
 
 /** Stops the round on every node: the others find this key and skip until an operator deletes it. */
@@ -327,6 +325,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   const client = deps.pool.get(local.endpoint);
   const before = local.status!;
   const t0 = deps.clock.now();
+  deps.onDefragStart?.(local.hex);
   log.info({ event: 'defrag.start', member: local.hex, endpoint: local.endpoint, beforeBytes: before.dbSize, inUseBytes: before.dbSizeInUse },
     `defragmenting member ${memberLabel(local)}: ${formatBytes(before.dbSize)} on disk, ${formatBytes(before.dbSizeInUse)} in use`);
   let failure: string | undefined;

@@ -12,6 +12,11 @@ export interface MemberView {
   isLocal: boolean;
   status?: MemberStatus;
   error?: string;
+  /** The member's space quota and where it was read (filled by the inspection, issue 8). */
+  quotaBytes?: number;
+  quotaSource?: 'status' | 'metrics' | 'config';
+  /** Whether the member is defragmenting now (etcd_disk_defrag_inflight); undefined = unknown. */
+  defragmenting?: boolean;
 }
 
 export interface ClusterView {

@@ -138,6 +138,11 @@ export class Turn {
     return this.lease;
   }
 
+  /** Whether this participant holds the cluster-wide turn (as far as it knows; for metrics). */
+  get holding(): boolean {
+    return this.holdKey !== undefined;
+  }
+
   private key(lease: string, rest: string): string {
     return `${this.opts.prefix}p/${lease}/${rest}`;
   }
