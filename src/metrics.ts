@@ -31,6 +31,7 @@ export class Metrics {
   private readonly r = [this.own];
 
   readonly buildInfo = new Gauge({ name: 'etcd_defragd_build_info', help: 'Always 1; the labels say which etcd-defragd and Node.js run', labelNames: ['version', 'nodejs'], registers: this.r });
+  readonly startTime = new Gauge({ name: 'etcd_defragd_start_time_seconds', help: 'When this daemon started (for alerts that must not fire before it had a chance to run)', registers: this.r });
   readonly lastRunTime = new Gauge({ name: 'etcd_defragd_last_run_timestamp_seconds', help: 'When the last run ended, whatever its outcome', registers: this.r });
   readonly lastSuccessTime = new Gauge({ name: 'etcd_defragd_last_success_timestamp_seconds', help: 'When the last run ended done or not-needed (0: none since start)', registers: this.r });
   readonly lastRunResult = new Gauge({ name: 'etcd_defragd_last_run_result', help: '1 for the outcome of the last run, 0 for the others', labelNames: ['outcome'], registers: this.r });
@@ -74,6 +75,7 @@ export class Metrics {
     for (const result of ['ok', 'failed']) this.defrags.inc({ result }, 0);
     for (const alarm of ALARMS) this.alarms.set({ alarm }, 0);
     this.lastSuccessTime.set(0);
+    this.startTime.set(Math.floor(Date.now() / 1000));
     this.paused.set(0);
     this.halted.set(0);
   }

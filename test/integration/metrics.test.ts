@@ -6,7 +6,7 @@ import { after, before, describe, it } from 'node:test';
 import { startCluster, type Cluster } from '../harness/cluster.ts';
 import { startDaemon, type LogLine } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
-import { promtoolCheck } from '../harness/promtool.ts';
+import { promtoolCheck, queriedMetricNames } from '../harness/promtool.ts';
 
 const series = (text: string, name: string) => text.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
 
@@ -51,6 +51,9 @@ for (const version of versionsUnderTest()) {
         assert.match(body, /^etcd_defragd_turn_held 0$/m);
         assert.match(body, /^etcd_defragd_paused 0$/m);
         assert.match(body, /^process_resident_memory_bytes \d+/m);
+        const exposed = new Set(body.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]));
+        const missing = [...queriedMetricNames()].filter((n) => !exposed.has(n));
+        assert.deepEqual(missing, [], 'the shipped rules and dashboard query only metrics this daemon exports');
 
         const file = readFileSync(textfile, 'utf8');
         const rf = promtoolCheck(file);
