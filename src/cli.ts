@@ -3,6 +3,7 @@
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
+import { clusterControl, describeClusterControl, disarm, pause, resume } from './ops.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
@@ -24,6 +25,12 @@ Usage:
   etcd-defragd status         show the cluster as etcd-defragd sees it
       --json                  as JSON
   etcd-defragd check-config   validate the config and print the effective values
+  etcd-defragd pause          pause defragmentation on every node (a key in etcd; not during NOSPACE)
+      --reason TEXT           why, shown by status
+  etcd-defragd resume         lift a pause
+      --integrity-checked     also clear the halt after an integrity mismatch, once the members are checked
+  etcd-defragd disarm         disarm NOSPACE by hand: says why the automatic disarm refused
+      --force                 disarm even so (etcd raises it again while a member is over its quota)
 
 Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
@@ -38,12 +45,12 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'check-config'] as const;
+const COMMANDS = ['run', 'once', 'status', 'check-config', 'pause', 'resume', 'disarm'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
   command: Command;
-  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean };
+  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean; reason?: string; 'integrity-checked'?: boolean };
 }
 
 function parse(argv: string[]): Parsed {
@@ -61,6 +68,8 @@ function parse(argv: string[]): Parsed {
         'dry-run': { type: 'boolean' },
         force: { type: 'boolean' },
         json: { type: 'boolean' },
+        reason: { type: 'string' },
+        'integrity-checked': { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean' },
       },
@@ -72,7 +81,10 @@ function parse(argv: string[]): Parsed {
   if (!COMMANDS.includes(cmd as Command)) throw new UsageError(`unknown command "${cmd}"; commands: ${COMMANDS.join(', ')} (see etcd-defragd --help)`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}" (see etcd-defragd --help)`);
   const command = cmd as Command;
-  if ((parsed.values['dry-run'] || parsed.values.force) && command !== 'once') throw new UsageError('--dry-run and --force go with the once command');
+  if (parsed.values['dry-run'] && command !== 'once') throw new UsageError('--dry-run goes with the once command');
+  if (parsed.values.force && command !== 'once' && command !== 'disarm') throw new UsageError('--force goes with the once and disarm commands');
+  if (parsed.values.reason !== undefined && command !== 'pause') throw new UsageError('--reason goes with the pause command');
+  if (parsed.values['integrity-checked'] && command !== 'resume') throw new UsageError('--integrity-checked goes with the resume command');
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
   return { command, values: parsed.values };
 }
@@ -159,9 +171,15 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
       }
       throw err;
     }
+    const cc = await clusterControl({ config: loaded.config, pool, log });
     if (p.values.json) {
       const json = JSON.stringify({
         local: view.local.hex,
+        nextRun: cc.nextRun ?? null,
+        turn: { holder: cc.holder ?? null, participants: cc.participants },
+        pause: cc.pause ?? null,
+        halt: cc.halt ?? null,
+        readErrors: cc.errors,
         alarms: view.alarms.map((a) => ({ member: BigInt(a.memberId).toString(16), alarm: a.alarm })),
         health: healthGate(view, loaded.config) ?? null,
         members: view.members.map((m) => ({
@@ -172,9 +190,24 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
       }, null, 2);
       writeOut(`${json}\n`);
     } else {
-      writeOut(`${statusTable(view, loaded)}\n`);
+      writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
     }
     return EXIT.ok;
+  } finally {
+    pool.close();
+  }
+}
+
+/** pause, resume, disarm: cluster-wide actions through the local member (src/ops.ts). */
+async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
+  const pool = new ClientPool(accessFromConfig(loaded.config));
+  try {
+    const deps = { config: loaded.config, pool, log };
+    const r = p.command === 'pause' ? await pause(deps, p.values.reason ?? '')
+      : p.command === 'resume' ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
+        : await disarm(deps, { force: Boolean(p.values.force) });
+    writeOut(r.out);
+    return r.code;
   } finally {
     pool.close();
   }
@@ -284,6 +317,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   try {
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
+    if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);
     return await run(loaded, log, p, env);
   } catch (err) {
     if (err instanceof DefragdError) {
