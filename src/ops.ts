@@ -9,7 +9,7 @@ import { EXIT, errorMessage, type DefragdError } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { hexId } from './policy.ts';
+import { hexId, memberLabel, voting } from './policy.ts';
 import { describeParticipant, parseView } from './turn.ts';
 
 export interface OpResult {
@@ -55,14 +55,52 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
       lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, 'not cleared: confirm with etcd-defragd resume --integrity-checked once the members are checked');
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }
+    // The operator's word, and etcd's: the members must agree on HashKV now.
+    const hash = await compareHashKV(deps);
+    if (!hash.ok) {
+      log.error({ event: 'resume.refused', check: 'hashkv' }, `integrity halt not cleared: ${hash.detail}`);
+      lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, `not cleared: ${hash.detail}`);
+      return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
+    }
     if (await clearKey(client, haltKey(c))) {
-      log.warn({ event: 'halt.clear', by: who.by, host: who.host }, `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked (was: ${describeHalt(before.halt)})`);
-      lines.push(`integrity halt cleared (was: ${describeHalt(before.halt)})`);
+      log.warn({ event: 'halt.clear', by: who.by, host: who.host }, `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ${hash.detail} (was: ${describeHalt(before.halt)})`);
+      lines.push(`integrity halt cleared (was: ${describeHalt(before.halt)})`, hash.detail);
     }
   }
   if (lines.length === 0) lines.push('nothing to resume: not paused, not halted');
   else lines.push('every etcd-defragd runs again from its next run on');
   return { code: EXIT.ok, out: `${lines.join('\n')}\n` };
+}
+
+/**
+ * HashKV of every voting member at one revision they have all applied (the check pass.ts makes
+ * after a defragment), one member at a time: hashing holds a read transaction on the member.
+ */
+export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail: string }> {
+  const { config: c, log, pool } = deps;
+  const view = await inspect(pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false });
+  const members = voting(view);
+  const down = members.find((m) => !m.status);
+  if (down) return { ok: false, detail: `HashKV cannot be compared: member ${memberLabel(down)} does not answer (${down.error ?? 'no answer'})` };
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const statuses = await Promise.all(members.map((m) => pool.get(m.endpoint).status({ log }, 2)));
+    const rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
+    const hashes: { hex: string; hash: string; compact: string }[] = [];
+    try {
+      for (const m of members) {
+        const h = await pool.get(m.endpoint).hashKV(rev, { log });
+        hashes.push({ hex: m.hex, hash: h.hash, compact: h.compactRevision.toString() });
+      }
+    } catch (err) {
+      if (classify((err as DefragdError).cause ?? err) === 'compacted') continue;
+      return { ok: false, detail: `HashKV cannot be compared: ${errorMessage(err)}` };
+    }
+    if (new Set(hashes.map((h) => h.compact)).size > 1) continue; // a compaction landed in between
+    const detail = hashes.map((h) => `${h.hex}=${h.hash}`).join(', ');
+    if (new Set(hashes.map((h) => h.hash)).size === 1) return { ok: true, detail: `HashKV agrees on all ${hashes.length} voting members at revision ${rev} (${detail})` };
+    return { ok: false, detail: `HashKV still differs at revision ${rev} (${detail})` };
+  }
+  return { ok: false, detail: 'HashKV cannot be compared: compactions kept moving during the check; try again' };
 }
 
 /**

@@ -89,6 +89,7 @@ for (const version of versionsUnderTest()) {
         const ok = await cli(['resume', '--integrity-checked']);
         assert.equal(ok.code, 0, ok.stdout + ok.stderr);
         assert.match(ok.stdout, /integrity halt cleared \(was: integrity: HashKV differs \(test\)/);
+        assert.match(ok.stdout, /^HashKV agrees on all 3 voting members at revision \d+ \([0-9a-f]+=\d+, /m, 'resume compared HashKV itself');
         assert.equal(await cluster.client().get('/etcd-defragd/halt').string(), null);
         await daemon.waitForJson<LogLine>((l) => l.event === 'defrag.done', 120_000);
         assert.equal((await allDefragEvents(cluster)).length, before + 1);
