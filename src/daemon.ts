@@ -9,8 +9,10 @@ import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
+import { RevisionLog } from './history.ts';
+import { inspect } from './inspect.ts';
 import { runPass, type Clock, type HashKVFn, type PassResult } from './pass.ts';
-import type { ClusterView } from './policy.ts';
+import { quotaMismatch, type ClusterView } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
 import { Turn } from './turn.ts';
 import { version } from './version.ts';
@@ -47,6 +49,8 @@ export class Daemon {
   private haltRecorded = false;
   private textfileTrouble = '';
   readonly metrics = new Metrics(version());
+  /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
+  private readonly revisions: RevisionLog;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
@@ -54,6 +58,7 @@ export class Daemon {
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
     this.metrics.watchTurn(() => this.turn.holding);
+    this.revisions = new RevisionLog(config.nospace.keepHistory);
   }
 
   private newTurn(): Turn {
@@ -84,6 +89,7 @@ export class Daemon {
     log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.getNextRun()?.toISOString() },
       `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.getNextRun()?.toISOString() ?? 'never'}`);
     void this.join();
+    void this.checkQuota();
     this.nospaceTimer = setInterval(() => void this.checkAlarms(), c.nospace.checkInterval);
     if (c.schedule.runOnStart) this.trigger('scheduled');
     else void this.checkAlarms();
@@ -97,6 +103,21 @@ export class Daemon {
       await this.turn.register();
     } catch (err) {
       this.deps.log.warn({ event: 'turn.register.fail', error: errorMessage(err) }, `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`);
+    }
+  }
+
+  /** At start: say which quota each run will judge the local member by, and warn on a mismatch. */
+  private async checkQuota(): Promise<void> {
+    const c = this.config;
+    try {
+      const view = await inspect(this.pool, c.etcd.endpoint, { log: this.deps.log, signal: this.abort.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
+      const local = view.local;
+      const mismatch = quotaMismatch(local);
+      if (mismatch) this.deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
+      else if (local.quotaBytes === undefined) this.deps.log.warn({ event: 'quota.unknown', member: local.hex }, local.quotaError ?? 'the quota of the local member is unknown');
+      else this.deps.log.info({ event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource }, `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`);
+    } catch (err) {
+      this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }
   }
 
@@ -165,9 +186,11 @@ export class Daemon {
       if (!this.turn.leaseId) await this.join();
       result = await runPass({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
+        revisions: this.revisions,
         seen: (v) => {
           this.lastView = v;
-          this.metrics.recordView(v, this.config.policy.quotaBytes);
+          if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
+          this.metrics.recordView(v);
           this.metrics.recordAlarms(v.alarms);
           if (!this.turn.leaseId) this.turn.identify(v.local.id);
         },
@@ -255,7 +278,10 @@ export class Daemon {
     let last: unknown;
     for (const c of this.endpoints().reverse()) {
       try {
-        return await c.alarms({ signal: this.abort.signal });
+        const alarms = await c.alarms({ signal: this.abort.signal });
+        // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory).
+        await c.revision({ signal: this.abort.signal }, 1).then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
+        return alarms;
       } catch (err) {
         last = err;
       }
@@ -275,6 +301,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
+    this.revisions.setKeep(next.nospace.keepHistory);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);

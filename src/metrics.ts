@@ -15,7 +15,7 @@ export const MODES = ['scheduled', 'nospace'] as const;
  * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps
  * this list in step with the sources. `other` is a skip without a check.
  */
-export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'disk', 'turn', 'busy', 'halt', 'pause', 'other'] as const;
+export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'other'] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
 
 // prom-client's totals of these are gauges named *_total, which Prometheus reserves for counters;
@@ -43,7 +43,7 @@ export class Metrics {
   readonly dbSize = new Gauge({ name: 'etcd_defragd_member_db_size_bytes', help: 'Db file size of the local member at the last inspection', labelNames: ['member'], registers: this.r });
   readonly dbInUse = new Gauge({ name: 'etcd_defragd_member_db_size_in_use_bytes', help: 'Db size in use (live data) of the local member at the last inspection', labelNames: ['member'], registers: this.r });
   readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'Db file size / quota of the local member at the last inspection', labelNames: ['member'], registers: this.r });
-  readonly quotaBytes = new Gauge({ name: 'etcd_defragd_member_quota_bytes', help: "The local member's space quota (--quota-backend-bytes; from etcd when it says, else policy.quotaBytes)", labelNames: ['member'], registers: this.r });
+  readonly quotaBytes = new Gauge({ name: 'etcd_defragd_member_quota_bytes', help: "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)", labelNames: ['member'], registers: this.r });
   readonly defragmenting = new Gauge({ name: 'etcd_defragd_member_defragmenting', help: '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)', labelNames: ['member'], registers: this.r });
   readonly alarms = new Gauge({ name: 'etcd_defragd_alarms', help: 'Alarms raised in the cluster at the last check', labelNames: ['alarm'], registers: this.r });
   readonly nextRun = new Gauge({ name: 'etcd_defragd_next_run_timestamp_seconds', help: 'When the next scheduled run starts', registers: this.r });
@@ -96,17 +96,20 @@ export class Metrics {
   }
 
   /** The local member only: the other members' daemons export theirs. */
-  recordView(view: ClusterView, configQuotaBytes: number): void {
+  recordView(view: ClusterView): void {
     const m = view.local;
     if (this.member !== undefined && this.member !== m.hex) this.forgetMember();
     this.member = m.hex;
-    const quota = m.quotaBytes ?? configQuotaBytes;
-    this.quotaBytes.set({ member: m.hex }, quota);
+    // The quota the inspection judged the member by (etcd's own, or policy.quotaBytes); none when unknown.
+    const quota = m.quotaBytes;
+    if (quota) this.quotaBytes.set({ member: m.hex }, quota);
+    else this.quotaBytes.remove({ member: m.hex });
     this.defragmenting.set({ member: m.hex }, this.defragInFlight || m.defragmenting ? 1 : 0);
     if (!m.status) return;
     this.dbSize.set({ member: m.hex }, m.status.dbSize);
     this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
-    this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);
+    if (quota) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);
+    else this.quotaUsage.remove({ member: m.hex });
   }
 
   /** The member this daemon owned is gone (replaced, or another endpoint after a reload): drop its series. */

@@ -49,7 +49,7 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
   }
   if (before.halt) {
     if (!opts.integrityChecked) {
-      log.error({ event: 'resume.refused', check: 'halt' },
+      log.error({ event: 'resume.refused', reason: 'halt' },
         `still halted after an integrity mismatch: ${describeHalt(before.halt)}. Check that the members hold the same data (the hashes above; etcd's own log on each member), ` +
         'then confirm with: etcd-defragd resume --integrity-checked');
       lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, 'not cleared: confirm with etcd-defragd resume --integrity-checked once the members are checked');
@@ -58,7 +58,7 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
     // The operator's word, and etcd's: the members must agree on HashKV now.
     const hash = await compareHashKV(deps);
     if (!hash.ok) {
-      log.error({ event: 'resume.refused', check: 'hashkv' }, `integrity halt not cleared: ${hash.detail}`);
+      log.error({ event: 'resume.refused', reason: 'hashkv' }, `integrity halt not cleared: ${hash.detail}`);
       lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, `not cleared: ${hash.detail}`);
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }

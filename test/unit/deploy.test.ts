@@ -18,8 +18,8 @@ async function exposedNames(): Promise<Set<string>> {
   const m = new Metrics('0.0.0');
   m.duration.observe(1);
   // the member's series appear with the first inspection
-  const local = { id: '10', hex: 'a', name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status: { dbSize: 2, dbSizeInUse: 1 } as MemberStatus };
-  m.recordView({ members: [local], local, alarms: [] }, 100);
+  const local = { id: '10', hex: 'a', name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status: { dbSize: 2, dbSizeInUse: 1 } as MemberStatus, quotaBytes: 100 };
+  m.recordView({ members: [local], local, alarms: [] });
   const text = await m.registry.metrics();
   return new Set(text.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]));
 }

@@ -25,7 +25,7 @@ describe('metrics', () => {
     const m = new Metrics('1.2.3');
     m.recordRun('done', 'scheduled');
     m.recordRun('skipped', 'nospace', 'turn');
-    m.recordView(view('abc'), 2 ** 31);
+    m.recordView(view('abc', 100, { quotaBytes: 2 ** 31, quotaSource: 'config' }));
     m.duration.observe(3);
     for (const text of [await m.registry.metrics(), await m.own.metrics()]) {
       const r = promtoolCheck(text);
@@ -80,21 +80,25 @@ describe('metrics', () => {
 
   it('exports only the member it owns, and drops its series when that member changes', async () => {
     const m = new Metrics();
-    m.recordView(view('abc', 100, { quotaBytes: 1000, quotaSource: 'metrics', defragmenting: true }), 2 ** 31);
+    m.recordView(view('abc', 100, { quotaBytes: 1000, quotaSource: 'metrics', defragmenting: true }));
     let text = await m.registry.metrics();
     assert.deepEqual(series(text, 'etcd_defragd_member_db_size_bytes'), ['etcd_defragd_member_db_size_bytes{member="abc"} 100']);
     assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="abc"} 1000']);
     assert.deepEqual(series(text, 'etcd_defragd_member_quota_usage_ratio'), ['etcd_defragd_member_quota_usage_ratio{member="abc"} 0.1']);
     assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="abc"} 1']);
-    m.recordView(view('def', 200), 2000);
+    m.recordView(view('def', 200, { quotaBytes: 2000, quotaSource: 'config' }));
     text = await m.registry.metrics();
     assert.doesNotMatch(text, /member="abc"/, 'the old member is gone');
-    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="def"} 2000'], 'quota from the config when etcd does not say');
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="def"} 2000']);
     assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="def"} 0']);
     m.defragStarted('def');
     assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def"\} 1$/m);
     m.defragEnded('def');
     assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def"\} 0$/m);
+    m.recordView(view('def', 200));
+    text = await m.registry.metrics();
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), [], 'no quota series while the quota is unknown');
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_usage_ratio'), []);
   });
 
   it('turn held is read when scraped', async () => {
