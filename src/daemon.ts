@@ -27,6 +27,12 @@ export interface DaemonDeps {
 
 type Mode = 'scheduled' | 'nospace';
 
+/**
+ * Revision samples are kept keepHistory plus this long: a recovery that starts within it still
+ * finds the revision keepHistory before the alarm (a sample every checkInterval: ~400 at 10s).
+ */
+const REVISION_LOG_SLACK = 3_600_000;
+
 export class Daemon {
   private config: Config;
   private pool: ClientPool;
@@ -40,7 +46,7 @@ export class Daemon {
   private lastView: ClusterView | undefined;
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean } | undefined;
+  private alarmEpisode: { defragged: boolean; since: number } | undefined;
   /**
    * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
    * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
@@ -58,7 +64,7 @@ export class Daemon {
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
     this.metrics.watchTurn(() => this.turn.holding);
-    this.revisions = new RevisionLog(config.nospace.keepHistory);
+    this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
   }
 
   private newTurn(): Turn {
@@ -203,7 +209,7 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
+      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
       if (result.check === 'integrity') {
@@ -251,7 +257,7 @@ export class Daemon {
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
     else {
-      this.alarmEpisode ??= { defragged: false };
+      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
@@ -301,7 +307,7 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
-    this.revisions.setKeep(next.nospace.keepHistory);
+    this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);

@@ -1,7 +1,7 @@
 // (time, revision) samples of the cluster's revision, taken from answers the daemon gets anyway
 // (the alarm check every nospace.checkInterval, and every inspection). NOSPACE recovery compacts to
-// the revision seen nospace.keepHistory before the revision stopped moving (the alarm), which keeps
-// as much history as the API server would have kept.
+// the revision seen nospace.keepHistory before the alarm, which keeps as much history as the API
+// server would have kept.
 
 export interface RevisionSample {
   at: number; // ms since epoch
@@ -35,11 +35,6 @@ export class RevisionLog {
       found = s;
     }
     return found;
-  }
-
-  /** When the cluster first showed `revision` or a later one (during NOSPACE the revision stops moving). */
-  reachedAt(revision: bigint): number | undefined {
-    return this.samples.find((s) => s.revision >= revision)?.at;
   }
 
   oldest(): RevisionSample | undefined {

@@ -74,6 +74,8 @@ export interface PassOptions {
   runId?: string;
   /** NOSPACE mode: this daemon already defragmented its member since the alarm was raised. */
   defraggedThisAlarm?: boolean;
+  /** NOSPACE mode: when this daemon first saw the alarm (compaction keeps the history before it). */
+  alarmSeenAt?: number;
 }
 
 async function defaultFreeDisk(dir: string): Promise<number> {
@@ -194,7 +196,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
         if (isLeader()) return finish(deps, started, skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view }));
       }
       if (mode === 'nospace' && c.nospace.compact) {
-        const stuck = await compactForNoSpace(deps, view);
+        const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
         if (stuck) return finish(deps, started, skip(stuck, { check: 'compact', member: view.local.hex, view }));
         view = await look();
       }
@@ -336,7 +338,7 @@ async function transferLeadership(deps: PassDeps, view: ClusterView): Promise<{ 
  * size over the disarm mark, keep none (what the seed's operator and etcd's maintenance guide do).
  * Returns why the run must stop here, or undefined to go on to the defragment.
  */
-async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<string | undefined> {
+async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt: number | undefined): Promise<string | undefined> {
   const { config: c, log } = deps;
   const local = view.local;
   const client = deps.pool.get(local.endpoint);
@@ -348,7 +350,7 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<str
   // Step 1 frees what the API server would have freed had it been able to run; it always runs.
   // Step 2 (no history kept: every watcher relists) only when the member is still over the mark.
   const steps: { name: string; revision: bigint }[] = [];
-  const kept = keepHistoryRevision(deps, latest);
+  const kept = keepHistoryRevision(deps, latest, alarmSeenAt);
   if (kept.revision !== undefined) steps.push({ name: `keep ${kept.what}`, revision: kept.revision });
   else log.info({ event: 'compact.history', member: local.hex }, `NOSPACE compaction: ${kept.what}`);
   steps.push({ name: 'keep no history', revision: latest });
@@ -379,15 +381,15 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<str
 }
 
 /**
- * The revision seen nospace.keepHistory before the latest revision was reached (NOSPACE stops the
- * revision, so every holder during one alarm finds the same one), or the documented fallback.
+ * The revision seen nospace.keepHistory before the alarm (the holders of one alarm find nearly the
+ * same one, however long the recovery takes), or the documented fallback.
  */
-function keepHistoryRevision(deps: PassDeps, latest: bigint): { revision?: bigint; what: string } {
+function keepHistoryRevision(deps: PassDeps, latest: bigint, alarmSeenAt: number | undefined): { revision?: bigint; what: string } {
   const keep = deps.config.nospace.keepHistory;
   const now = deps.clock.now();
-  const reached = deps.revisions?.reachedAt(latest) ?? now;
-  const old = deps.revisions?.atOrBefore(reached - keep);
-  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reached - old.at)} before the revision stopped at ${latest})` };
+  const reference = alarmSeenAt ?? now;
+  const old = deps.revisions?.atOrBefore(reference - keep);
+  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reference - old.at)} before the alarm)` };
   if (old) return { what: `no revision older than the latest (${latest}) within nospace.keepHistory (${formatDuration(keep)}): no history to keep` };
   // Rule: without a sample that old (the daemon started less than keepHistory before the alarm),
   // keep what this daemon has seen, from its oldest sample on; without any older one, keep none.
@@ -456,7 +458,9 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
     }
   }
-  if (c.coordination.settle > 0) await deps.clock.sleep(c.coordination.settle, deps.signal);
+  // The settle pause lets the write load recover before the next member goes down. During NOSPACE
+  // etcd refuses writes anyway, and every second of it is a second the API server cannot write.
+  if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
     reason: `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,

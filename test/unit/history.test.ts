@@ -12,12 +12,6 @@ describe('RevisionLog', () => {
     assert.equal(log.oldest()?.revision, 1240n, 'one sample at the window edge is kept, older ones go');
     assert.equal(log.atOrBefore(1000), undefined);
   });
-  it('says when the revision stopped moving', () => {
-    const log = new RevisionLog(600_000, 5000);
-    for (let t = 0; t <= 100_000; t += 10_000) log.record(t, BigInt(Math.min(50, 10 + t / 2000)));
-    assert.equal(log.reachedAt(50n), 80_000);
-    assert.equal(log.reachedAt(51n), undefined);
-  });
   it('ignores samples closer than the gap and revisions that go backwards (a lagging member)', () => {
     const log = new RevisionLog(60_000, 5000);
     log.record(0, 10n);
