@@ -1,13 +1,14 @@
 // `npm run bench`: etcd-defragd against the cron it replaces, side by side in one run.
 // Progress goes to stderr, the Markdown tables to stdout and to --out.
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { basename, dirname, resolve } from 'node:path';
 import { errorText } from '../test/harness/cluster.ts';
 import { etcdBinaries } from '../test/harness/etcd-bin.ts';
 import { REPO_ROOT } from '../test/harness/proc.ts';
 import { buildDaemon, unitNodeFlags } from './daemons.ts';
 import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
 import { header, versionSection, type VersionResults } from './report.ts';
+import { writeTimelines } from './timeline.ts';
 import { idleFootprint, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
 import { muteIpServernameWarning } from '../src/warnings.ts';
 
@@ -84,7 +85,14 @@ async function main(argv: string[]): Promise<number> {
   for (const v of opts.versions) {
     const r = await runVersion(opts, v, build.cliJs);
     if (r.errors.length) failed = true;
-    const text = versionSection(r, opts);
+    let text = versionSection(r, opts);
+    try {
+      mkdirSync(dirname(out), { recursive: true });
+      const svg = await writeTimelines(r, opts.preRollMs, opts.tailMs, `${out.replace(/\.md$/, '')}-etcd${r.version}-timeline`);
+      if (svg) text += `\n![etcd ${r.fullVersion ?? r.version}: writes per 100 ms and each member's defragment, scenarios (a), (b), (c)](${basename(svg)})\n\nData: [${basename(svg).replace(/\.svg$/, '.json')}](${basename(svg).replace(/\.svg$/, '.json')}).\n`;
+    } catch (err) {
+      progress(`timeline not drawn: ${errorText(err)}`);
+    }
     sections.push(text);
     process.stdout.write(`${text}\n`);
     save();

@@ -24,18 +24,18 @@ try {
 
   say(`etcd-defragd once (on ${m0.name}'s node): inspect, gate, decide, take the turn, defragment, verify`);
   const first = await runCli(['once', '--config', cfg], { timeoutMs: 120_000 });
-  process.stdout.write(`${first.stdout}\nexit code ${first.code}\n`);
+  process.stdout.write(`${first.stderr}\nexit code ${first.code}\n`);
 
   say('etcd-defragd once again: nothing left to reclaim');
   const again = await runCli(['once', '--config', cfg], { timeoutMs: 120_000 });
-  process.stdout.write(`${again.stdout}\nexit code ${again.code}\n`);
+  process.stdout.write(`${again.stderr}\nexit code ${again.code}\n`);
 
   say(`daemons on ${m1.name} and ${m2.name}, started at the same instant: one member at a time`);
   const daemons = [m1, m2].map((m) => startDaemon(cluster, m, { ...demoConfig, schedule: { runOnStart: true } }));
   await Promise.all(daemons.map((d) => d.waitForLine(/run finished|run skipped/, 120_000)));
   for (const d of daemons) await d.kill('SIGTERM');
   for (const [i, d] of daemons.entries()) {
-    process.stdout.write(`--- daemon on ${[m1, m2][i]!.name}\n${d.stdoutLines.join('\n')}\n`);
+    process.stdout.write(`--- daemon on ${[m1, m2][i]!.name}\n${d.lines.map((l) => l.line).join('\n')}\n`);
   }
   say('etcd-defragd status');
   process.stdout.write((await runCli(['status', '--config', cfg])).stdout + '\n');

@@ -1,17 +1,18 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
-import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
+import { clusterControl, describeClusterControl, disarm, pause, resume } from './ops.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { createLogger, type Log } from './log.ts';
+import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
 import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, hexId, quotaMismatch, type ClusterView, type Decision, type MemberView } from './policy.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
+import { version } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
 
 const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
@@ -26,6 +27,12 @@ Usage:
                               quota (from etcd) and whether it is defragmenting now
       --json                  as JSON
   etcd-defragd check-config   validate the config and print the effective values
+  etcd-defragd pause          pause defragmentation on every node (a key in etcd; not during NOSPACE)
+      --reason TEXT           why, shown by status
+  etcd-defragd resume         lift a pause
+      --integrity-checked     also clear the halt after an integrity mismatch, once the members are checked
+  etcd-defragd disarm         disarm NOSPACE by hand: says why the automatic disarm refused
+      --force                 disarm even so (etcd raises it again while a member is over its quota)
 
 Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
@@ -40,12 +47,12 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'check-config'] as const;
+const COMMANDS = ['run', 'once', 'status', 'check-config', 'pause', 'resume', 'disarm'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
   command: Command;
-  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean };
+  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean; reason?: string; 'integrity-checked'?: boolean };
 }
 
 function parse(argv: string[]): Parsed {
@@ -63,6 +70,8 @@ function parse(argv: string[]): Parsed {
         'dry-run': { type: 'boolean' },
         force: { type: 'boolean' },
         json: { type: 'boolean' },
+        reason: { type: 'string' },
+        'integrity-checked': { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean' },
       },
@@ -74,7 +83,10 @@ function parse(argv: string[]): Parsed {
   if (!COMMANDS.includes(cmd as Command)) throw new UsageError(`unknown command "${cmd}"; commands: ${COMMANDS.join(', ')} (see etcd-defragd --help)`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}" (see etcd-defragd --help)`);
   const command = cmd as Command;
-  if ((parsed.values['dry-run'] || parsed.values.force) && command !== 'once') throw new UsageError('--dry-run and --force go with the once command');
+  if (parsed.values['dry-run'] && command !== 'once') throw new UsageError('--dry-run goes with the once command');
+  if (parsed.values.force && command !== 'once' && command !== 'disarm') throw new UsageError('--force goes with the once and disarm commands');
+  if (parsed.values.reason !== undefined && command !== 'pause') throw new UsageError('--reason goes with the pause command');
+  if (parsed.values['integrity-checked'] && command !== 'resume') throw new UsageError('--integrity-checked goes with the resume command');
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
   return { command, values: parsed.values };
 }
@@ -91,11 +103,6 @@ function loadOptions(p: Parsed, env: NodeJS.ProcessEnv): LoadOptions {
   if (p.values['log-level'] !== undefined) flags['log.level'] = p.values['log-level'];
   const path = p.values.config ?? env.ETCD_DEFRAGD_CONFIG;
   return { path, pathExplicit: Boolean(path), env, flags };
-}
-
-function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
 }
 
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
@@ -193,10 +200,40 @@ function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
 async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const pool = new ClientPool(accessFromConfig(loaded.config));
   try {
-    const view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health`, quotaBytes: loaded.config.policy.quotaBytes });
-    if (p.values.json) process.stdout.write(`${JSON.stringify(statusJson(view, loaded), null, 2)}\n`);
-    else process.stdout.write(`${statusTable(view, loaded)}\n`);
+    let view: ClusterView;
+    try {
+      view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health`, quotaBytes: loaded.config.policy.quotaBytes });
+    } catch (err) {
+      // `status --json | jq` must still parse: the failure as JSON on stdout, the log line on stderr.
+      if (p.values.json) {
+        const code = err instanceof DefragdError ? err.code : 'EDD_UNEXPECTED';
+        writeOut(`${JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2)}\n`);
+      }
+      throw err;
+    }
+    const cc = await clusterControl({ config: loaded.config, pool, log });
+    if (p.values.json) {
+      const control = { nextRun: cc.nextRun ?? null, turn: { holder: cc.holder ?? null, participants: cc.participants }, pause: cc.pause ?? null, halt: cc.halt ?? null, readErrors: cc.errors };
+      writeOut(`${JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2)}\n`);
+    } else {
+      writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
+    }
     return EXIT.ok;
+  } finally {
+    pool.close();
+  }
+}
+
+/** pause, resume, disarm: cluster-wide actions through the local member (src/ops.ts). */
+async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
+  const pool = new ClientPool(accessFromConfig(loaded.config));
+  try {
+    const deps = { config: loaded.config, pool, log };
+    const r = p.command === 'pause' ? await pause(deps, p.values.reason ?? '')
+      : p.command === 'resume' ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
+        : await disarm(deps, { force: Boolean(p.values.force) });
+    writeOut(r.out);
+    return r.code;
   } finally {
     pool.close();
   }
@@ -222,14 +259,47 @@ async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.Proces
     log.info({ event: 'daemon.signal', signal: 'SIGHUP' }, 'SIGHUP received: reloading the config');
     daemon.reload();
   });
-  // A bug must not leave a daemon running half-broken: log it and exit 1, systemd restarts us.
-  process.on('unhandledRejection', (err) => {
-    log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
-    process.exit(EXIT.failed);
-  });
+  // A documented debug trigger (docs/operations.md): crash exactly as a bug would, through the same
+  // uncaught-exception path, to check that a crash reaches the journal with its stack and that
+  // systemd restarts the unit. Node's default for SIGQUIT would end the process without a word.
+  process.on('SIGQUIT', () => setImmediate(() => {
+    throw new Error('SIGQUIT received: crashing on purpose to test crash reporting (docs/operations.md)');
+  }));
   await daemon.start();
   await stopped;
   return EXIT.ok;
+}
+
+/**
+ * Machine output (status, check-config, help) goes to stdout, logs to stderr. When stdout itself is
+ * the journal (e.g. `ExecStartPre=etcd-defragd check-config`), each line is stored at info.
+ */
+function writeOut(text: string): void {
+  process.stdout.write(isJournalStream(1, process.env) ? withPriority(PRIORITY.info, text) : text);
+}
+
+/** Set once the logger exists: crashes and Node's warnings then go through it. */
+let processLog: Log | undefined;
+
+/** A bug must not leave a process running half-broken: log it with its stack, exit 1 (systemd restarts a daemon). */
+function crash(err: unknown): never {
+  if (processLog) processLog.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
+  else process.stderr.write(consoleText(process.env, PRIORITY.crit, `etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}`));
+  process.exit(EXIT.failed);
+}
+
+/**
+ * Node prints its warnings itself, unprefixed on stderr, which journald would store at the unit's
+ * SyslogLevel; they go through the logger instead, at warning level with the warning's code.
+ */
+function routeProcessEvents(): void {
+  process.on('uncaughtException', crash);
+  process.on('unhandledRejection', crash);
+  process.removeAllListeners('warning');
+  process.on('warning', (w: Error & { code?: string }) => {
+    if (processLog) processLog.warn({ event: 'node.warning', name: w.name, code: w.code }, `Node.js ${w.name}: ${w.message}`);
+    else process.stderr.write(consoleText(process.env, PRIORITY.warning, `etcd-defragd: Node.js ${w.name}: ${w.message}`));
+  });
 }
 
 export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
@@ -237,15 +307,15 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   try {
     p = parse(argv);
   } catch (err) {
-    process.stderr.write(`etcd-defragd: ${errorMessage(err)}\n`);
+    process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: ${errorMessage(err)}`));
     return EXIT.usage;
   }
   if (p.values.help) {
-    process.stdout.write(`${HELP}\n`);
+    writeOut(`${HELP}\n`);
     return EXIT.ok;
   }
   if (p.values.version) {
-    process.stdout.write(`etcd-defragd ${version()}\n`);
+    writeOut(`etcd-defragd ${version()}\n`);
     return EXIT.ok;
   }
   let loaded: LoadedConfig;
@@ -253,27 +323,29 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     loaded = loadConfig(loadOptions(p, env));
   } catch (err) {
     if (err instanceof UsageError) {
-      process.stderr.write(`etcd-defragd: ${err.message}\n`);
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: ${err.message}`));
       return EXIT.usage;
     }
     if (err instanceof ConfigError) {
-      process.stderr.write(`etcd-defragd: config error: ${err.message}\n`);
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: config error: ${err.message}`));
       return EXIT.config;
     }
     throw err;
   }
   if (p.command === 'check-config') {
-    for (const w of loaded.warnings) process.stderr.write(`etcd-defragd: warning: ${w}\n`);
-    process.stdout.write(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
+    for (const w of loaded.warnings) process.stderr.write(consoleText(env, PRIORITY.warning, `etcd-defragd: warning: ${w}`));
+    writeOut(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
     return EXIT.ok;
   }
   // gRPC's own logging is muted unless debugging: its messages repeat ours with less context.
   if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
   const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
+  processLog = log;
   for (const w of loaded.warnings) log.warn({ event: 'config.warning' }, `config: ${w}`);
   try {
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
+    if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);
     return await run(loaded, log, p, env);
   } catch (err) {
     if (err instanceof DefragdError) {
@@ -286,12 +358,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
 }
 
 muteIpServernameWarning();
+routeProcessEvents();
 
 main(process.argv.slice(2)).then((code) => {
   // Let stdout drain before exiting (pino writes synchronously to a pipe, but be safe).
   process.exitCode = code;
   setTimeout(() => process.exit(code), 50).unref();
-}, (err: unknown) => {
-  process.stderr.write(`etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}\n`);
-  process.exit(EXIT.failed);
-});
+}, crash);

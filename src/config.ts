@@ -40,7 +40,7 @@ export interface Config {
   retry: { attempts: number; minDelay: number; maxDelay: number };
   nospace: { checkInterval: number; compact: boolean; keepHistory: number; compactTimeout: number; disarm: boolean; disarmBelow: number };
   verify: { hashKV: boolean };
-  metrics: { listen: string };
+  metrics: { listen: string; textfile: string };
   log: { level: LogLevel; format: LogFormat };
 }
 
@@ -186,6 +186,13 @@ const prefix = text((s) => (s.startsWith('/') && s.endsWith('/') && s.length > 2
 
 const path = text(undefined, 'a file path, or "" for none');
 
+const promFile = text((s) => {
+  if (s === '') return undefined;
+  if (!s.startsWith('/')) return 'is not an absolute path';
+  if (!s.endsWith('.prom')) return 'does not end in .prom (node_exporter reads only *.prom files)';
+  return undefined;
+}, 'an absolute path ending in .prom inside node_exporter\'s --collector.textfile.directory, or "" to disable');
+
 interface KeySpec {
   default: unknown;
   kind: Kind;
@@ -247,6 +254,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   },
   metrics: {
     listen: { default: '127.0.0.1:9479', kind: listen, doc: 'Prometheus /metrics and /healthz ("" disables)' },
+    textfile: { default: '', kind: promFile, doc: "node_exporter textfile collector file (*.prom), rewritten after each run and alarm check (\"\" disables)" },
   },
   log: {
     level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: 'trace, debug, info, warn, error' },

@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { createTask } from 'node-cron';
 import type { Clock, Timer } from './clock.ts';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
+import { readControl } from './control.ts';
 import { accessFromConfig, ClientPool, type EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
@@ -13,19 +14,22 @@ import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
 import { armHaltFuse, runPass, type HashKVFn, type PassResult } from './pass.ts';
 import { quotaMismatch } from './policy.ts';
+import { writeTextfile } from './textfile.ts';
 import { Turn } from './turn.ts';
+import { version } from './version.ts';
 
 /** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
 export interface Schedule {
   stop(): void;
-  nextRun(): Date | undefined;
+  /** The next `n` start times. */
+  nextRuns(n: number): Date[];
 }
 export type Scheduler = (cron: string, timezone: string, fn: () => void) => Schedule;
 
 export const cronScheduler: Scheduler = (cron, timezone, fn) => {
   const task = createTask(cron, fn, { timezone, name: 'etcd-defragd', noOverlap: false });
   task.start();
-  return { stop: () => task.destroy(), nextRun: () => task.getNextRun() ?? undefined };
+  return { stop: () => task.destroy(), nextRuns: (n) => task.getNextRuns(n) };
 };
 
 export interface DaemonDeps {
@@ -64,8 +68,13 @@ export class Daemon {
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
   private alarmEpisode: { defragged: boolean; since: number } | undefined;
-  /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
+  /**
+   * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
+   * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
+   */
   private halted: string | undefined;
+  private haltRecorded = false;
+  private textfileTrouble = '';
   readonly metrics: Metrics;
   /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
   private revisions: RevisionLog;
@@ -73,9 +82,10 @@ export class Daemon {
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
     this.config = config;
-    this.metrics = deps.metrics ?? new Metrics();
+    this.metrics = deps.metrics ?? new Metrics(version());
     this.pool = this.newPool();
     this.turn = this.newTurn();
+    this.metrics.watchTurn(() => this.turn.holding());
     this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
   }
 
@@ -106,8 +116,8 @@ export class Daemon {
       }
     }
     this.schedule();
-    log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.nextRun()?.toISOString() },
-      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRun()?.toISOString() ?? 'never'}`);
+    log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.nextRuns(1)[0]?.toISOString() },
+      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`);
     void this.join();
     void this.checkQuota();
     this.nospaceTimer = this.deps.clock.every(c.nospace.checkInterval, () => void this.checkAlarms());
@@ -150,8 +160,24 @@ export class Daemon {
   }
 
   private updateNextRun(): void {
-    const next = this.task?.nextRun();
-    if (next) this.metrics.nextRun.set(next.getTime() / 1000);
+    const [next, after] = this.task?.nextRuns(2) ?? [];
+    this.metrics.recordSchedule(next, after);
+  }
+
+  /** node_exporter's textfile collector (metrics.textfile): after each run and alarm check. */
+  private async publish(): Promise<void> {
+    const path = this.config.metrics.textfile;
+    if (!path) return;
+    try {
+      await writeTextfile(path, await this.metrics.own.metrics());
+      if (this.textfileTrouble) this.deps.log.info({ event: 'metrics.textfile', path }, `writing ${path} works again`);
+      this.textfileTrouble = '';
+    } catch (err) {
+      const why = errorMessage(err);
+      // Once per kind of trouble, not every alarm check.
+      if (why !== this.textfileTrouble) this.deps.log.warn({ event: 'metrics.textfile.fail', path, error: why }, `cannot write metrics.textfile ${path}: ${why}`);
+      this.textfileTrouble = why;
+    }
   }
 
   /** Starts a run now, or after the current one (never two runs of one daemon at once). */
@@ -181,7 +207,8 @@ export class Daemon {
     const log = this.deps.log.child({ runId });
     let result: PassResult | undefined;
     if (this.halted) {
-      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then restart etcd-defragd`);
+      const how = this.haltRecorded ? 'etcd-defragd resume --integrity-checked' : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
+      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`);
       this.metrics.recordRun('skipped', mode, 'halt');
       return;
     }
@@ -196,7 +223,9 @@ export class Daemon {
           this.metrics.recordAlarms(v.alarms);
           this.turn.identify(v.local.id);
         },
+        onDefragStart: (member) => this.metrics.defragStarted(member),
         onDefrag: (d) => {
+          this.metrics.defragEnded(d.member);
           this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
           if (d.ok) {
             this.metrics.reclaimed.inc(d.reclaimed);
@@ -206,7 +235,10 @@ export class Daemon {
       }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
-      if (result.check === 'integrity') this.halted = result.reason;
+      if (result.check === 'integrity') {
+        this.halted = result.reason;
+        this.haltRecorded = Boolean(result.haltRecorded);
+      }
     } catch (err) {
       log.error({ event: 'run.fail', mode, error: errorMessage(err) }, `run failed: ${errorMessage(err)}`);
       this.metrics.recordRun('failed', mode);
@@ -222,6 +254,7 @@ export class Daemon {
       }
     }
     this.updateNextRun();
+    await this.publish();
   }
 
   /** Reads the alarm list; NOSPACE starts a recovery run at once, CORRUPT is reported every check. */
@@ -239,6 +272,8 @@ export class Daemon {
     // the local member, so that a revision going back means a restore and not a lagging member.
     await this.pool.get(this.config.etcd.endpoint).revision({ signal: this.abort.signal }, 1)
       .then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
+    await this.checkControl();
+    await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
       this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
@@ -257,6 +292,23 @@ export class Daemon {
   /** The alarm list, from the local member (the turn keeps the other members' endpoints). */
   private localAlarms() {
     return this.pool.get(this.config.etcd.endpoint).alarms({ signal: this.abort.signal });
+  }
+
+  /** Pause and halt as every daemon sees them (metrics), and a halt lifted by `resume`. */
+  private async checkControl(): Promise<void> {
+    let state;
+    try {
+      state = await readControl(this.pool.get(this.config.etcd.endpoint), this.config, { signal: this.abort.signal });
+    } catch {
+      return; // the alarm check that just worked will try again
+    }
+    this.metrics.recordControl({ paused: Boolean(state.pause), halted: Boolean(state.halt) || Boolean(this.halted) });
+    if (this.halted && this.haltRecorded && !state.halt) {
+      this.deps.log.info({ event: 'halt.cleared' }, 'the integrity halt was cleared (etcd-defragd resume --integrity-checked): runs go again');
+      this.halted = undefined;
+      this.haltRecorded = false;
+      this.metrics.recordControl({ paused: Boolean(state.pause), halted: false });
+    }
   }
 
   /** SIGHUP: a bad new config is rejected with its error and the old one kept. */
@@ -287,12 +339,14 @@ export class Daemon {
       this.nospaceTimer.cancel();
       this.nospaceTimer = this.deps.clock.every(next.nospace.checkInterval, () => void this.checkAlarms());
     }
-    log.info({ event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.nextRun()?.toISOString() }, `config reloaded; next run ${this.task?.nextRun()?.toISOString() ?? 'never'}`);
+    log.info({ event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.nextRuns(1)[0]?.toISOString() }, `config reloaded; next run ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`);
     return true;
   }
 
   private reloadConnections(): void {
     this.reconnectPending = false;
+    this.metrics.forgetMember(); // another endpoint may be another member; the next inspection says
+
     const oldTurn = this.turn;
     const oldPool = this.pool;
     // Another endpoint may be another cluster: its revisions are not ours.

@@ -1,5 +1,7 @@
-// Logging: pino JSON lines, optionally reformatted for journald (`<N>` priority prefix + a sentence
-// with key=value fields) or for a terminal. One line per event; `event` is the stable field.
+// Logging: pino JSON lines on stderr, optionally reformatted for journald (`<N>` priority prefix + a
+// sentence with key=value fields) or for a terminal. One line per event; `event` is the stable field.
+// stdout is kept for machine output (status, check-config), so `| jq` never sees a log line.
+import { fstatSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
 import type { LogFormat, LogLevel } from './config.ts';
 
@@ -30,20 +32,34 @@ function fieldValue(v: unknown): string {
   return JSON.stringify(v);
 }
 
+/** The stack of a serialized error (pino's `err`), from its `TypeError: ...` line down. */
+function stackLines(obj: Record<string, unknown>): string[] {
+  const err = obj.err as { stack?: unknown } | undefined;
+  if (!err || typeof err !== 'object' || typeof err.stack !== 'string') return [];
+  return err.stack.split('\n').filter((l) => l.trim() !== '');
+}
+
+/** Prefixes every line of `text` with journald's `<N>`, so a multi-line message keeps one priority. */
+export function withPriority(priority: number, text: string): string {
+  return text.split('\n').filter((l, i, all) => l !== '' || i < all.length - 1).map((l) => `<${priority}>${l}\n`).join('');
+}
+
 export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
   const level = Number(obj.level);
+  // A crash keeps its stack: journald splits on newlines, so every stack line carries the same priority.
+  const stack = stackLines(obj);
   const msg = String(obj.msg ?? obj.event ?? '');
   // A long text field already in the sentence (e.g. a skip reason) is not repeated as key=value.
   const fields = Object.entries(obj)
-    .filter(([k, v]) => !OMIT.has(k) && v !== undefined && !(typeof v === 'string' && v.length > 24 && msg.includes(v)))
+    .filter(([k, v]) => !OMIT.has(k) && v !== undefined && !(typeof v === 'string' && v.length > 24 && msg.includes(v)) && !(k === 'err' && stack.length > 0))
     .map(([k, v]) => `${k}=${fieldValue(v)}`)
     .join(' ');
-  if (format === 'journal') return `<${SYSLOG[level] ?? 6}>${msg}${fields ? ` ${fields}` : ''}\n`;
+  if (format === 'journal') return withPriority(SYSLOG[level] ?? 6, [`${msg}${fields ? ` ${fields}` : ''}`, ...stack].join('\n'));
   const time = new Date(Number(obj.time) || Date.now()).toISOString().slice(11, 23);
   const name = (LEVEL_NAMES[level] ?? 'INFO').padEnd(5);
   const lvl = color ? `${COLORS[level] ?? ''}${name}\x1b[0m` : name;
   const rest = fields ? (color ? ` \x1b[90m${fields}\x1b[0m` : ` ${fields}`) : '';
-  return `${time} ${lvl} ${msg}${rest}\n`;
+  return `${time} ${lvl} ${msg}${rest}\n${stack.map((l) => `${l}\n`).join('')}`;
 }
 
 /** A pino destination that rewrites each JSON line into the journal or pretty format. */
@@ -55,7 +71,7 @@ export function formattingSink(out: Sink, format: 'journal' | 'pretty', color: b
         try {
           out.write(formatLine(JSON.parse(line) as Record<string, unknown>, format, color));
         } catch {
-          out.write(`${line}\n`);
+          out.write(format === 'journal' ? withPriority(6, line) : `${line}\n`);
         }
       }
       return true;
@@ -71,7 +87,7 @@ export interface LogOptions {
 }
 
 export function createLogger(opts: LogOptions): Log {
-  const out = opts.out ?? process.stdout;
+  const out = opts.out ?? process.stderr;
   const format = resolveFormat(opts.format, opts.env ?? process.env, Boolean(out.isTTY));
   const dest = format === 'json' ? out : formattingSink(out, format, format === 'pretty' && Boolean(out.isTTY));
   return pino(
@@ -86,6 +102,34 @@ export function createLogger(opts: LogOptions): Log {
     },
     dest as pino.DestinationStream,
   );
+}
+
+export const PRIORITY = { crit: 2, err: 3, warning: 4, info: 6 } as const;
+
+/**
+ * Whether a stream is journald's: systemd sets JOURNAL_STREAM to the device and inode of the stream
+ * it connected. A command run by hand from a shell that inherited the variable does not match, so
+ * `etcd-defragd status --json | jq` stays plain JSON there.
+ */
+export function isJournalStream(fd: 1 | 2, env: NodeJS.ProcessEnv): boolean {
+  const m = env.JOURNAL_STREAM?.match(/^(\d+):(\d+)$/);
+  if (!m) return false;
+  try {
+    const st = fstatSync(fd, { bigint: true });
+    return st.dev === BigInt(m[1]!) && st.ino === BigInt(m[2]!);
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Text written outside the logger (usage and config errors, a crash before the logger exists):
+ * under systemd (JOURNAL_STREAM set, as for log.format auto) every line gets a priority, so
+ * `journalctl -p err` shows why the unit stopped.
+ */
+export function consoleText(env: NodeJS.ProcessEnv, priority: number, text: string): string {
+  const t = text.endsWith('\n') ? text : `${text}\n`;
+  return env.JOURNAL_STREAM ? withPriority(priority, t) : t;
 }
 
 /** A logger that drops everything (tests that do not read logs). */

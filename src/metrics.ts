@@ -1,54 +1,147 @@
-// Prometheus metrics (prom-client) on metrics.listen: /metrics and /healthz.
+// Prometheus metrics (prom-client) on metrics.listen: /metrics and /healthz; the same etcd_defragd_*
+// series can also go to node_exporter's textfile collector (src/textfile.ts).
+//
+// Conventions checked by `promtool check metrics` in CI: process_*/nodejs_* under their usual names,
+// no gauge ending in _total, every label value that can occur present from the start at 0 (so
+// increase() sees the first event), and each daemon exports only the member it owns.
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { ClusterView } from './policy.ts';
 import type { Outcome } from './pass.ts';
 
-export class Metrics {
-  readonly registry = new Registry();
-  readonly lastRunTime = new Gauge({ name: 'etcd_defragd_last_run_timestamp_seconds', help: 'When the last run ended', registers: [this.registry] });
-  readonly lastRunResult = new Gauge({ name: 'etcd_defragd_last_run_result', help: '1 for the outcome of the last run, 0 for the others', labelNames: ['outcome'], registers: [this.registry] });
-  readonly runs = new Counter({ name: 'etcd_defragd_runs_total', help: 'Runs by outcome', labelNames: ['outcome', 'mode'], registers: [this.registry] });
-  readonly skips = new Counter({ name: 'etcd_defragd_skipped_runs_total', help: 'Skipped runs by the check that stopped them', labelNames: ['check'], registers: [this.registry] });
-  readonly defrags = new Counter({ name: 'etcd_defragd_defrags_total', help: 'Defragments of the local member by result', labelNames: ['result'], registers: [this.registry] });
-  readonly reclaimed = new Counter({ name: 'etcd_defragd_reclaimed_bytes_total', help: 'Bytes of db file given back by defragments', registers: [this.registry] });
-  readonly duration = new Histogram({ name: 'etcd_defragd_defrag_duration_seconds', help: 'Time a defragment took, until the member caught up', buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], registers: [this.registry] });
-  readonly dbSize = new Gauge({ name: 'etcd_defragd_member_db_size_bytes', help: 'Member db file size at the last inspection', labelNames: ['member'], registers: [this.registry] });
-  readonly dbInUse = new Gauge({ name: 'etcd_defragd_member_db_size_in_use_bytes', help: 'Member db size in use at the last inspection', labelNames: ['member'], registers: [this.registry] });
-  readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'dbSize / the member quota at the last inspection', labelNames: ['member'], registers: [this.registry] });
-  readonly alarms = new Gauge({ name: 'etcd_defragd_alarms', help: 'Alarms raised in the cluster at the last check', labelNames: ['alarm'], registers: [this.registry] });
-  readonly nextRun = new Gauge({ name: 'etcd_defragd_next_run_timestamp_seconds', help: 'When the next scheduled run starts', registers: [this.registry] });
-  readonly integrityFailures = new Counter({ name: 'etcd_defragd_integrity_failures_total', help: 'HashKV mismatches found after a defragment', registers: [this.registry] });
-  readonly disarms = new Counter({ name: 'etcd_defragd_nospace_disarms_total', help: 'NOSPACE alarms disarmed by this daemon', registers: [this.registry] });
-  private server: Server | undefined;
+export const OUTCOMES: readonly Outcome[] = ['done', 'not-needed', 'skipped', 'failed'];
+export const MODES = ['scheduled', 'nospace'] as const;
+/**
+ * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps
+ * this list in step with the sources. `other` is a skip without a check.
+ */
+export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'other'] as const;
+export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
 
-  constructor() {
+// prom-client's totals of these are gauges named *_total, which Prometheus reserves for counters;
+// the per-type gauges without the suffix carry the same numbers (sum() them).
+const MISNAMED_DEFAULTS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
+
+export class Metrics {
+  /** etcd_defragd_* only: what the textfile collector gets (node_exporter has its own process_*). */
+  readonly own = new Registry();
+  /** Node's process and runtime metrics under their conventional names. */
+  private readonly runtime = new Registry();
+  readonly registry: Registry;
+  private readonly r = [this.own];
+
+  readonly buildInfo = new Gauge({ name: 'etcd_defragd_build_info', help: 'Always 1; the labels say which etcd-defragd and Node.js run', labelNames: ['version', 'nodejs'], registers: this.r });
+  readonly startTime = new Gauge({ name: 'etcd_defragd_start_time_seconds', help: 'When this daemon started (for alerts that must not fire before it had a chance to run)', registers: this.r });
+  readonly lastRunTime = new Gauge({ name: 'etcd_defragd_last_run_timestamp_seconds', help: 'When the last run ended, whatever its outcome', registers: this.r });
+  readonly lastSuccessTime = new Gauge({ name: 'etcd_defragd_last_success_timestamp_seconds', help: 'When the last run ended done or not-needed (0: none since start)', registers: this.r });
+  readonly lastRunResult = new Gauge({ name: 'etcd_defragd_last_run_result', help: '1 for the outcome of the last run, 0 for the others', labelNames: ['outcome'], registers: this.r });
+  readonly runs = new Counter({ name: 'etcd_defragd_runs_total', help: 'Runs by outcome and mode', labelNames: ['outcome', 'mode'], registers: this.r });
+  readonly skips = new Counter({ name: 'etcd_defragd_skipped_runs_total', help: 'Skipped runs by the check that stopped them', labelNames: ['check'], registers: this.r });
+  readonly defrags = new Counter({ name: 'etcd_defragd_defrags_total', help: 'Defragments of the local member by result', labelNames: ['result'], registers: this.r });
+  readonly reclaimed = new Counter({ name: 'etcd_defragd_reclaimed_bytes_total', help: 'Bytes of db file given back by defragments', registers: this.r });
+  readonly duration = new Histogram({ name: 'etcd_defragd_defrag_duration_seconds', help: 'Time a defragment took, until the member caught up', buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], registers: this.r });
+  readonly dbSize = new Gauge({ name: 'etcd_defragd_member_db_size_bytes', help: 'Db file size of the local member at the last inspection', labelNames: ['member'], registers: this.r });
+  readonly dbInUse = new Gauge({ name: 'etcd_defragd_member_db_size_in_use_bytes', help: 'Db size in use (live data) of the local member at the last inspection', labelNames: ['member'], registers: this.r });
+  readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'Db file size / quota of the local member at the last inspection', labelNames: ['member'], registers: this.r });
+  readonly quotaBytes = new Gauge({ name: 'etcd_defragd_member_quota_bytes', help: "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)", labelNames: ['member'], registers: this.r });
+  readonly defragmenting = new Gauge({ name: 'etcd_defragd_member_defragmenting', help: '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)', labelNames: ['member'], registers: this.r });
+  readonly alarms = new Gauge({ name: 'etcd_defragd_alarms', help: 'Alarms raised in the cluster at the last check', labelNames: ['alarm'], registers: this.r });
+  readonly nextRun = new Gauge({ name: 'etcd_defragd_next_run_timestamp_seconds', help: 'When the next scheduled run starts', registers: this.r });
+  readonly scheduleInterval = new Gauge({ name: 'etcd_defragd_schedule_interval_seconds', help: 'Time between the next two scheduled runs (for "no success for 2x the schedule" alerts)', registers: this.r });
+  readonly integrityFailures = new Counter({ name: 'etcd_defragd_integrity_failures_total', help: 'HashKV mismatches found after a defragment', registers: this.r });
+  readonly disarms = new Counter({ name: 'etcd_defragd_nospace_disarms_total', help: 'NOSPACE alarms disarmed by this daemon', registers: this.r });
+  // Read at scrape (and textfile) time: the turn changes inside a run, between our updates.
+  readonly turnHeld: Gauge = new Gauge({ name: 'etcd_defragd_turn_held', help: '1 while this daemon holds the cluster-wide turn', registers: this.r, collect: () => this.turnHeld.set(this.turnProbe() ? 1 : 0) });
+  readonly paused = new Gauge({ name: 'etcd_defragd_paused', help: '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read', registers: this.r });
+  readonly halted = new Gauge({ name: 'etcd_defragd_halted', help: '1 while defragmentation is halted after an integrity mismatch, as last read', registers: this.r });
+
+  private server: Server | undefined;
+  private member: string | undefined;
+  private defragInFlight = false;
+  private turnProbe: () => boolean = () => false;
+
+  constructor(version = 'unknown') {
     // The event-loop delay monitor samples every 10ms by default: a wake-up 100 times a second in a
     // daemon that is idle for hours. One sample a second is plenty here.
-    collectDefaultMetrics({ register: this.registry, prefix: 'etcd_defragd_', eventLoopMonitoringPrecision: 1000 });
-    this.alarms.set({ alarm: 'NOSPACE' }, 0);
-    this.alarms.set({ alarm: 'CORRUPT' }, 0);
+    collectDefaultMetrics({ register: this.runtime, eventLoopMonitoringPrecision: 1000 });
+    for (const name of MISNAMED_DEFAULTS) this.runtime.removeSingleMetric(name);
+    this.registry = Registry.merge([this.own, this.runtime]);
+    this.buildInfo.set({ version, nodejs: process.version }, 1);
+    for (const o of OUTCOMES) {
+      this.lastRunResult.set({ outcome: o }, 0);
+      for (const mode of MODES) this.runs.inc({ outcome: o, mode }, 0);
+    }
+    for (const check of SKIP_CHECKS) this.skips.inc({ check }, 0);
+    for (const result of ['ok', 'failed']) this.defrags.inc({ result }, 0);
+    for (const alarm of ALARMS) this.alarms.set({ alarm }, 0);
+    this.lastSuccessTime.set(0);
+    this.startTime.set(Math.floor(Date.now() / 1000));
+    this.paused.set(0);
+    this.halted.set(0);
+  }
+
+  /** Where to read whether this daemon holds the turn (the Turn is rebuilt on reload). */
+  watchTurn(held: () => boolean): void {
+    this.turnProbe = held;
   }
 
   recordRun(outcome: Outcome, mode: string, check?: string): void {
     this.runs.inc({ outcome, mode });
-    if (outcome === 'skipped') this.skips.inc({ check: check ?? 'other' });
+    if (outcome === 'skipped') this.skips.inc({ check: (SKIP_CHECKS as readonly string[]).includes(check ?? '') ? check! : 'other' });
     if (check === 'integrity') this.integrityFailures.inc();
-    this.lastRunTime.set(Date.now() / 1000);
-    for (const o of ['done', 'not-needed', 'skipped', 'failed']) this.lastRunResult.set({ outcome: o }, o === outcome ? 1 : 0);
+    const now = Date.now() / 1000;
+    this.lastRunTime.set(now);
+    if (outcome === 'done' || outcome === 'not-needed') this.lastSuccessTime.set(now);
+    for (const o of OUTCOMES) this.lastRunResult.set({ outcome: o }, o === outcome ? 1 : 0);
   }
 
+  /** The local member only: the other members' daemons export theirs. */
   recordView(view: ClusterView): void {
-    for (const m of view.members) {
-      if (!m.status) continue;
-      this.dbSize.set({ member: m.hex }, m.status.dbSize);
-      this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
-      if (m.quotaBytes) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / m.quotaBytes);
-    }
+    const m = view.local;
+    if (this.member !== undefined && this.member !== m.hex) this.forgetMember();
+    this.member = m.hex;
+    // The quota the inspection judged the member by (etcd's own, or policy.quotaBytes); none when unknown.
+    const quota = m.quotaBytes;
+    if (quota) this.quotaBytes.set({ member: m.hex }, quota);
+    else this.quotaBytes.remove({ member: m.hex });
+    this.defragmenting.set({ member: m.hex }, this.defragInFlight || m.defragmenting ? 1 : 0);
+    if (!m.status) return;
+    this.dbSize.set({ member: m.hex }, m.status.dbSize);
+    this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
+    if (quota) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);
+    else this.quotaUsage.remove({ member: m.hex });
+  }
+
+  /** The member this daemon owned is gone (replaced, or another endpoint after a reload): drop its series. */
+  forgetMember(): void {
+    const member = this.member;
+    if (member === undefined) return;
+    for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove({ member });
+    this.member = undefined;
+  }
+
+  defragStarted(member: string): void {
+    this.defragInFlight = true;
+    if (member === this.member) this.defragmenting.set({ member }, 1);
+  }
+
+  defragEnded(member: string): void {
+    this.defragInFlight = false;
+    if (member === this.member) this.defragmenting.set({ member }, 0);
   }
 
   recordAlarms(alarms: { alarm: string }[]): void {
-    for (const name of ['NOSPACE', 'CORRUPT']) this.alarms.set({ alarm: name }, alarms.filter((a) => a.alarm === name).length);
+    for (const name of ALARMS) this.alarms.set({ alarm: name }, alarms.filter((a) => a.alarm === name).length);
+  }
+
+  recordControl(c: { paused: boolean; halted: boolean }): void {
+    this.paused.set(c.paused ? 1 : 0);
+    this.halted.set(c.halted ? 1 : 0);
+  }
+
+  recordSchedule(next: Date | undefined, after: Date | undefined): void {
+    if (next) this.nextRun.set(next.getTime() / 1000);
+    if (next && after) this.scheduleInterval.set((after.getTime() - next.getTime()) / 1000);
   }
 
   async listen(address: string): Promise<string> {

@@ -4,6 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
+import { describeHalt, describePause, haltKey, readControl } from './control.ts';
 import { classify, type EtcdMember, type EtcdPool, type MemberStatus, type RetryHooks } from './etcd.ts';
 import type { ICompare, IRequestOp } from 'etcd3';
 import { DefragdError, EXIT, errorMessage } from './errors.ts';
@@ -46,6 +47,7 @@ export interface PassDeps {
   /** Called with every fresh inspection (the daemon keeps its endpoint list from it). */
   seen?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
+  onDefragStart?: (member: string) => void;
   /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
   revisions?: RevisionLog;
 }
@@ -125,9 +127,9 @@ async function passSteps(run: Run): Promise<PassResult> {
     run.mode = 'scheduled';
   }
 
-  // an integrity mismatch anywhere halts every daemon until an operator has looked
-  const halted = await readHalt(deps);
-  if (halted) return skip(halted, { check: 'halt', member: view.local.hex, view });
+  // an integrity mismatch anywhere halts every daemon until an operator has looked; a pause too
+  const stop = await readStop(deps);
+  if (stop) return skip(stop.reason, { check: stop.check, member: view.local.hex, view });
 
   // gate (a member that etcd says is defragmenting is waited for once we hold the turn; a member
   // that answers nothing is down, and the run skips)
@@ -202,9 +204,9 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   const { deps, opts } = run;
   const c = deps.config;
   const turn = deps.turn!;
-  // A halt written while we waited for the turn (by the holder before us) stops us too.
-  const halted = await readHalt(deps);
-  if (halted) return skip(halted, { check: 'halt', member: view.local.hex, view });
+  // A halt written while we waited for the turn (by the holder before us), or a pause, stops us too.
+  const stop = await readStop(deps);
+  if (stop) return skip(stop.reason, { check: stop.check, member: view.local.hex, view });
 
   // A holder that died mid-defrag leaves the defrag running inside etcd: wait until no member is
   // defragmenting, then look again with the turn in hand - the cluster may have changed.
@@ -250,7 +252,7 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   return defragmentLocal(deps, view, opts);
 }
 
-export const haltKey = (c: Config) => `${c.coordination.prefix}halt`;
+export { haltKey };
 /**
  * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
  * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
@@ -277,32 +279,27 @@ export async function fuseBlown(client: EtcdMember, c: Config, hooks: RetryHooks
   return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
 }
 
-async function readHalt(deps: PassDeps): Promise<string | undefined> {
-  const key = haltKey(deps.config);
+/** Why no run may go now: an integrity halt (the key, or a blown fuse), or an operator's pause (src/control.ts). */
+async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
+  const hooks = { log: deps.log, signal: deps.signal };
   const client = deps.pool.get(deps.config.etcd.endpoint);
-  const value = await client.get(key, { log: deps.log, signal: deps.signal });
+  const { pause, halt } = await readControl(client, deps.config, hooks);
+  const resume = 'after checking the members, resume with: etcd-defragd resume --integrity-checked';
+  if (halt) return { check: 'halt', reason: `defragmentation is halted after an integrity mismatch: ${describeHalt(halt)}; ${resume}` };
   // A dry run (no turn) writes nothing: it neither arms the fuse nor turns a blown one into the key.
   const writes = deps.turn !== undefined;
-  if (value === undefined) {
-    const fuse = await fuseBlown(client, deps.config, { log: deps.log, signal: deps.signal });
-    if (!fuse.armed) {
-      if (writes) await armHaltFuse(deps.pool, deps.config);
-      return undefined;
-    }
-    if (!fuse.blown) return undefined;
+  const fuse = await fuseBlown(client, deps.config, hooks);
+  if (!fuse.armed && writes) await armHaltFuse(deps.pool, deps.config);
+  if (fuse.blown) {
     const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
     if (writes) {
       await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
-        [putOp(key, JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+        [putOp(haltKey(deps.config), JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
     }
-    return `defragmentation is halted: ${reason}; after checking the members, resume with: etcdctl del ${key}`;
+    return { check: 'halt', reason: `defragmentation is halted: ${reason}; ${resume}` };
   }
-  let what = value;
-  try {
-    const h = JSON.parse(value) as { reason?: string; at?: string };
-    what = `${h.reason ?? value}${h.at ? ` (at ${h.at})` : ''}`;
-  } catch { /* a hand-written key: show it as is */ }
-  return `defragmentation is halted after an integrity mismatch: ${what}; after checking the members, resume with: etcdctl del ${key}`;
+  if (pause) return { check: 'pause', reason: `defragmentation is ${describePause(pause)}; resume with: etcd-defragd resume` };
+  return undefined;
 }
 
 /** Stops the round on every node: the others find this key (or the blown fuse) and skip until an operator deletes it. */
@@ -512,6 +509,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   const client = deps.pool.get(local.endpoint);
   const before = local.status!;
   const t0 = deps.clock.now();
+  deps.onDefragStart?.(local.hex);
   log.info({ event: 'defrag.start', member: local.hex, endpoint: local.endpoint, beforeBytes: before.dbSize, inUseBytes: before.dbSizeInUse },
     `defragmenting member ${memberLabel(local)}: ${formatBytes(before.dbSize)} on disk, ${formatBytes(before.dbSizeInUse)} in use`);
   let failure: string | undefined;

@@ -1,5 +1,6 @@
 // The command line as a user meets it: config errors exit 78 with one line, bad usage 64.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -49,5 +50,24 @@ describe('command line', () => {
     assert.equal((await runCli(['frobnicate'])).code, 64);
     assert.equal((await runCli(['status', '--dry-run'])).code, 64);
     assert.equal((await runCli(['--no-such-flag'])).code, 64);
+  });
+
+  it('status --json against a dead endpoint: stdout is JSON describing the failure, logs on stderr', async () => {
+    const path = cfg('dead', 'etcd:\n  endpoint: http://127.0.0.1:1\nretry:\n  attempts: 2\n  minDelay: 100ms\n');
+    const r = await runCli(['status', '--json', '--config', path]);
+    assert.equal(r.code, 75, r.stdout + r.stderr);
+    const jq = spawnSync('jq', ['-e', '.error.code'], { input: r.stdout, encoding: 'utf8' });
+    assert.equal(jq.status, 0, `jq: ${jq.stderr}\nstdout was:\n${r.stdout}`);
+    assert.equal(jq.stdout.trim(), '"EDD_UNAVAILABLE"');
+    assert.equal(JSON.parse(r.stdout).endpoint, 'http://127.0.0.1:1');
+    assert.match(r.stderr, /"event":"etcd\.retry"/, 'the retries are logged, on stderr');
+    assert.match(r.stderr, /EDD_UNAVAILABLE/);
+  });
+
+  it('every command keeps stdout for machine output: check-config and --version print no log line', async () => {
+    const r = await runCli(['check-config', '--config', cfg('ok2', 'etcd:\n  endpoint: http://127.0.0.1:2379\n')]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stderr, '');
+    assert.doesNotMatch(r.stdout, /"level":/);
   });
 });

@@ -209,7 +209,7 @@ for (const version of versionsUnderTest()) {
         writeConfig(cluster, m, { schedule: { cron: '30 1 * * *' }, log: { format: 'auto' } }, 'hup.yaml');
         d.child.kill('SIGHUP');
         await d.waitForLine(/^<6>config reloaded; next run \S+T01:30:00/, 10_000);
-        for (const l of d.stdoutLines) assert.match(l, /^<[2-7]>/, `every line carries a priority: ${l}`);
+        for (const l of d.lines) assert.match(l.line, /^<[2-7]>/, `every line carries a priority: ${l.line}`);
       } finally {
         await stopAll([d]);
       }

@@ -200,7 +200,7 @@ for (const version of versionsUnderTest()) {
         const next = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
         assert.equal(next.outcome, 'skipped');
         assert.equal(next.check, 'halt');
-        assert.match(next.reason, /halted after an integrity mismatch: .*resume with: etcdctl del \/etcd-defragd\/halt/);
+        assert.match(next.reason, /halted after an integrity mismatch: .*resume with: etcd-defragd resume --integrity-checked/);
         await c.client().delete().key('/etcd-defragd/halt').exec();
         const resumed = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
         assert.equal(resumed.outcome, 'done');

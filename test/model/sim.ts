@@ -106,11 +106,11 @@ export class Sim {
     const clock = owner.clock();
     const every = this.o.cronEvery ?? 60_000;
     const daemon = new Daemon(config, {
-      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics()),
+      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics('model')),
       pool: () => this.model.pool(owner),
       scheduler: (_cron, _tz, fn) => {
         const t = clock.every(every, fn);
-        return { stop: () => t.cancel(), nextRun: () => undefined };
+        return { stop: () => t.cancel(), nextRuns: () => [] };
       },
     });
     const p: Proc = { name: owner.name, member, owner, kind: 'daemon', daemon };

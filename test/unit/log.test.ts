@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { createLogger, formatLine, resolveFormat } from '../../src/log.ts';
+import { fstatSync } from 'node:fs';
+import { consoleText, createLogger, formatLine, isJournalStream, resolveFormat } from '../../src/log.ts';
 
 function capture(format: 'journal' | 'json' | 'pretty' | 'auto', env: NodeJS.ProcessEnv = {}) {
   const lines: string[] = [];
@@ -41,5 +42,23 @@ describe('log', () => {
   it('formats pretty lines without colors when not on a terminal', () => {
     const line = formatLine({ level: 40, time: 1000, msg: 'hello', event: 'e' }, 'pretty', false);
     assert.equal(line, '00:00:01.000 WARN  hello event=e\n');
+  });
+  it('keeps a crash stack in the journal, every line at the same priority', () => {
+    const { log, lines } = capture('journal');
+    const err = new TypeError('boom');
+    log.fatal({ event: 'crash', err }, 'unexpected error: boom');
+    assert.equal(lines[0], '<2>unexpected error: boom event=crash');
+    assert.equal(lines[1], '<2>TypeError: boom');
+    assert.ok(lines.length > 3 && lines.slice(2).every((l) => /^<2> {4}at /.test(l)), lines.join('\n'));
+  });
+  it('prefixes text written outside the logger only under systemd', () => {
+    assert.equal(consoleText({ JOURNAL_STREAM: '8:1' }, 3, 'bad\nworse'), '<3>bad\n<3>worse\n');
+    assert.equal(consoleText({}, 3, 'bad'), 'bad\n');
+  });
+  it('recognises the journal stream by device and inode, not by the variable alone', () => {
+    assert.equal(isJournalStream(1, {}), false);
+    assert.equal(isJournalStream(1, { JOURNAL_STREAM: '1:1' }), false);
+    const st = fstatSync(2, { bigint: true });
+    assert.equal(isJournalStream(2, { JOURNAL_STREAM: `${st.dev}:${st.ino}` }), true);
   });
 });

@@ -1,0 +1,37 @@
+// Prometheus' own checker (Debian package `prometheus` ships /usr/bin/promtool; .ci/run installs it).
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { parse as parseYaml } from 'yaml';
+import { REPO_ROOT } from './etcd-bin.ts';
+
+/** promtool check metrics on an exposition: exit status and findings. */
+export function promtoolCheck(text: string): { status: number | null; findings: string } {
+  assert.ok(text.length > 0, 'nothing to check (promtool passes an empty input)');
+  return promtool(['check', 'metrics'], text);
+}
+
+export function promtool(args: string[], input?: string): { status: number | null; findings: string } {
+  const r = spawnSync('promtool', args, { input, encoding: 'utf8' });
+  assert.equal(r.error, undefined, `promtool not runnable (apt-get install prometheus): ${r.error?.message}`);
+  return { status: r.status, findings: `${r.stdout}${r.stderr}`.trim() };
+}
+
+/** Metric names in a PromQL expression (ours and the runtime's, by prefix; functions and labels never match). */
+export function metricNames(expr: string): string[] {
+  const noStrings = expr.replace(/"(?:[^"\\]|\\.)*"/g, '""');
+  return [...noStrings.matchAll(/\b((?:etcd_defragd|process|nodejs|node)_[a-zA-Z0-9_:]*)/g)].map((m) => m[1]!);
+}
+
+/** Not ours, queried on purpose: node_exporter's mtime of our textfile. */
+export const EXTERNAL_METRICS = new Set(['node_textfile_mtime_seconds']);
+
+/** Every metric of ours that deploy/ (alert rules and Grafana dashboard) queries. */
+export function queriedMetricNames(): Set<string> {
+  const rules = parseYaml(readFileSync(`${REPO_ROOT}/deploy/prometheus/etcd-defragd-rules.yaml`, 'utf8')) as { groups: { rules: { expr: string }[] }[] };
+  const exprs = rules.groups.flatMap((g) => g.rules.map((r) => r.expr));
+  const d = JSON.parse(readFileSync(`${REPO_ROOT}/deploy/grafana/etcd-defragd-dashboard.json`, 'utf8')) as { panels: { targets?: { expr?: string }[] }[]; templating: { list: { query?: unknown }[] } };
+  exprs.push(...d.panels.flatMap((p) => (p.targets ?? []).map((t) => t.expr ?? '')));
+  for (const v of d.templating.list) if (typeof v.query === 'string') exprs.push(v.query);
+  return new Set(exprs.flatMap(metricNames).filter((n) => !EXTERNAL_METRICS.has(n)));
+}

@@ -1,0 +1,64 @@
+// The shipped alert rules and dashboard: promtool checks and unit-tests the rules, and every metric
+// they query is one etcd-defragd exports (or node_exporter's textfile mtime).
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { parse as parseYaml } from 'yaml';
+import type { MemberStatus } from '../../src/etcd.ts';
+import { Metrics } from '../../src/metrics.ts';
+import { metricNames, promtool, queriedMetricNames } from '../harness/promtool.ts';
+
+const DEPLOY = join(import.meta.dirname, '../../deploy');
+const RULES = join(DEPLOY, 'prometheus/etcd-defragd-rules.yaml');
+const RULE_TESTS = join(DEPLOY, 'prometheus/etcd-defragd-rules.test.yaml');
+const DASHBOARD = join(DEPLOY, 'grafana/etcd-defragd-dashboard.json');
+
+async function exposedNames(): Promise<Set<string>> {
+  const m = new Metrics('0.0.0');
+  m.duration.observe(1);
+  // the member's series appear with the first inspection
+  const local = { id: '10', hex: 'a', name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status: { dbSize: 2, dbSizeInUse: 1 } as MemberStatus, quotaBytes: 100 };
+  m.recordView({ members: [local], local, alarms: [] });
+  const text = await m.registry.metrics();
+  return new Set(text.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]));
+}
+
+describe('shipped rules and dashboard', () => {
+  it('promtool check rules finds no problem', () => {
+    const r = promtool(['check', 'rules', RULES]);
+    assert.equal(r.status, 0, r.findings);
+    assert.match(r.findings, /SUCCESS: \d+ rules found/);
+  });
+
+  it('promtool test rules passes the rules unit tests', () => {
+    const r = promtool(['test', 'rules', RULE_TESTS]);
+    assert.equal(r.status, 0, r.findings);
+    assert.match(r.findings, /SUCCESS/);
+  });
+
+  it('the rules cover what the issue asks for', () => {
+    const doc = parseYaml(readFileSync(RULES, 'utf8')) as { groups: { rules: { alert: string }[] }[] };
+    const alerts = doc.groups.flatMap((g) => g.rules).map((r) => r.alert);
+    for (const a of ['EtcdDefragdNoSuccessfulRun', 'EtcdDefragdRunsSkipped', 'EtcdNoSpaceNotRecovered', 'EtcdDefragdIntegrityHalt', 'EtcdQuotaNearlyFullAfterDefrag']) assert.ok(alerts.includes(a), a);
+  });
+
+  it('every metric the rules and the dashboard query exists', async () => {
+    const exposed = await exposedNames();
+    const names = queriedMetricNames();
+    assert.ok(names.size > 15, [...names].join(', '));
+    const missing = [...names].filter((n) => !exposed.has(n));
+    assert.deepEqual(missing, [], `queried but not exported: ${missing.join(', ')}`);
+  });
+
+  it('the name extraction finds a misspelt metric', () => {
+    assert.deepEqual(metricNames('sum by (check) (increase(etcd_defragd_skiped_runs_total{check!="x_y"}[1h])) / process_cpu_seconds_total'), ['etcd_defragd_skiped_runs_total', 'process_cpu_seconds_total']);
+  });
+
+  it('the dashboard is valid JSON with unique panel ids, all on the datasource variable', () => {
+    const d = JSON.parse(readFileSync(DASHBOARD, 'utf8')) as { panels: { id: number; datasource: { uid: string } }[] };
+    assert.ok(d.panels.length > 10);
+    assert.equal(new Set(d.panels.map((p) => p.id)).size, d.panels.length);
+    for (const p of d.panels) assert.equal(p.datasource.uid, '${datasource}');
+  });
+});
