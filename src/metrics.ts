@@ -15,7 +15,7 @@ export const MODES = ['scheduled', 'nospace'] as const;
  * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps
  * this list in step with the sources. `other` is a skip without a check.
  */
-export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'other'] as const;
+export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'member', 'other'] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
 
 // prom-client's totals of these are gauges named *_total, which Prometheus reserves for counters;
