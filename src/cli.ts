@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
@@ -10,6 +10,7 @@ import { inspect } from './inspect.ts';
 import { createLogger, type Log } from './log.ts';
 import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, type ClusterView } from './policy.ts';
+import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
 import { muteIpServernameWarning } from './warnings.ts';
@@ -24,6 +25,9 @@ Usage:
   etcd-defragd status         show the cluster as etcd-defragd sees it
       --json                  as JSON
   etcd-defragd check-config   validate the config and print the effective values
+  etcd-defragd stage-tls      (systemd, as root) copy the TLS files the config names into the
+                              service's runtime directory
+      --runtime-dir DIR       default $RUNTIME_DIRECTORY, else /run/etcd-defragd
 
 Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
@@ -38,12 +42,12 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'check-config'] as const;
+const COMMANDS = ['run', 'once', 'status', 'check-config', 'stage-tls'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
   command: Command;
-  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean };
+  values: { config?: string; 'runtime-dir'?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean };
 }
 
 function parse(argv: string[]): Parsed {
@@ -54,6 +58,7 @@ function parse(argv: string[]): Parsed {
       allowPositionals: true,
       options: {
         config: { type: 'string' },
+        'runtime-dir': { type: 'string' },
         endpoint: { type: 'string' },
         'log-format': { type: 'string' },
         'log-level': { type: 'string' },
@@ -74,6 +79,7 @@ function parse(argv: string[]): Parsed {
   const command = cmd as Command;
   if ((parsed.values['dry-run'] || parsed.values.force) && command !== 'once') throw new UsageError('--dry-run and --force go with the once command');
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
+  if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls') throw new UsageError('--runtime-dir goes with the stage-tls command');
   return { command, values: parsed.values };
 }
 
@@ -91,9 +97,13 @@ function loadOptions(p: Parsed, env: NodeJS.ProcessEnv): LoadOptions {
   return { path, pathExplicit: Boolean(path), env, flags };
 }
 
+/** Set by the packaged build (scripts/package.ts); absent when run from source or dist/cli.js. */
+declare const __EDD_BUILD__: { version: string; commit: string } | undefined;
+
 function version(): string {
+  if (typeof __EDD_BUILD__ !== 'undefined') return `${__EDD_BUILD__.version} (commit ${__EDD_BUILD__.commit}, Node.js ${process.version})`;
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
+  return `${pkg.version} (commit unknown: not a packaged build, Node.js ${process.version})`;
 }
 
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
@@ -175,6 +185,27 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
   }
 }
 
+/** ExecStartPre=+, ExecReload=+ and etcd-defragd-tls.timer: root copies the files for the sandboxed service. */
+function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
+  if (!existsSync(runtimeDir)) {
+    log.debug({ event: 'tls.stage.skip', runtimeDir }, `${runtimeDir} does not exist (the service is not running): nothing to stage`);
+    return EXIT.ok;
+  }
+  try {
+    const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
+    if (r.written.length || r.removed.length) {
+      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((c) => `-${c}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
+    }
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      log.error({ event: 'tls.stage.fail', code: 'EDD_CONFIG', error: err.message }, `EDD_CONFIG: ${err.message}`);
+      return EXIT.config;
+    }
+    throw err;
+  }
+}
+
 async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
   const daemon = new Daemon(loaded.config, { log, clock: realClock, loadOptions: loadOptions(p, env) });
   let signals = 0;
@@ -223,7 +254,9 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   }
   let loaded: LoadedConfig;
   try {
-    loaded = loadConfig(loadOptions(p, env));
+    // stage-tls copies the files the config names, so it must not see the copies themselves.
+    const { CREDENTIALS_DIRECTORY: _c, RUNTIME_DIRECTORY: _r, ...unstaged } = env;
+    loaded = loadConfig(p.command === 'stage-tls' ? { ...loadOptions(p, unstaged), checkFiles: false } : loadOptions(p, env));
   } catch (err) {
     if (err instanceof UsageError) {
       process.stderr.write(`etcd-defragd: ${err.message}\n`);
@@ -243,6 +276,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
   const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
   try {
+    if (p.command === 'stage-tls') return stageTls(loaded, log, p.values['runtime-dir'] ?? env.RUNTIME_DIRECTORY?.split(':')[0] ?? '/run/etcd-defragd');
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
     return await run(loaded, log, p, env);

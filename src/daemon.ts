@@ -10,6 +10,7 @@ import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { runPass, type Clock, type HashKVFn, type PassResult } from './pass.ts';
 import type { ClusterView } from './policy.ts';
+import { TlsWatch } from './tls-files.ts';
 import { Turn } from './turn.ts';
 
 export interface DaemonDeps {
@@ -38,6 +39,8 @@ export class Daemon {
   private alarmEpisode: { defragged: boolean } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
+  /** Renewed certificates (kubeadm certs renew, or a fresh staged copy) reconnect the clients. */
+  private readonly tls: TlsWatch;
   readonly metrics = new Metrics();
   metricsAddress: string | undefined;
 
@@ -45,6 +48,15 @@ export class Daemon {
     this.config = config;
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
+    this.tls = new TlsWatch(config);
+  }
+
+  /** Before each run and alarm check: new certificate files mean new connections (between runs). */
+  private refreshTls(): void {
+    if (!this.tls.changed()) return;
+    this.deps.log.info({ event: 'tls.changed' }, 'the TLS files changed on disk: reconnecting with them');
+    if (this.running) this.reconnectPending = true;
+    else this.reloadConnections();
   }
 
   private newTurn(): Turn {
@@ -107,6 +119,7 @@ export class Daemon {
   /** Starts a run now, or after the current one (never two runs of one daemon at once). */
   trigger(mode: Mode): void {
     if (this.stopping) return;
+    this.refreshTls();
     if (this.running) {
       if (mode === 'nospace' || !this.pending) this.pending = mode;
       return;
@@ -180,6 +193,7 @@ export class Daemon {
   /** Reads the alarm list; NOSPACE starts a recovery run at once, CORRUPT is reported every check. */
   private async checkAlarms(): Promise<void> {
     if (this.stopping) return;
+    this.refreshTls();
     let alarms;
     try {
       alarms = await this.turnEndpointsAlarms();
@@ -224,8 +238,9 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
+    const tlsChanged = this.tls.reset(next);
     this.deps.log.level = next.log.level; // log.format applies at the next start
-    const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
+    const accessChanged = tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
     if (accessChanged || turnChanged) {
       if (!this.running) this.reloadConnections();
