@@ -26,7 +26,7 @@ export interface BenchOptions {
   quotaFactor: number;
   /** NOSPACE scenario: nospace.checkInterval of the daemons (undefined: the daemon's default). */
   nospaceCheckMs: number | undefined;
-  /** NOSPACE scenario: also run the daemons with nobody else compacting (defaults, and nospace.compact: true). */
+  /** NOSPACE scenario: also run the daemons with nospace.compact: false after a hand compaction. */
   nospaceCompact: boolean;
   /** NOSPACE scenario: how long the old cron's aftermath is watched after its defrag ended. */
   cronObserveMs: number;
@@ -49,7 +49,7 @@ export const USAGE = `npm run bench -- [options]
   --reclaim SIZE        reclaimable space per defrag scenario (default 400MiB; quick 64MiB)
   --rate N              writes per second over the cluster (default 100)
   --nospace-check DUR   nospace.checkInterval of the daemons in scenario (d) (default: the daemon's default, 30s)
-  --nospace-compact     scenario (d) also with nobody compacting: the daemons' defaults, and nospace.compact: true
+  --nospace-compact     scenario (d) also with nospace.compact: false after a hand compaction (v0.1's assumption)
   --only LIST           run only these scenarios, comma separated: a,b,c,d,idle (default all; (a) is the baseline of the ratios)
   --out FILE            also write the Markdown here (default bench/results/latest.md; with --quick bench/results/quick.md)
   -h, --help            this help`;

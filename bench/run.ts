@@ -46,8 +46,7 @@ async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', builds: Bu
   if (sc.has('d')) {
     await step('(d) daemon', async () => void r.nospace.push(await scenarioD(ctx, 'daemon')));
     if (opts.nospaceCompact) {
-      await step('(d) daemon, nobody compacts', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-nocompact')));
-      await step('(d) daemon, nospace.compact', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-compact')));
+      await step('(d) daemon, nospace.compact: false, compacted by hand', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-nocompact')));
     }
     await step('(d) cron', async () => void r.nospace.push(await scenarioD(ctx, 'cron')));
   }

@@ -282,14 +282,14 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
 // (d) NOSPACE
 
 /**
- * daemon: etcd-defragd with its defaults, after the history was compacted (what the guidance and
- * the daemon's nospace.compact: false assume: someone else compacts).
- * daemon-compact: etcd-defragd with nospace.compact: true and nobody else compacting.
- * daemon-nocompact: etcd-defragd with its defaults and nobody compacting (the API server cannot:
- * its compaction starts with a Txn that carries a Put, which NOSPACE refuses).
- * cron: the old cron line, after the same compaction.
+ * daemon: etcd-defragd with its defaults (quota read from etcd, NOSPACE compaction on) and nobody
+ * else compacting: the API server cannot (its compaction starts with a Txn that carries a Put,
+ * which NOSPACE refuses). This is the seed's incident.
+ * daemon-nocompact: etcd-defragd with nospace.compact: false, after an operator compacted the
+ * history by hand (what v0.1 assumed).
+ * cron: the old cron line, after the same hand compaction (without it, it never recovers).
  */
-export type NoSpaceVariant = 'daemon' | 'daemon-compact' | 'daemon-nocompact' | 'cron';
+export type NoSpaceVariant = 'daemon' | 'daemon-nocompact' | 'cron';
 
 export interface NoSpaceRun {
   variant: NoSpaceVariant;
@@ -350,13 +350,12 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
   const { opts } = ctx;
   const label = `(d ${variant})`;
   const titles: Record<NoSpaceVariant, string> = {
-    daemon: 'etcd-defragd (defaults)',
-    'daemon-compact': 'etcd-defragd, nospace.compact: true, nobody else compacts',
-    'daemon-nocompact': 'etcd-defragd (defaults), nobody compacts',
+    daemon: 'etcd-defragd (defaults), nobody else compacts',
+    'daemon-nocompact': 'etcd-defragd, nospace.compact: false, history compacted by hand',
     cron: 'old cron: `etcdctl defrag --cluster`',
   };
   const title = titles[variant];
-  const externalCompaction = variant === 'daemon' || variant === 'cron';
+  const externalCompaction = variant === 'daemon-nocompact' || variant === 'cron';
   const quota = Math.ceil((opts.inUseBytes * opts.quotaFactor) / MiB) * MiB;
   const { cluster, fill: f } = await freshCluster(ctx, label, 0, { quotaBytes: quota });
   let daemons: CliProcess[] = [];
@@ -365,15 +364,15 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
     if (variant !== 'cron') {
       const nospace: Record<string, unknown> = {};
       if (opts.nospaceCheckMs !== undefined) nospace.checkInterval = `${opts.nospaceCheckMs}ms`;
-      if (variant === 'daemon-compact') nospace.compact = true;
+      if (variant === 'daemon-nocompact') nospace.compact = false;
+      // No policy.quotaBytes: the daemons read each member's quota from etcd.
       const settings: Settings = {
         schedule: { cron: NEVER },
-        policy: { quotaBytes: quota },
         metrics: { listen: '' },
         ...(Object.keys(nospace).length ? { nospace } : {}),
       };
       checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace.checkInterval;
-      ctx.log(`${label}: starting three daemons (policy.quotaBytes ${fmtBytes(quota)}, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
+      ctx.log(`${label}: starting three daemons (quota ${fmtBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
       daemons = await startDaemons(cluster, settings, ctx.cliJs);
     }
     const load = startWriteLoad(cluster, { ratePerSec: opts.ratePerSec, deadlineMs: opts.deadlineMs });
@@ -439,7 +438,7 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
         ctx.log(`${label}: compacted at revision ${st.header.revision}; API-server-style compaction txn: ${k8sCompactor}`);
       } else {
         compactAt = now();
-        ctx.log(`${label}: nobody compacts (nospace.compact: ${variant === 'daemon-compact'}); API-server-style compaction txn: ${k8sCompactor}`);
+        ctx.log(`${label}: nobody else compacts; API-server-style compaction txn: ${k8sCompactor}`);
       }
 
       const firstOk = (): number | undefined => {

@@ -9,7 +9,7 @@ import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './err
 import { inspect } from './inspect.ts';
 import { createLogger, type Log } from './log.ts';
 import { exitCodeFor, realClock, runPass } from './pass.ts';
-import { decide, healthGate, type ClusterView } from './policy.ts';
+import { decide, healthGate, hexId, quotaMismatch, type ClusterView, type Decision, type MemberView } from './policy.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
@@ -21,8 +21,10 @@ Usage:
   etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics
   etcd-defragd once           one gated pass now (exit 0 done or not needed, 75 skipped, 1 failed)
       --dry-run               decide and report, change nothing
-      --force                 defragment even when not needed (policy.force)
-  etcd-defragd status         show the cluster as etcd-defragd sees it
+      --force                 defragment even when not needed (policy.force); the only
+                              voting member of a cluster still needs policy.singleMember
+  etcd-defragd status         show the cluster as etcd-defragd sees it: sizes, each member's
+                              quota (from etcd) and whether it is defragmenting now
       --json                  as JSON
   etcd-defragd check-config   validate the config and print the effective values
   etcd-defragd stage-tls      (systemd, as root) copy the TLS files the config names into the
@@ -136,49 +138,80 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
   }
 }
 
+const QUOTA_FROM: Record<string, string> = { status: 'etcd Status', metrics: 'etcd /metrics', config: 'policy.quotaBytes' };
+
+function quotaCell(m: MemberView): string {
+  if (m.quotaBytes === undefined) return 'unknown';
+  return `${formatBytes(m.quotaBytes)} (${m.quotaSource === 'config' ? 'config' : 'etcd'})`;
+}
+
+function defragCell(m: MemberView): string {
+  if (m.defragmenting === true) return 'yes';
+  if (m.defragmenting === false) return 'no';
+  return '?';
+}
+
+function decisionOf(m: MemberView, c: LoadedConfig['config']): Decision | undefined {
+  return m.status ? decide(m.status, c.policy, m.quotaBytes ?? 0) : undefined;
+}
+
 function statusTable(view: ClusterView, loaded: LoadedConfig): string {
   const c = loaded.config;
-  const rows = [['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'APPLIED', 'DECISION']];
+  const rows = [['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'QUOTA USE', 'DEFRAGMENTING', 'APPLIED', 'DECISION']];
   for (const m of view.members) {
     const s = m.status;
     const role = m.isLearner ? 'learner' : s ? (s.leader === m.id ? 'leader' : 'follower') : '?';
-    const d = s ? decide(s, c.policy) : undefined;
+    const d = decisionOf(m, c);
     rows.push([
       `${m.hex}${m.isLocal ? ' *' : ''}`, m.name || '-', m.endpoint, role,
       s ? formatBytes(s.dbSize) : '-', s ? formatBytes(s.dbSizeInUse) : '-',
-      d ? formatPercent(d.fragmentation) : '-', d ? formatPercent(d.quotaUsage) : '-',
+      d ? formatPercent(d.fragmentation) : '-', quotaCell(m), d && m.quotaBytes ? formatPercent(d.quotaUsage) : '-', defragCell(m),
       s ? s.raftAppliedIndex.toString() : `unreachable: ${m.error ?? ''}`.slice(0, 60),
       m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
     ]);
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   const lines = rows.map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
-  lines.push('', `alarms: ${view.alarms.length ? view.alarms.map((a) => `${a.alarm} on ${BigInt(a.memberId).toString(16)}`).join(', ') : 'none'}`);
+  lines.push('', `alarms: ${view.alarms.length ? view.alarms.map((a) => `${a.alarm} on ${hexId(a.memberId)}`).join(', ') : 'none'}`);
   const gate = healthGate(view, c);
   lines.push(`health: ${gate ? `not safe to defragment: ${gate.reason}` : 'ok'}`);
-  lines.push('(* = the local member, from etcd.endpoint)');
+  for (const m of view.members) {
+    const warning = quotaMismatch(m) ?? (m.quotaBytes === undefined && m.status ? m.quotaError : undefined);
+    if (warning) lines.push(`warning: ${warning}`);
+  }
+  lines.push('(* = the local member, from etcd.endpoint; QUOTA: etcd = the member\'s own --quota-backend-bytes, config = policy.quotaBytes;',
+    ' DEFRAGMENTING: etcd_disk_defrag_inflight from the member\'s /metrics, ? = could not be read)');
   return lines.join('\n');
+}
+
+function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
+  return {
+    local: view.local.hex,
+    alarms: view.alarms.map((a) => ({ member: hexId(a.memberId), alarm: a.alarm })),
+    health: healthGate(view, loaded.config) ?? null,
+    members: view.members.map((m) => ({
+      id: m.hex, name: m.name, endpoint: m.endpoint, local: m.isLocal, learner: m.isLearner, error: m.error ?? null,
+      quota: {
+        bytes: m.quotaBytes ?? null,
+        source: m.quotaSource ?? null,
+        sourceDetail: m.quotaSource ? QUOTA_FROM[m.quotaSource] : null,
+        etcdBytes: m.etcdQuotaBytes ?? null,
+        warning: quotaMismatch(m) ?? (m.quotaBytes === undefined ? m.quotaError ?? null : null),
+      },
+      defragmenting: m.defragmenting ?? null,
+      metricsError: m.metricsError ?? null,
+      status: m.status ? { ...m.status, raftIndex: m.status.raftIndex.toString(), raftAppliedIndex: m.status.raftAppliedIndex.toString(), raftTerm: m.status.raftTerm.toString(), revision: m.status.revision.toString(), leader: hexId(m.status.leader), memberId: m.hex } : null,
+      decision: decisionOf(m, loaded.config) ?? null,
+    })),
+  };
 }
 
 async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const pool = new ClientPool(accessFromConfig(loaded.config));
   try {
-    const view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health` });
-    if (p.values.json) {
-      const json = JSON.stringify({
-        local: view.local.hex,
-        alarms: view.alarms.map((a) => ({ member: BigInt(a.memberId).toString(16), alarm: a.alarm })),
-        health: healthGate(view, loaded.config) ?? null,
-        members: view.members.map((m) => ({
-          id: m.hex, name: m.name, endpoint: m.endpoint, local: m.isLocal, learner: m.isLearner, error: m.error ?? null,
-          status: m.status ? { ...m.status, raftIndex: m.status.raftIndex.toString(), raftAppliedIndex: m.status.raftAppliedIndex.toString(), raftTerm: m.status.raftTerm.toString(), revision: m.status.revision.toString(), leader: BigInt(m.status.leader).toString(16), memberId: m.hex } : null,
-          decision: m.status ? decide(m.status, loaded.config.policy) : null,
-        })),
-      }, null, 2);
-      process.stdout.write(`${json}\n`);
-    } else {
-      process.stdout.write(`${statusTable(view, loaded)}\n`);
-    }
+    const view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health`, quotaBytes: loaded.config.policy.quotaBytes });
+    if (p.values.json) process.stdout.write(`${JSON.stringify(statusJson(view, loaded), null, 2)}\n`);
+    else process.stdout.write(`${statusTable(view, loaded)}\n`);
     return EXIT.ok;
   } finally {
     pool.close();
@@ -269,12 +302,15 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     throw err;
   }
   if (p.command === 'check-config') {
+    for (const w of loaded.warnings) process.stderr.write(`etcd-defragd: warning: ${w}\n`);
     process.stdout.write(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
     return EXIT.ok;
   }
   // gRPC's own logging is muted unless debugging: its messages repeat ours with less context.
   if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
   const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
+  // stage-tls runs right before `run` at every start: the warnings are run's to tell.
+  if (p.command !== 'stage-tls') for (const w of loaded.warnings) log.warn({ event: 'config.warning' }, `config: ${w}`);
   try {
     if (p.command === 'stage-tls') return stageTls(loaded, log, p.values['runtime-dir'] ?? env.RUNTIME_DIRECTORY?.split(':')[0] ?? '/run/etcd-defragd');
     if (p.command === 'once') return await once(loaded, log, p);

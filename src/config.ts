@@ -28,14 +28,17 @@ export interface Config {
     force: boolean;
     minFragmentation: number;
     minReclaimable: number;
-    quotaBytes: number;
+    /** 'auto': each member's own --quota-backend-bytes, read from etcd. */
+    quotaBytes: number | 'auto';
+    /** Defragment a cluster's only voting member on schedule / `once` (stops the API server meanwhile). */
+    singleMember: boolean;
     quotaUsageTrigger: number;
     freeDiskMargin: number;
   };
   health: { maxRaftLag: number };
   coordination: { prefix: string; leaseTTL: number; maxWait: number; settle: number; leader: 'transfer' | 'last' };
   retry: { attempts: number; minDelay: number; maxDelay: number };
-  nospace: { checkInterval: number; compact: boolean; keepRevisions: number; disarm: boolean; disarmBelow: number };
+  nospace: { checkInterval: number; compact: boolean; keepHistory: number; compactTimeout: number; disarm: boolean; disarmBelow: number };
   verify: { hashKV: boolean };
   metrics: { listen: string };
   log: { level: LogLevel; format: LogFormat };
@@ -79,6 +82,15 @@ const size = (min = 0): Kind => ({
     if (bytes !== undefined) return bytes < min ? bad('must be above zero') : ok(bytes);
     const unit = typeof raw === 'string' ? raw.trim().match(/^\d+(?:\.\d+)?\s*([A-Za-z]+)$/)?.[1] : undefined;
     return bad(unit ? `has an unknown unit "${unit}"` : 'is not a size');
+  },
+});
+
+/** A size, or `auto`: the value is read from etcd. */
+const sizeOrAuto = (min = 0): Kind => ({
+  accepted: `auto (read each member's --quota-backend-bytes from etcd), or ${size(min).accepted}`,
+  parse(raw) {
+    if (raw === 'auto') return ok('auto');
+    return size(min).parse(raw);
   },
 });
 
@@ -202,9 +214,10 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     force: { default: false, kind: boolean, doc: 'defragment on every run, as the old cron did' },
     minFragmentation: { default: 0.3, kind: ratio({ zero: true }), doc: '(dbSize - dbSizeInUse) / dbSize needed to defragment' },
     minReclaimable: { default: '64MiB', kind: size(), doc: 'and at least this much to reclaim' },
-    quotaBytes: { default: '2GiB', kind: size(1), doc: "the members' --quota-backend-bytes" },
+    quotaBytes: { default: 'auto', kind: sizeOrAuto(1), doc: "auto: each member's --quota-backend-bytes, read from etcd; a size overrides it" },
     quotaUsageTrigger: { default: 0.8, kind: ratio({ zero: false }), doc: 'defragment anyway when dbSize / quotaBytes reaches this' },
     freeDiskMargin: { default: '256MiB', kind: size(), doc: 'free disk needed beyond the in-use size before defragmenting' },
+    singleMember: { default: false, kind: boolean, doc: "defragment a cluster's only voting member (the API server stops meanwhile)" },
   },
   health: {
     maxRaftLag: { default: 1000, kind: integer(0), doc: 'applied-index distance tolerated between members' },
@@ -223,8 +236,9 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   },
   nospace: {
     checkInterval: { default: '10s', kind: duration(1000), doc: 'how often the alarm list is read' },
-    compact: { default: false, kind: boolean, doc: 'compact before defragmenting (Kubernetes compacts by itself)' },
-    keepRevisions: { default: 1000, kind: integer(0), doc: 'revisions of history kept when nospace.compact is true' },
+    compact: { default: true, kind: boolean, doc: 'compact history before defragmenting (the API server cannot during the alarm)' },
+    keepHistory: { default: '5m', kind: duration(0), doc: 'first compaction keeps this much history (the API server keeps 5m)' },
+    compactTimeout: { default: '5m', kind: duration(1000), doc: 'deadline of one compaction (about 40s at 1GiB)' },
     disarm: { default: true, kind: boolean, doc: 'disarm NOSPACE once every member is back under the quota' },
     disarmBelow: { default: 0.9, kind: ratio({ zero: false }), doc: 'disarm only when every dbSize / quotaBytes is below this' },
   },
@@ -275,7 +289,17 @@ export interface LoadedConfig {
   config: Readonly<Config>;
   path: string | undefined;
   sources: Record<string, { source: Source; detail?: string }>;
+  /** Things that load but deserve an operator's look (retired keys); logged at start. */
+  warnings: string[];
 }
+
+/**
+ * Keys an older release accepted: still loaded (a config written by v0.1 keeps working), ignored,
+ * and named in a warning that says what replaced them.
+ */
+export const RETIRED: Record<string, string> = {
+  'nospace.keepRevisions': 'replaced by nospace.keepHistory (a duration, default 5m): the first NOSPACE compaction keeps that much history, the second keeps none',
+};
 
 function describeSource(key: string, s: { source: Source; detail?: string }, path: string | undefined): string {
   switch (s.source) {
@@ -291,7 +315,7 @@ function show(raw: unknown): string {
   return typeof raw === 'string' ? JSON.stringify(raw) : JSON.stringify(raw) ?? String(raw);
 }
 
-function readYaml(path: string, explicit: boolean): Record<string, unknown> | undefined {
+function readYaml(path: string, explicit: boolean, warnings: string[]): Record<string, unknown> | undefined {
   let textContent: string;
   try {
     textContent = readFileSync(path, 'utf8');
@@ -313,9 +337,19 @@ function readYaml(path: string, explicit: boolean): Record<string, unknown> | un
   for (const [section, value] of Object.entries(doc as Record<string, unknown>)) {
     const spec = SCHEMA[section];
     if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted: ${Object.keys(SCHEMA).join(', ')}`);
-    if (value === null) continue;
+    if (value === null) {
+      // A section whose keys are all commented out, as in the shipped file.
+      delete (doc as Record<string, unknown>)[section];
+      continue;
+    }
     if (typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(`${section}: must be a mapping of keys in ${path}; accepted keys: ${Object.keys(spec).join(', ')}`);
     for (const key of Object.keys(value as object)) {
+      const retired = RETIRED[`${section}.${key}`];
+      if (retired) {
+        warnings.push(`${section}.${key} in ${path} is no longer used and is ignored: ${retired}; remove it`);
+        delete (value as Record<string, unknown>)[key];
+        continue;
+      }
       if (!spec[key]) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec).map((k) => `${section}.${k}`).join(', ')}`);
     }
   }
@@ -339,7 +373,8 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
   const env = opts.env ?? process.env;
   const explicit = opts.pathExplicit ?? Boolean(opts.path);
   const path = opts.path ?? DEFAULT_CONFIG_PATH;
-  const fileDoc = readYaml(path, explicit);
+  const warnings: string[] = [];
+  const fileDoc = readYaml(path, explicit, warnings);
 
   const store = convict(convictSchema(), { env, args: [] });
   if (fileDoc) store.load(fileDoc);
@@ -398,7 +433,7 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
   }
   const config = out as unknown as Config;
   crossCheck(config, sources, path, opts.checkFiles ?? true);
-  return { config: deepFreeze(config), path: fileDoc ? path : undefined, sources };
+  return { config: deepFreeze(config), path: fileDoc ? path : undefined, sources, warnings };
 }
 
 function flagName(full: string): string {
@@ -473,20 +508,26 @@ export function describeConfig(loaded: LoadedConfig): string {
   return lines.join('\n');
 }
 
-/** The shipped config file: every key with its default and a one-line comment. */
+/**
+ * The shipped config file. The etcd section is live (the paths are what an operator checks first);
+ * every other key is shown commented out with its default, so a default that changes in a later
+ * release reaches a node whose file nobody edited.
+ */
 export function renderDefaultConfig(): string {
   const lines = [
-    '# etcd-defragd configuration. Every key is shown with its default; delete what you do not change.',
+    '# etcd-defragd configuration. Check the etcd section against your node; every other key is',
+    '# shown commented out with its default: uncomment a line to change it.',
     '# Durations: 500ms, 10s, 10m, 3h (plain integers are milliseconds). Sizes: 64MiB, 2GiB (plain integers are bytes).',
     '# Any key can be overridden with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_SCHEDULE_CRON.',
     '# Check a change with: etcd-defragd check-config --config /etc/etcd-defragd/config.yaml',
   ];
   for (const [section, keys] of Object.entries(SCHEMA)) {
+    const live = section === 'etcd';
     lines.push('', `${section}:`);
     const rendered = Object.entries(keys).map(([key, spec]) => {
       const v = spec.default;
       const value = typeof v === 'string' ? (v === '' || /[:#*{}[\],&!|>'"%@`\s]/.test(v) || /^\d/.test(v) && !/^\d+[a-zA-Z]+$/.test(v) ? JSON.stringify(v) : v) : String(v);
-      return { left: `  ${key}: ${value}`, doc: spec.doc };
+      return { left: `  ${live ? '' : '# '}${key}: ${value}`, doc: spec.doc };
     });
     const width = Math.max(...rendered.map((r) => r.left.length)) + 2;
     for (const r of rendered) lines.push(`${r.left.padEnd(width)}# ${r.doc}`);

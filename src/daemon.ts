@@ -8,8 +8,10 @@ import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
+import { RevisionLog } from './history.ts';
+import { inspect } from './inspect.ts';
 import { runPass, type Clock, type HashKVFn, type PassResult } from './pass.ts';
-import type { ClusterView } from './policy.ts';
+import { quotaMismatch, type ClusterView } from './policy.ts';
 import { TlsWatch } from './tls-files.ts';
 import { Turn } from './turn.ts';
 
@@ -22,6 +24,12 @@ export interface DaemonDeps {
 }
 
 type Mode = 'scheduled' | 'nospace';
+
+/**
+ * Revision samples are kept keepHistory plus this long: a recovery that starts within it still
+ * finds the revision keepHistory before the alarm (a sample every checkInterval: ~400 at 10s).
+ */
+const REVISION_LOG_SLACK = 3_600_000;
 
 export class Daemon {
   private config: Config;
@@ -36,18 +44,21 @@ export class Daemon {
   private lastView: ClusterView | undefined;
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean } | undefined;
+  private alarmEpisode: { defragged: boolean; since: number } | undefined;
   /** Set by an integrity mismatch: no more defragments from this daemon until it is restarted. */
   private halted: string | undefined;
   /** Renewed certificates (kubeadm certs renew, or a fresh staged copy) reconnect the clients. */
   private readonly tls: TlsWatch;
   readonly metrics = new Metrics();
+  /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
+  private readonly revisions: RevisionLog;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
     this.config = config;
     this.pool = new ClientPool(accessFromConfig(config));
     this.turn = this.newTurn();
+    this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
     this.tls = new TlsWatch(config);
   }
 
@@ -87,6 +98,7 @@ export class Daemon {
     log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.getNextRun()?.toISOString() },
       `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.getNextRun()?.toISOString() ?? 'never'}`);
     void this.join();
+    void this.checkQuota();
     this.nospaceTimer = setInterval(() => void this.checkAlarms(), c.nospace.checkInterval);
     if (c.schedule.runOnStart) this.trigger('scheduled');
     else void this.checkAlarms();
@@ -100,6 +112,21 @@ export class Daemon {
       await this.turn.register();
     } catch (err) {
       this.deps.log.warn({ event: 'turn.register.fail', error: errorMessage(err) }, `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`);
+    }
+  }
+
+  /** At start: say which quota each run will judge the local member by, and warn on a mismatch. */
+  private async checkQuota(): Promise<void> {
+    const c = this.config;
+    try {
+      const view = await inspect(this.pool, c.etcd.endpoint, { log: this.deps.log, signal: this.abort.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
+      const local = view.local;
+      const mismatch = quotaMismatch(local);
+      if (mismatch) this.deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
+      else if (local.quotaBytes === undefined) this.deps.log.warn({ event: 'quota.unknown', member: local.hex }, local.quotaError ?? 'the quota of the local member is unknown');
+      else this.deps.log.info({ event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource }, `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`);
+    } catch (err) {
+      this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }
   }
 
@@ -152,9 +179,11 @@ export class Daemon {
       if (!this.turn.leaseId) await this.join();
       result = await runPass({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
+        revisions: this.revisions,
         seen: (v) => {
           this.lastView = v;
-          this.metrics.recordView(v, this.config.policy.quotaBytes);
+          if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
+          this.metrics.recordView(v);
           this.metrics.recordAlarms(v.alarms);
           if (!this.turn.leaseId) this.turn.identify(v.local.id);
         },
@@ -165,7 +194,7 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged });
+      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
       if (result.check === 'integrity') this.halted = result.reason;
@@ -208,7 +237,7 @@ export class Daemon {
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
     else {
-      this.alarmEpisode ??= { defragged: false };
+      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
@@ -218,7 +247,10 @@ export class Daemon {
     let last: unknown;
     for (const c of this.endpoints().reverse()) {
       try {
-        return await c.alarms({ signal: this.abort.signal });
+        const alarms = await c.alarms({ signal: this.abort.signal });
+        // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory).
+        await c.revision({ signal: this.abort.signal }, 1).then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
+        return alarms;
       } catch (err) {
         last = err;
       }
@@ -239,6 +271,7 @@ export class Daemon {
     const prev = this.config;
     this.config = next;
     const tlsChanged = this.tls.reset(next);
+    this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged = tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);

@@ -110,6 +110,8 @@ export interface MemberStatus {
   revision: bigint;
   isLearner: boolean;
   errors: string[];
+  /** etcd 3.6 sends the member's quota in Status (dbSizeQuota); earlier versions do not. */
+  quotaBytes?: number;
 }
 
 export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
@@ -127,7 +129,19 @@ export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
     revision: BigInt(r.header.revision),
     isLearner: Boolean((r as IStatusResponse & { isLearner?: boolean }).isLearner),
     errors: (r as IStatusResponse & { errors?: string[] }).errors ?? [],
+    quotaBytes: quotaFromStatus(r),
   };
+}
+
+/**
+ * etcd 3.6 added dbSizeQuota to StatusResponse. The etcd3 client decodes with its own copy of the
+ * proto (no such field in 1.1.2), so this stays undefined until the client learns it; /metrics
+ * carries the same figure on 3.4 and 3.5.
+ */
+function quotaFromStatus(r: IStatusResponse): number | undefined {
+  const q = (r as IStatusResponse & { dbSizeQuota?: string }).dbSizeQuota;
+  const n = q === undefined ? NaN : Number(q);
+  return Number.isFinite(n) && n > 0 ? n : undefined;
 }
 
 export interface Alarm {
@@ -280,6 +294,12 @@ export class MemberClient {
     return (res.alarms ?? []).map((a) => ({ memberId: String(a.memberID), alarm: String(a.alarm).toUpperCase() }));
   }
 
+  /** The member's current revision from a serializable count-only read (answered locally, works during NOSPACE). */
+  async revision(hooks?: RetryHooks, attempts?: number): Promise<bigint> {
+    const res = await this.read('revision', (deadline) => this.client.kv.range({ key: Buffer.from('\0'), count_only: true, serializable: true } as never, { deadline }), hooks, attempts);
+    return BigInt(res.header.revision);
+  }
+
   disarm(alarm: Alarm): Promise<unknown> {
     return this.once('alarm disarm', (deadline) =>
       this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never, { deadline }));
@@ -307,8 +327,9 @@ export class MemberClient {
     }, hooks);
   }
 
-  compact(revision: bigint, physical = false): Promise<unknown> {
-    return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }));
+  /** Sent once; `physical` waits until every member has dropped the history (its own deadline). */
+  compact(revision: bigint, physical = false, timeoutMs = this.access.requestTimeout): Promise<unknown> {
+    return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
   }
 
   /** A linearizable read through raft: proves the member can reach a quorum. */

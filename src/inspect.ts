@@ -1,7 +1,11 @@
 // Cluster inspection: the local member (by the member ID in etcd.endpoint's Status header), the
-// member list, alarms, and each voting member's Status through its advertised client URLs.
-import type { ClientPool, RetryHooks } from './etcd.ts';
-import { hexId, type ClusterView, type MemberView } from './policy.ts';
+// member list, alarms, and each member's Status through its advertised client URLs, next to what
+// the member publishes on its own /metrics: its quota and whether it is defragmenting right now.
+// /metrics answers while a member defragments, when Status blocks; a member silent on both is down.
+import type { Config } from './config.ts';
+import { classify, type ClientPool, type MemberClient, type RetryHooks, type ServerMetrics } from './etcd.ts';
+import { errorMessage, type DefragdError } from './errors.ts';
+import { hexId, memberLabel, resolveQuota, type ClusterView, type MemberView } from './policy.ts';
 
 export interface InspectOptions {
   /** Tries per member Status: a member that does not answer makes the run skip, not wait long. */
@@ -9,9 +13,41 @@ export interface InspectOptions {
   /** Also prove a quorum answers with a linearizable read. */
   linearizableRead?: boolean;
   readKey?: string;
+  /** policy.quotaBytes: a size, or auto (read from etcd). */
+  quotaBytes?: Config['policy']['quotaBytes'];
+}
+
+/** Did the request fail because nothing answered (as opposed to an answer we cannot use)? */
+function noAnswer(err: unknown): boolean {
+  const kind = classify((err as DefragdError).cause ?? err);
+  return kind === 'unavailable' || kind === 'timeout';
+}
+
+async function readMetrics(client: MemberClient, timeoutMs?: number): Promise<{ metrics?: ServerMetrics; error?: string; down?: boolean }> {
+  try {
+    const metrics = await client.serverMetrics(timeoutMs);
+    if (metrics.defragInflight === undefined) return { metrics, error: `${client.endpoint}/metrics has no etcd_disk_defrag_inflight`, down: false };
+    return { metrics };
+  } catch (err) {
+    return { error: errorMessage(err), down: noAnswer(err) };
+  }
+}
+
+function applyMetrics(view: MemberView, r: Awaited<ReturnType<typeof readMetrics>>, quotaBytes: Config['policy']['quotaBytes']): void {
+  view.defragmenting = r.metrics?.defragInflight;
+  view.metricsError = r.error;
+  view.metricsDown = r.error ? r.down : undefined;
+  const q = resolveQuota(quotaBytes, view.status?.quotaBytes, r.metrics?.quotaBytes);
+  view.quotaBytes = q.bytes;
+  view.quotaSource = q.source;
+  view.etcdQuotaBytes = q.etcd;
+  if (q.bytes === undefined) {
+    view.quotaError = `cannot read the quota of member ${memberLabel(view)}: ${r.error ?? `${view.endpoint}/metrics has no etcd_server_quota_backend_bytes`}; set policy.quotaBytes to the members' --quota-backend-bytes`;
+  }
 }
 
 export async function inspect(pool: ClientPool, localEndpoint: string, hooks: RetryHooks, opts: InspectOptions = {}): Promise<ClusterView> {
+  const quotaBytes = opts.quotaBytes ?? 'auto';
   const localClient = pool.get(localEndpoint);
   const localStatus = await localClient.status(hooks);
   const [list, alarms] = await Promise.all([localClient.members(hooks), localClient.alarms(hooks)]);
@@ -27,33 +63,44 @@ export async function inspect(pool: ClientPool, localEndpoint: string, hooks: Re
     };
     if (isLocal) {
       view.status = localStatus;
+      applyMetrics(view, await readMetrics(localClient), quotaBytes);
       return view;
     }
     if (m.clientURLs.length === 0) {
       view.error = 'the member has no client URL (not started?)';
       return view;
     }
+    let metrics: Awaited<ReturnType<typeof readMetrics>> | undefined;
     for (const url of m.clientURLs) {
-      try {
-        const s = await pool.get(url).status(hooks, opts.memberAttempts ?? 2);
-        if (s.memberId !== m.id) {
-          view.error = `${url} answers as member ${hexId(s.memberId)}`;
-          continue;
-        }
-        view.endpoint = url;
-        view.status = s;
-        view.error = undefined;
-        break;
-      } catch (err) {
-        view.error = (err as Error).message;
+      const client = pool.get(url);
+      const [status, met] = await Promise.all([
+        client.status(hooks, opts.memberAttempts ?? 2).then((s) => s, (err: unknown) => err as Error),
+        readMetrics(client),
+      ]);
+      if (!(status instanceof Error) && status.memberId !== m.id) {
+        view.error = `${url} answers as member ${hexId(status.memberId)}`;
+        continue;
       }
+      view.endpoint = url;
+      metrics = met;
+      if (status instanceof Error) {
+        view.error = status.message;
+        // A member that defragments answers /metrics but not Status: that URL is the member's.
+        if (met.metrics) break;
+        continue;
+      }
+      view.status = status;
+      view.error = undefined;
+      break;
     }
+    if (metrics) applyMetrics(view, metrics, quotaBytes);
     return view;
   }));
   let local = members.find((m) => m.isLocal);
   if (!local) {
     // A member that was just added may answer before the list shows it; treat as unknown.
     local = { id: localStatus.memberId, hex: hexId(localStatus.memberId), name: '', endpoint: localEndpoint, isLearner: localStatus.isLearner, isLocal: true, status: localStatus };
+    applyMetrics(local, await readMetrics(localClient), quotaBytes);
     members.push(local);
   }
   const view: ClusterView = { members, local, alarms };
@@ -67,11 +114,31 @@ export async function inspect(pool: ClientPool, localEndpoint: string, hooks: Re
   return view;
 }
 
-/** Status of every voting member with a short deadline and no retry: who is busy (defragmenting) right now? */
-export async function busyMembers(pool: ClientPool, view: ClusterView, timeoutMs: number): Promise<{ member: MemberView; error: string }[]> {
-  const results = await Promise.all(view.members.filter((m) => !m.isLearner).map(async (m) => {
-    const r = await pool.get(m.endpoint).probe(timeoutMs);
-    return r instanceof Error ? { member: m, error: r.message } : undefined;
+export interface Busy {
+  member: MemberView;
+  reason: string;
+  /** Set when /metrics could not tell and silence on Status was taken as a defragment. */
+  fallback?: string;
+}
+
+/**
+ * Which voting members are defragmenting right now, by etcd's own etcd_disk_defrag_inflight. A
+ * member that answers nothing is down, not busy (the health gate deals with it); only where /metrics
+ * answers but cannot tell does a member that does not answer Status count as busy.
+ */
+export async function busyMembers(pool: ClientPool, view: ClusterView, timeoutMs: number): Promise<Busy[]> {
+  const results = await Promise.all(view.members.filter((m) => !m.isLearner).map(async (m): Promise<Busy | undefined> => {
+    const client = pool.get(m.endpoint);
+    const r = await readMetrics(client, timeoutMs);
+    if (r.metrics?.defragInflight === true) return { member: m, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
+    if (r.metrics?.defragInflight === false || r.down) return undefined;
+    const s = await client.probe(timeoutMs);
+    if (!(s instanceof Error)) return undefined;
+    return {
+      member: m,
+      reason: `member ${memberLabel(m)} does not answer Status (${s.message}) and its /metrics cannot tell: taken to be defragmenting`,
+      fallback: r.error,
+    };
   }));
-  return results.filter((r): r is { member: MemberView; error: string } => r !== undefined);
+  return results.filter((r): r is Busy => r !== undefined);
 }

@@ -15,7 +15,7 @@ export class Metrics {
   readonly duration = new Histogram({ name: 'etcd_defragd_defrag_duration_seconds', help: 'Time a defragment took, until the member caught up', buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], registers: [this.registry] });
   readonly dbSize = new Gauge({ name: 'etcd_defragd_member_db_size_bytes', help: 'Member db file size at the last inspection', labelNames: ['member'], registers: [this.registry] });
   readonly dbInUse = new Gauge({ name: 'etcd_defragd_member_db_size_in_use_bytes', help: 'Member db size in use at the last inspection', labelNames: ['member'], registers: [this.registry] });
-  readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'dbSize / policy.quotaBytes at the last inspection', labelNames: ['member'], registers: [this.registry] });
+  readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'dbSize / the member quota at the last inspection', labelNames: ['member'], registers: [this.registry] });
   readonly alarms = new Gauge({ name: 'etcd_defragd_alarms', help: 'Alarms raised in the cluster at the last check', labelNames: ['alarm'], registers: [this.registry] });
   readonly nextRun = new Gauge({ name: 'etcd_defragd_next_run_timestamp_seconds', help: 'When the next scheduled run starts', registers: [this.registry] });
   readonly integrityFailures = new Counter({ name: 'etcd_defragd_integrity_failures_total', help: 'HashKV mismatches found after a defragment', registers: [this.registry] });
@@ -38,12 +38,12 @@ export class Metrics {
     for (const o of ['done', 'not-needed', 'skipped', 'failed']) this.lastRunResult.set({ outcome: o }, o === outcome ? 1 : 0);
   }
 
-  recordView(view: ClusterView, quotaBytes: number): void {
+  recordView(view: ClusterView): void {
     for (const m of view.members) {
       if (!m.status) continue;
       this.dbSize.set({ member: m.hex }, m.status.dbSize);
       this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
-      this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quotaBytes);
+      if (m.quotaBytes) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / m.quotaBytes);
     }
   }
 

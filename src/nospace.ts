@@ -6,7 +6,7 @@ import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { haltKey } from './pass.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, hexId, memberLabel, voting } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, hexId, memberLabel, voting, type MemberView } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
@@ -24,7 +24,7 @@ export interface DisarmDeps {
 
 export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   const { config: c, log } = deps;
-  const view = await inspect(deps.pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false });
+  const view = await inspect(deps.pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
   const halt = await deps.pool.get(c.etcd.endpoint).get(haltKey(c), { log });
@@ -36,32 +36,45 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     log.error({ event: 'nospace.blocked', reason: 'corrupt' }, 'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first');
     return 'blocked';
   }
-  const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
+  const limitOf = (m: MemberView) => m.quotaBytes! * c.nospace.disarmBelow;
+  const markOf = (m: MemberView) => `${formatPercent(c.nospace.disarmBelow)} of its quota ${formatBytes(m.quotaBytes!)}`;
   const members = voting(view);
-  const unknown = members.filter((m) => !m.status);
+  // Every voting member, and any other member that raised NOSPACE (a learner), must be checked.
+  const alarmed = new Set(nospace.map((a) => a.memberId));
+  const checked = view.members.filter((m) => !m.isLearner || alarmed.has(m.id));
+  const unknown = checked.filter((m) => !m.status || m.quotaBytes === undefined);
   if (unknown.length > 0) {
-    log.warn({ event: 'nospace.wait', member: unknown[0]!.hex }, `NOSPACE stays armed for now: member ${memberLabel(unknown[0]!)} does not answer (${unknown[0]!.error ?? 'no answer'})`);
+    const m = unknown[0]!;
+    const why = !m.status ? `does not answer (${m.error ?? 'no answer'})` : `has no known quota (${m.quotaError ?? 'unknown'})`;
+    log.warn({ event: 'nospace.wait', member: m.hex }, `NOSPACE stays armed for now: member ${memberLabel(m)} ${why}`);
     return 'waiting';
   }
+  const gone = nospace.filter((a) => !view.members.some((m) => m.id === a.memberId));
+  for (const a of gone) {
+    log.error({ event: 'nospace.blocked', reason: 'unknown-member', member: hexId(a.memberId) }, `NOSPACE stays armed: it was raised by member ${hexId(a.memberId)}, which is not in the member list, so its size cannot be checked; disarm it by hand once you know why`);
+  }
+  if (gone.length > 0) return 'blocked';
   // Only a defragmented member's in-use figure is trusted (freed pages wait for a write to be
   // released, and NOSPACE refuses writes): each daemon speaks for its own member.
-  const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM);
+  const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
   if (tooBig.length > 0) {
-    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment`).join(', ');
-    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: c.policy.quotaBytes },
-      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)} (${detail}); defragmenting cannot help. Raise --quota-backend-bytes on every member (and policy.quotaBytes), delete data, or compact history (nospace.compact: true)`);
+    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(m.quotaBytes!)}`).join(', ');
+    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: tooBig[0]!.quotaBytes },
+      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ${c.nospace.compact ? 'compaction and defragmentation cannot help' : 'defragmenting cannot help, and nospace.compact is false'}. Raise --quota-backend-bytes on every member, or delete data${c.nospace.compact ? '' : ', or compact history (nospace.compact: true)'}`);
     return 'blocked';
   }
-  const over = members.filter((m) => m.status!.dbSize >= limit);
+  const over = checked.filter((m) => m.status!.dbSize >= limitOf(m));
   if (over.length > 0) {
     const reg = await deps.registered?.().catch(() => undefined);
     for (const m of over) {
-      const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}`;
-      const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limit) };
-      if (m.isLocal || reg?.members.has(m.id)) {
+      const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${markOf(m)}`;
+      const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limitOf(m)) };
+      if (m.isLearner) {
+        log.error({ ...fields, event: 'nospace.unattended' }, `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; etcd-defragd never defragments learners: defragment it by hand or remove it`);
+      } else if (m.isLocal || reg?.members.has(m.id)) {
         log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
       } else if (reg && reg.unknown === 0) {
-        log.error({ ...fields, event: 'nospace.unattended' }, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or run etcdctl defrag against it`);
+        log.error({ ...fields, event: 'nospace.unattended' }, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or defragment it by hand`);
       } else {
         log.warn(fields, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; is etcd-defragd running on its node?`);
       }
@@ -69,11 +82,11 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     return 'waiting';
   }
   if (!c.nospace.disarm) {
-    log.warn({ event: 'nospace.disarm.disabled' }, 'every member is under the quota again but nospace.disarm is false: run `etcdctl alarm disarm` to allow writes');
+    log.warn({ event: 'nospace.disarm.disabled' }, 'every member is under its quota again but nospace.disarm is false: run `etcdctl alarm disarm` to allow writes');
     return 'disabled';
   }
   const client = deps.pool.get(view.local.endpoint);
-  for (const alarm of nospace) {
+  for (const alarm of nospace.filter((a) => checked.some((m) => m.id === a.memberId))) {
     try {
       await client.disarm(alarm as Alarm);
       deps.onDisarm?.();
@@ -87,7 +100,7 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   try {
     await client.put(probeKey, new Date().toISOString());
     log.info({ event: 'nospace.recovered', sizes: Object.fromEntries(members.map((m) => [m.hex, m.status!.dbSize])) },
-      `writes work again: NOSPACE disarmed, every member under ${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}`);
+      `writes work again: NOSPACE disarmed, every member under ${formatPercent(c.nospace.disarmBelow)} of its quota`);
     return 'disarmed';
   } catch (err) {
     log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE but a test write still fails: ${errorMessage(err)}`);

@@ -5,11 +5,12 @@ import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import { classify, type ClientPool, type MemberStatus } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage } from './errors.ts';
+import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { decide, decideNoSpace, healthGate, hexId, memberLabel, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
 import { describeParticipant, type Turn } from './turn.ts';
-import { formatBytes, formatDuration } from './units.ts';
+import { formatBytes, formatDuration, formatPercent } from './units.ts';
 
 export type Outcome = 'done' | 'not-needed' | 'skipped' | 'failed';
 
@@ -60,6 +61,8 @@ export interface PassDeps {
   /** Called with every fresh inspection (the daemon keeps its endpoint list from it). */
   seen?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
+  /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
+  revisions?: RevisionLog;
 }
 
 export interface PassOptions {
@@ -69,6 +72,8 @@ export interface PassOptions {
   runId?: string;
   /** NOSPACE mode: this daemon already defragmented its member since the alarm was raised. */
   defraggedThisAlarm?: boolean;
+  /** NOSPACE mode: when this daemon first saw the alarm (compaction keeps the history before it). */
+  alarmSeenAt?: number;
 }
 
 async function defaultFreeDisk(dir: string): Promise<number> {
@@ -92,14 +97,15 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   const mode = opts.mode ?? 'once';
   const started = deps.clock.now();
   const hooks = { log, signal: deps.signal };
-  const decideFor = (s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>): Decision =>
-    mode === 'nospace' ? decideNoSpace(s, c, opts.defraggedThisAlarm) : decide(s, c.policy, opts.force || c.policy.force);
+  // A member whose quota could not be read is judged on fragmentation alone (quota 0).
+  const decideFor = (m: MemberView): Decision =>
+    mode === 'nospace' ? decideNoSpace(m.status!, c, m.quotaBytes ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force);
 
   log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
 
   // inspect
   const look = async () => {
-    const v = await inspect(deps.pool, c.etcd.endpoint, hooks, { readKey: `${c.coordination.prefix}health` });
+    const v = await inspect(deps.pool, c.etcd.endpoint, hooks, { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes });
     deps.seen?.(v);
     return v;
   };
@@ -115,20 +121,30 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   const halted = await readHalt(deps);
   if (halted) return finish(deps, started, skip(halted, { check: 'halt', member: view.local.hex, view }));
 
-  // gate (a member that does not answer while another daemon holds the turn is probably being
-  // defragmented: wait for the turn instead of skipping, and check again once we hold it)
+  // gate (a member that etcd says is defragmenting is waited for once we hold the turn; a member
+  // that answers nothing is down, and the run skips)
   view = await gateSettled(deps, view, look);
   const gateFail = healthGate(view, c);
   if (gateFail) {
-    const holder = gateFail.check === 'status' && deps.turn && !opts.dryRun ? await turnHolder(deps.turn) : undefined;
-    if (!holder) return finish(deps, started, skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view }));
-    log.info({ event: 'turn.wait', reason: gateFail.reason, holder }, `${gateFail.reason}; ${holder} holds the turn, waiting for it`);
+    if (gateFail.check !== 'busy' || opts.dryRun) return finish(deps, started, skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view }));
+    const holder = deps.turn ? await turnHolder(deps.turn) : undefined;
+    log.info({ event: 'turn.wait', reason: gateFail.reason, holder }, `${gateFail.reason}; waiting for it${holder ? ` (${holder} holds the turn)` : ''}`);
   }
   const local = view.local;
   if (local.isLearner) return finish(deps, started, skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, { check: 'learner', member: local.hex, view }));
+  // Defragmenting the only voting member stops the API server for as long as it lasts. During
+  // NOSPACE writes are refused anyway, so recovery goes ahead.
+  if (voting(view).length === 1 && mode !== 'nospace' && !c.policy.singleMember) {
+    return finish(deps, started, skip(`member ${memberLabel(local)} is the cluster's only voting member: defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it`, { check: 'single-member', member: local.hex, view }));
+  }
+  const mismatch = quotaMismatch(local);
+  if (mismatch) log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
+  if (local.quotaBytes === undefined && (mode === 'nospace' || !(opts.force || c.policy.force))) {
+    return finish(deps, started, skip(local.quotaError ?? `the quota of member ${memberLabel(local)} is unknown`, { check: 'quota', member: local.hex, view }));
+  }
 
   // decide
-  const decision = decideFor(local.status!);
+  const decision = decideFor(local);
   log.info({ event: 'run.decide', member: local.hex, defrag: decision.defrag, dbSize: local.status!.dbSize, dbSizeInUse: local.status!.dbSizeInUse, fragmentation: Number(decision.fragmentation.toFixed(4)) },
     `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`);
   if (!decision.defrag) return finish(deps, started, { outcome: 'not-needed', reason: decision.reason, member: local.hex, view });
@@ -164,7 +180,7 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
       view = await gateSettled(deps, await look(), look);
       const again = healthGate(view, c);
       if (again) return finish(deps, started, skip(again.reason, { check: again.check, member: again.member, view }));
-      const fresh = decideFor(view.local.status!);
+      const fresh = decideFor(view.local);
       if (!fresh.defrag) return finish(deps, started, { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view });
       if (isLeader() && !leaderGoesLast) {
         const moved = await transferLeadership(deps, view);
@@ -177,9 +193,16 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
         view = await look();
         if (isLeader()) return finish(deps, started, skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view }));
       }
-      if (mode === 'nospace' && c.nospace.compact) await compactForNoSpace(deps, view);
-      // Last check before the point of no return: our lease may have lapsed while we looked.
+      if (mode === 'nospace' && c.nospace.compact) {
+        const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
+        if (stuck) return finish(deps, started, skip(stuck, { check: 'compact', member: view.local.hex, view }));
+        view = await look();
+      }
+      // Last checks before the point of no return: our lease may have lapsed while we looked, and
+      // no member may have started a defragment meanwhile (an operator's etcdctl, say).
       if (!(await deps.turn.confirm())) return finish(deps, started, skip(`lost the cluster-wide turn before defragmenting (${deps.turn.lastTrouble || 'our ticket is gone'}); trying again at the next run`, { check: 'turn', member: view.local.hex, view }));
+      const busyNow = await busyMembers(deps.pool, view, Math.min(c.etcd.requestTimeout, 5000));
+      if (busyNow.length > 0) return finish(deps, started, skip(`${busyNow[0]!.reason}; not defragmenting a second member at the same time`, { check: 'busy', member: busyNow[0]!.member.hex, view }));
       const result = await defragmentLocal(deps, view, opts);
       if (result.check === 'integrity' && !result.haltRecorded) {
         // etcd refuses the halt key (NOSPACE): keep the turn instead, so no other member goes next.
@@ -268,11 +291,11 @@ async function diskGuard(deps: PassDeps, s: MemberStatus): Promise<string | unde
 }
 
 /** Leader-last: keep waiting while another voting member still needs a defragment (until `until`). */
-async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (s: MemberStatus) => Decision): Promise<string | undefined> {
+async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (m: MemberView) => Decision): Promise<string | undefined> {
   if (deps.clock.now() >= until) return undefined;
-  const view = await inspect(deps.pool, deps.config.etcd.endpoint, { log: deps.log, signal: deps.signal }, { memberAttempts: 1, linearizableRead: false });
+  const view = await inspect(deps.pool, deps.config.etcd.endpoint, { log: deps.log, signal: deps.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: deps.config.policy.quotaBytes });
   if (view.local.status!.leader !== view.local.id) return undefined; // no longer the leader: go normally
-  const pending = voting(view).filter((m) => !m.isLocal && m.status && decideFor(m.status).defrag);
+  const pending = voting(view).filter((m) => !m.isLocal && m.status && decideFor(m).defrag);
   if (pending.length === 0) return undefined;
   return `the local member is the leader and goes last; still to defragment: ${pending.map((m) => m.hex).join(', ')}`;
 }
@@ -284,9 +307,12 @@ async function waitNotBusy(deps: PassDeps, view: ClusterView, until: number): Pr
   for (;;) {
     const busy = await busyMembers(deps.pool, view, probe);
     if (busy.length === 0) return undefined;
-    const reason = `member ${memberLabel(busy[0]!.member)} does not answer Status (defragmenting or down): ${busy[0]!.error}`;
+    const reason = busy[0]!.reason;
     if (!logged) {
       deps.log.info({ event: 'turn.wait', reason }, `waiting: ${reason}`);
+      for (const b of busy.filter((x) => x.fallback)) {
+        deps.log.warn({ event: 'busy.fallback', member: b.member.hex, error: b.fallback }, `member ${memberLabel(b.member)}: /metrics cannot tell whether it defragments (${b.fallback}); taking its silence on Status as a defragment`);
+      }
       logged = true;
     }
     if (deps.clock.now() >= until || deps.signal?.aborted) return reason;
@@ -307,17 +333,89 @@ async function transferLeadership(deps: PassDeps, view: ClusterView): Promise<{ 
   return { ok: true };
 }
 
-async function compactForNoSpace(deps: PassDeps, view: ClusterView): Promise<void> {
-  const rev = view.local.status!.revision - BigInt(deps.config.nospace.keepRevisions);
-  if (rev <= 0n) return;
+/**
+ * Under NOSPACE, history that fills the quota is freed only by a compaction, and the API server's
+ * compactor cannot run during the alarm (its first request is a Txn with a Put). Graded: first keep
+ * nospace.keepHistory of history (what the API server keeps); when that leaves the member's in-use
+ * size over the disarm mark, keep none (what the seed's operator and etcd's maintenance guide do).
+ * Returns why the run must stop here, or undefined to go on to the defragment.
+ */
+async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt: number | undefined): Promise<string | undefined> {
+  const { config: c, log } = deps;
+  const local = view.local;
+  const client = deps.pool.get(local.endpoint);
+  const quota = local.quotaBytes!;
+  const mark = quota * c.nospace.disarmBelow - NEAR_QUOTA_MIN_RECLAIM;
+  const markText = `${formatBytes(mark)} (${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quota)}, less 1MiB)`;
+  const latest = local.status!.revision;
+  let inUse = local.status!.dbSizeInUse;
+  // Step 1 frees what the API server would have freed had it been able to run; it always runs.
+  // Step 2 (no history kept: every watcher relists) only when the member is still over the mark.
+  const steps: { name: string; revision: bigint }[] = [];
+  const kept = keepHistoryRevision(deps, latest, alarmSeenAt);
+  if (kept.revision !== undefined) steps.push({ name: `keep ${kept.what}`, revision: kept.revision });
+  else log.info({ event: 'compact.history', member: local.hex }, `NOSPACE compaction: ${kept.what}`);
+  steps.push({ name: 'keep no history', revision: latest });
+  for (const step of steps) {
+    if (step.revision === latest && inUse < mark) {
+      log.info({ event: 'compact.enough', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) }, `no compaction to the latest revision needed: member ${local.hex} has ${formatBytes(inUse)} in use, under ${markText}`);
+      return undefined;
+    }
+    const t0 = deps.clock.now();
+    // Status' in-use size lags a compaction by a backend commit or two: pages freed by the last
+    // commit stay pending until the next write, and NOSPACE refuses writes (seen on 3.4.23 and
+    // 3.5.30). Two one-revision compactions just below the target are those commits, so the size
+    // read afterwards shows this step (still an upper bound: it never reads too low).
+    for (const rev of [step.revision - 2n, step.revision - 1n, step.revision]) {
+      if (rev <= 0n) continue;
+      const stuck = await compactTo(deps, client, rev);
+      if (stuck) return stuck;
+    }
+    const after = (await client.status({ log, signal: deps.signal }, 2)).dbSizeInUse;
+    const fields = { event: 'compact', member: local.hex, step: step.name, revision: step.revision.toString(), inUseBefore: inUse, inUseAfter: after, markBytes: Math.floor(mark), tookMs: deps.clock.now() - t0 };
+    log.info(fields, `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`);
+    inUse = after;
+    if (after < mark) return undefined;
+  }
+  log.warn({ event: 'compact.insufficient', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
+    `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: live data fills the quota, which neither compaction nor defragmentation can fix (defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data`);
+  return undefined;
+}
+
+/**
+ * The revision seen nospace.keepHistory before the alarm (the holders of one alarm find nearly the
+ * same one, however long the recovery takes), or the documented fallback.
+ */
+function keepHistoryRevision(deps: PassDeps, latest: bigint, alarmSeenAt: number | undefined): { revision?: bigint; what: string } {
+  const keep = deps.config.nospace.keepHistory;
+  const now = deps.clock.now();
+  const reference = alarmSeenAt ?? now;
+  const old = deps.revisions?.atOrBefore(reference - keep);
+  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reference - old.at)} before the alarm)` };
+  if (old) return { what: `no revision older than the latest (${latest}) within nospace.keepHistory (${formatDuration(keep)}): no history to keep` };
+  // Rule: without a sample that old (the daemon started less than keepHistory before the alarm),
+  // keep what this daemon has seen, from its oldest sample on; without any older one, keep none.
+  const oldest = deps.revisions?.oldest();
+  if (oldest && oldest.revision < latest) {
+    deps.log.info({ event: 'compact.history', revision: oldest.revision.toString(), seenMsAgo: now - oldest.at }, `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`);
+    return { revision: oldest.revision, what: `the history this daemon saw (since revision ${oldest.revision}, ${formatDuration(now - oldest.at)} ago)` };
+  }
+  return { what: `no revision older than the latest was seen since this daemon started, so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept` };
+}
+
+/** One physical compaction with its own deadline; returns why the run must stop, if it must. */
+async function compactTo(deps: PassDeps, client: ReturnType<ClientPool['get']>, revision: bigint): Promise<string | undefined> {
   try {
-    // physical: wait until the backend has dropped the history, or the defrag copies it along.
-    await deps.pool.get(view.local.endpoint).compact(rev, true);
-    deps.log.info({ event: 'compact', revision: rev.toString() }, `compacted history up to revision ${rev} (nospace.compact)`);
+    await client.compact(revision, true, deps.config.nospace.compactTimeout);
+    return undefined;
   } catch (err) {
     const kind = classify((err as DefragdError).cause ?? err);
-    if (kind === 'compacted') deps.log.info({ event: 'compact', revision: rev.toString() }, `history already compacted past revision ${rev}`);
-    else deps.log.warn({ event: 'compact.fail', error: errorMessage(err) }, `compaction failed: ${errorMessage(err)}`);
+    if (kind === 'compacted') return undefined; // someone compacted this far already
+    if (kind === 'timeout') {
+      return `compaction to revision ${revision} did not finish within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); it goes on inside etcd, and the defragment waits for the next run`;
+    }
+    deps.log.warn({ event: 'compact.fail', revision: revision.toString(), error: errorMessage(err) }, `compaction to revision ${revision} failed: ${errorMessage(err)}; defragmenting without it`);
+    return undefined;
   }
 }
 
@@ -361,7 +459,9 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
       return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
     }
   }
-  if (c.coordination.settle > 0) await deps.clock.sleep(c.coordination.settle, deps.signal);
+  // The settle pause lets the write load recover before the next member goes down. During NOSPACE
+  // etcd refuses writes anyway, and every second of it is a second the API server cannot write.
+  if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
     reason: `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
@@ -384,7 +484,9 @@ async function settle(deps: PassDeps, view: ClusterView, catchUpMs: number): Pro
   let lastReport = deps.clock.now();
   let last = 'no answer';
   for (;;) {
-    const s = await client.probe(timeout);
+    // etcd says when its defragment is over; Status blocks until then anyway.
+    const met = await client.serverMetrics(timeout).catch(() => undefined);
+    const s = met?.defragInflight ? new Error('still defragmenting (etcd_disk_defrag_inflight is 1)') : await client.probe(timeout);
     if (s instanceof Error) last = s.message;
     else {
       answeredAt ??= deps.clock.now();

@@ -12,6 +12,35 @@ export interface MemberView {
   isLocal: boolean;
   status?: MemberStatus;
   error?: string;
+  /** The quota this member is judged against (undefined: unknown, see quotaError). */
+  quotaBytes?: number;
+  quotaSource?: QuotaSource;
+  /** The member's own --quota-backend-bytes as etcd reports it, when it could be read. */
+  etcdQuotaBytes?: number;
+  quotaError?: string;
+  /** etcd_disk_defrag_inflight from the member's /metrics; undefined when that could not be read. */
+  defragmenting?: boolean;
+  /** Why /metrics could not be read, and whether the member did not answer at all (down) or answered wrongly. */
+  metricsError?: string;
+  metricsDown?: boolean;
+}
+
+/** status: etcd 3.6's Status field; metrics: etcd_server_quota_backend_bytes; config: policy.quotaBytes. */
+export type QuotaSource = 'status' | 'metrics' | 'config';
+
+/** The quota a member is judged against: a configured size wins; `auto` takes etcd's own figure. */
+export function resolveQuota(configured: number | 'auto', fromStatus: number | undefined, fromMetrics: number | undefined): { bytes?: number; source?: QuotaSource; etcd?: number } {
+  const etcd = fromStatus ?? fromMetrics;
+  if (configured !== 'auto') return { bytes: configured, source: 'config', etcd };
+  if (fromStatus !== undefined) return { bytes: fromStatus, source: 'status', etcd };
+  if (fromMetrics !== undefined) return { bytes: fromMetrics, source: 'metrics', etcd };
+  return { etcd };
+}
+
+/** A configured policy.quotaBytes that disagrees with what the member itself enforces. */
+export function quotaMismatch(m: MemberView): string | undefined {
+  if (m.quotaSource !== 'config' || m.etcdQuotaBytes === undefined || m.quotaBytes === m.etcdQuotaBytes) return undefined;
+  return `policy.quotaBytes is ${formatBytes(m.quotaBytes!)} (${m.quotaBytes} bytes) but member ${memberLabel(m)} runs with --quota-backend-bytes ${formatBytes(m.etcdQuotaBytes)} (${m.etcdQuotaBytes} bytes); set policy.quotaBytes: auto to use etcd's own figure`;
 }
 
 export interface ClusterView {
@@ -38,7 +67,16 @@ export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { chec
     return { check: 'alarm', member: hexId(corrupt.memberId), reason: `CORRUPT alarm raised for member ${hexId(corrupt.memberId)}: no defragmentation until an operator has checked the data` };
   }
   for (const m of voting(view)) {
-    if (!m.status) return { check: 'status', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status: ${m.error ?? 'no answer'}` };
+    if (m.defragmenting) return { check: 'busy', member: m.hex, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
+  }
+  for (const m of voting(view)) {
+    if (m.status) continue;
+    // A member that answers neither Status nor /metrics is down, not busy. Only where /metrics
+    // answered wrongly (not found, no such gauge) is silence still taken as a defragment.
+    if (m.defragmenting === undefined && m.metricsError && !m.metricsDown) {
+      return { check: 'busy', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status and its /metrics cannot tell (${m.metricsError}): taken to be defragmenting (fallback: silence)` };
+    }
+    return { check: 'status', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status: ${m.error ?? 'no answer'}` };
   }
   const leaders = new Set(voting(view).map((m) => m.status!.leader));
   if (leaders.has('0')) {
@@ -75,10 +113,10 @@ export interface Decision {
 }
 
 /** Does this member need a defragment under the policy? */
-export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Config['policy'], force = p.force): Decision {
+export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Config['policy'], quotaBytes: number, force = p.force): Decision {
   const reclaimable = Math.max(0, s.dbSize - s.dbSizeInUse);
   const fragmentation = s.dbSize > 0 ? reclaimable / s.dbSize : 0;
-  const quotaUsage = p.quotaBytes > 0 ? s.dbSize / p.quotaBytes : 0;
+  const quotaUsage = quotaBytes > 0 ? s.dbSize / quotaBytes : 0;
   const numbers = `db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(reclaimable)} (${formatPercent(fragmentation)}), quota usage ${formatPercent(quotaUsage)}`;
   const base = { fragmentation, reclaimable, quotaUsage };
   if (force) return { ...base, defrag: true, reason: `policy.force is set; ${numbers}` };
@@ -101,10 +139,10 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
  * freed by a compaction are only released by the next write, and NOSPACE refuses writes, so
  * dbSizeInUse can stay at dbSize (seen in the benchmark). A defragment copies only live data.
  */
-export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, defraggedThisAlarm = false): Decision {
-  const normal = decide(s, c.policy, false);
-  const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
-  const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(c.policy.quotaBytes)}`;
+export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedThisAlarm = false): Decision {
+  const normal = decide(s, c.policy, quotaBytes, false);
+  const limit = quotaBytes * c.nospace.disarmBelow;
+  const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quotaBytes)}`;
   if (s.dbSize < limit) return normal;
   if (!defraggedThisAlarm) {
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})` };
@@ -121,10 +159,6 @@ export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c
 /** The voting follower most caught up, to receive leadership; undefined when none is healthy. */
 export function transferTarget(view: ClusterView): MemberView | undefined {
   return voting(view)
-    .filter((m) => !m.isLocal && m.status)
+    .filter((m) => !m.isLocal && m.status && m.defragmenting !== true)
     .sort((a, b) => (b.status!.raftAppliedIndex > a.status!.raftAppliedIndex ? 1 : b.status!.raftAppliedIndex < a.status!.raftAppliedIndex ? -1 : 0))[0];
-}
-
-export function leaderOf(view: ClusterView): string | undefined {
-  return view.local.status?.leader ?? voting(view).find((m) => m.status)?.status?.leader;
 }

@@ -37,6 +37,20 @@ export function writeConfig(cluster: Cluster, member: Member, overrides: Overrid
   return path;
 }
 
+/**
+ * The config a new operator writes: the etcd section (endpoint, TLS files, data dir) and nothing
+ * else but what a test must set (no metrics port clash, JSON logs to parse, extra sections given).
+ */
+export function writeMinimalConfig(cluster: Cluster, member: Member, extra: Overrides = {}, name = `minimal-${member.name}.yaml`): string {
+  const sections: Overrides = { etcd: memberEtcd(cluster, member), metrics: { listen: '' }, log: { format: 'json' }, ...extra };
+  const text = Object.entries(sections)
+    .map(([section, keys]) => `${section}:\n${Object.entries(keys).map(([k, v]) => `  ${k}: ${JSON.stringify(v)}`).join('\n')}`)
+    .join('\n');
+  const path = join(cluster.dir, name);
+  writeFileSync(path, `${text}\n`);
+  return path;
+}
+
 export function once(cluster: Cluster, member: Member, args: string[] = [], overrides: Overrides = {}, timeoutMs = 120_000): Promise<RunResult> {
   return runCli(['once', '--config', writeConfig(cluster, member, overrides), ...args], { timeoutMs });
 }

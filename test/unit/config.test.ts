@@ -23,6 +23,25 @@ describe('config', () => {
     assert.equal(loaded.config.schedule.cron, '0 */3 * * *');
     assert.equal(loaded.config.policy.minReclaimable, 64 * 1024 ** 2);
     assert.equal(loaded.config.etcd.defragTimeout, 600_000);
+    assert.equal(loaded.config.policy.quotaBytes, 'auto', 'the quota comes from etcd unless set');
+    assert.equal(loaded.config.nospace.compact, true);
+    assert.equal(loaded.config.nospace.keepHistory, 300_000);
+    assert.equal(loaded.config.policy.singleMember, false);
+  });
+
+  it('takes a size or auto for policy.quotaBytes, and names what is accepted', () => {
+    assert.equal(loadConfig({ path: file(`${plain}policy:\n  quotaBytes: 8GiB\n`), env: {} }).config.policy.quotaBytes, 8 * 1024 ** 3);
+    assert.equal(loadConfig({ path: file(`${plain}policy:\n  quotaBytes: auto\n`), env: {} }).config.policy.quotaBytes, 'auto');
+    assert.throws(() => loadConfig({ path: file(`${plain}policy:\n  quotaBytes: automatic\n`), env: {} }),
+      /policy\.quotaBytes: "automatic" is not a size in .*; accepted: auto \(read each member's --quota-backend-bytes from etcd\), or a size/);
+  });
+
+  it('loads a v0.1 config that still has nospace.keepRevisions, and warns that it is ignored', () => {
+    const loaded = loadConfig({ path: file(`${plain}nospace:\n  compact: true\n  keepRevisions: 1000\n`), env: {} });
+    assert.equal(loaded.config.nospace.compact, true);
+    assert.equal(loaded.warnings.length, 1);
+    assert.match(loaded.warnings[0]!, /^nospace\.keepRevisions in .* is no longer used and is ignored: replaced by nospace\.keepHistory/);
+    assert.deepEqual(loadConfig({ path: file(plain), env: {} }).warnings, []);
   });
 
   it('applies file, then environment, then flags', () => {

@@ -2,9 +2,10 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
 import type { MemberStatus } from '../../src/etcd.ts';
-import { decide, decideNoSpace, healthGate, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
+import { decide, decideNoSpace, healthGate, quotaMismatch, resolveQuota, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
 
 const MiB = 1024 ** 2;
+const q = 2048 * MiB;
 const c = loadConfig({ env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' }, path: '/nonexistent/none.yaml', pathExplicit: false }).config;
 
 function status(id: string, o: Partial<MemberStatus> = {}): MemberStatus {
@@ -20,29 +21,28 @@ function view(members: MemberView[], o: Partial<ClusterView> = {}): ClusterView 
 
 describe('decide', () => {
   it('defragments a fragmented member with enough to reclaim', () => {
-    assert.equal(decide({ dbSize: 1000 * MiB, dbSizeInUse: 600 * MiB }, c.policy).defrag, true);
+    assert.equal(decide({ dbSize: 1000 * MiB, dbSizeInUse: 600 * MiB }, c.policy, q).defrag, true);
   });
   it('leaves a member with little fragmentation or little to reclaim', () => {
-    assert.equal(decide({ dbSize: 1000 * MiB, dbSizeInUse: 800 * MiB }, c.policy).defrag, false);
-    assert.equal(decide({ dbSize: 100 * MiB, dbSizeInUse: 50 * MiB }, c.policy).defrag, false, '50 MiB < minReclaimable 64 MiB');
+    assert.equal(decide({ dbSize: 1000 * MiB, dbSizeInUse: 800 * MiB }, c.policy, q).defrag, false);
+    assert.equal(decide({ dbSize: 100 * MiB, dbSizeInUse: 50 * MiB }, c.policy, q).defrag, false, '50 MiB < minReclaimable 64 MiB');
   });
   it('defragments near the quota when anything can be reclaimed', () => {
-    const q = c.policy.quotaBytes;
-    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy).defrag, true);
-    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.85 * q }, c.policy).defrag, false);
+    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy, q).defrag, true);
+    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.85 * q }, c.policy, q).defrag, false);
+    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy, 8 * q).defrag, false, 'the same member under an 8x larger quota');
   });
   it('force always defragments', () => {
-    assert.equal(decide({ dbSize: 10, dbSizeInUse: 10 }, c.policy, true).defrag, true);
+    assert.equal(decide({ dbSize: 10, dbSizeInUse: 10 }, c.policy, q, true).defrag, true);
   });
   it('during NOSPACE defragments what blocks the disarm, never twice what cannot shrink enough', () => {
-    const q = c.policy.quotaBytes;
-    assert.equal(decideNoSpace({ dbSize: q, dbSizeInUse: 0.5 * q }, c).defrag, true);
+    assert.equal(decideNoSpace({ dbSize: q, dbSizeInUse: 0.5 * q }, c, q).defrag, true);
     // The in-use figure is stale until a defragment (freed pages wait for a write): try once.
-    assert.equal(decideNoSpace({ dbSize: q, dbSizeInUse: 0.95 * q }, c, false).defrag, true);
-    const live = decideNoSpace({ dbSize: q, dbSizeInUse: 0.95 * q }, c, true);
+    assert.equal(decideNoSpace({ dbSize: q, dbSizeInUse: 0.95 * q }, c, q, false).defrag, true);
+    const live = decideNoSpace({ dbSize: q, dbSizeInUse: 0.95 * q }, c, q, true);
     assert.equal(live.defrag, false);
     assert.match(live.reason, /live data .* alone is above/);
-    assert.equal(decideNoSpace({ dbSize: 0.5 * q, dbSizeInUse: 0.4 * q }, c).defrag, false, 'under the mark: the normal policy');
+    assert.equal(decideNoSpace({ dbSize: 0.5 * q, dbSizeInUse: 0.4 * q }, c, q).defrag, false, 'under the mark: the normal policy');
   });
 });
 
@@ -73,23 +73,56 @@ describe('healthGate', () => {
     assert.equal(healthGate(view(healthy(), { alarms: [{ memberId: '2', alarm: 'CORRUPT' }] }), c)!.check, 'alarm');
     assert.equal(healthGate(view(healthy(), { readError: 'x' }), c)!.check, 'read');
   });
+  it('waits for a member etcd says is defragmenting, but a member silent on Status and /metrics is down', () => {
+    const busy = healthy();
+    busy[2] = member('3', { error: 'deadline', defragmenting: true }, null);
+    assert.equal(healthGate(view(busy), c)!.check, 'busy');
+    const down = healthy();
+    down[2] = member('3', { error: 'deadline', metricsError: 'ECONNREFUSED', metricsDown: true }, null);
+    assert.equal(healthGate(view(down), c)!.check, 'status');
+    const quiet = healthy();
+    quiet[2] = member('3', { error: 'deadline', defragmenting: false }, null);
+    assert.equal(healthGate(view(quiet), c)!.check, 'status', '/metrics says no defragment: silence is trouble');
+    const blind = healthy();
+    blind[2] = member('3', { error: 'deadline', metricsError: 'HTTP 404', metricsDown: false }, null);
+    const g = healthGate(view(blind), c)!;
+    assert.equal(g.check, 'busy');
+    assert.match(g.reason, /fallback: silence/);
+  });
   it('does not stop on NOSPACE', () => {
     assert.equal(healthGate(view(healthy(), { alarms: [{ memberId: '2', alarm: 'NOSPACE' }] }), c), undefined);
   });
 });
 
+describe('quota', () => {
+  it('takes etcd\'s own figure under auto, Status before /metrics, and a configured size over both', () => {
+    assert.deepEqual(resolveQuota('auto', undefined, 64 * MiB), { bytes: 64 * MiB, source: 'metrics', etcd: 64 * MiB });
+    assert.deepEqual(resolveQuota('auto', 8 * q, 64 * MiB), { bytes: 8 * q, source: 'status', etcd: 8 * q });
+    assert.deepEqual(resolveQuota(q, undefined, 8 * q), { bytes: q, source: 'config', etcd: 8 * q });
+    assert.deepEqual(resolveQuota('auto', undefined, undefined), { etcd: undefined });
+  });
+  it('names both numbers when the configured quota disagrees with the member', () => {
+    const m = member('2', { quotaBytes: q, quotaSource: 'config', etcdQuotaBytes: 4 * q });
+    assert.match(quotaMismatch(m)!, /policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m2 .* --quota-backend-bytes 8\.00GiB \(8589934592 bytes\)/);
+    assert.equal(quotaMismatch(member('2', { quotaBytes: q, quotaSource: 'config', etcdQuotaBytes: q })), undefined);
+    assert.equal(quotaMismatch(member('2', { quotaBytes: q, quotaSource: 'metrics', etcdQuotaBytes: q })), undefined);
+  });
+});
+
 describe('transferTarget', () => {
-  it('picks the most caught-up voting follower, never a learner', () => {
+  it('picks the most caught-up voting follower, never a learner or a member that defragments', () => {
     const ms = [member('1'), member('2', {}, { raftAppliedIndex: 90n }), member('3', {}, { raftAppliedIndex: 99n }), member('4', { isLearner: true }, { raftAppliedIndex: 200n })];
     assert.equal(transferTarget(view(ms))!.id, '3');
+    ms[2] = member('3', { defragmenting: true }, { raftAppliedIndex: 99n });
+    assert.equal(transferTarget(view(ms))!.id, '2');
     assert.equal(transferTarget(view([member('1'), member('4', { isLearner: true })])), undefined);
   });
 });
 
 describe('decideNoSpace bounds', () => {
   it('does not defragment again when the live data sits just under the mark', () => {
-    const limit = c.policy.quotaBytes * c.nospace.disarmBelow;
-    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 100 }, c, true).defrag, false);
-    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 8 * MiB }, c, true).defrag, true);
+    const limit = q * c.nospace.disarmBelow;
+    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 100 }, c, q, true).defrag, false);
+    assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 8 * MiB }, c, q, true).defrag, true);
   });
 });

@@ -1,0 +1,42 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { parseServerMetrics } from '../../src/etcd.ts';
+import { RevisionLog } from '../../src/history.ts';
+
+describe('RevisionLog', () => {
+  it('answers the newest revision seen at or before a time, and forgets what is older than the window', () => {
+    const log = new RevisionLog(60_000, 5000);
+    for (let t = 0; t <= 300_000; t += 10_000) log.record(t, BigInt(1000 + t / 1000));
+    assert.equal(log.atOrBefore(300_000 - 60_000)?.revision, 1240n);
+    assert.equal(log.atOrBefore(300_000 - 55_000)?.revision, 1240n, 'between samples: the older one (keeps more history)');
+    assert.equal(log.oldest()?.revision, 1240n, 'one sample at the window edge is kept, older ones go');
+    assert.equal(log.atOrBefore(1000), undefined);
+  });
+  it('ignores samples closer than the gap and revisions that go backwards (a lagging member)', () => {
+    const log = new RevisionLog(60_000, 5000);
+    log.record(0, 10n);
+    log.record(1000, 11n);
+    log.record(6000, 9n);
+    log.record(7000, 12n);
+    assert.equal(log.atOrBefore(6999)?.revision, 10n);
+    assert.equal(log.atOrBefore(7000)?.revision, 12n);
+  });
+});
+
+describe('parseServerMetrics', () => {
+  it('reads the quota, the defrag gauge, sizes and the version as etcd 3.4/3.5 write them', () => {
+    const text = [
+      '# HELP etcd_server_quota_backend_bytes Current backend storage quota size in bytes.',
+      '# TYPE etcd_server_quota_backend_bytes gauge',
+      'etcd_server_quota_backend_bytes 8.589934592e+09',
+      'etcd_disk_defrag_inflight 1',
+      'etcd_mvcc_db_total_size_in_bytes 6.7108864e+07',
+      'etcd_mvcc_db_total_size_in_use_in_bytes 1.6384e+04',
+      'etcd_server_version{server_version="3.5.30"} 1',
+      'etcd_server_quota_backend_bytes_other 5',
+    ].join('\n');
+    assert.deepEqual(parseServerMetrics(text), { quotaBytes: 8589934592, defragInflight: true, dbSize: 67108864, dbSizeInUse: 16384, version: '3.5.30' });
+    assert.deepEqual(parseServerMetrics('etcd_disk_defrag_inflight 0\n'), { defragInflight: false });
+    assert.deepEqual(parseServerMetrics('go_goroutines 12\n'), {});
+  });
+});
