@@ -169,7 +169,7 @@ systemd-run -q --unit=etcd /fixture/etcd/etcd --name m1 --data-dir /var/lib/etcd
   --cert-file $pki/server.pem --key-file $pki/server-key.pem
 systemctl mask --runtime -q systemd-networkd-wait-online.service
 # The operator's only change: config.yaml names the files (and a forced run on start, so one
-# real defragment happens inside the sandbox).
+# real defragment happens inside the sandbox; this test cluster has one member).
 mkdir -p /etc/etcd-defragd
 cat > /etc/etcd-defragd/config.yaml <<YAML
 etcd:
@@ -180,6 +180,7 @@ schedule:
   runOnStart: true
 policy:
   force: true
+  singleMember: true
 YAML
 systemctl daemon-reload
 systemctl enable --now etcd-defragd.service || echo "FAIL start"
