@@ -151,8 +151,9 @@ function defragCell(m: MemberView): string {
   return '?';
 }
 
+/** What a run would decide; nothing when the quota is unknown (a run skips then). */
 function decisionOf(m: MemberView, c: LoadedConfig['config']): Decision | undefined {
-  return m.status ? decide(m.status, c.policy, m.quotaBytes ?? 0) : undefined;
+  return m.status && m.quotaBytes !== undefined ? decide(m.status, c.policy, m.quotaBytes) : undefined;
 }
 
 function statusTable(view: ClusterView, loaded: LoadedConfig): string {

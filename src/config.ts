@@ -347,6 +347,10 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
       const retired = RETIRED[`${section}.${key}`];
       if (retired) {
         warnings.push(`${section}.${key} in ${path} is no longer used and is ignored: ${retired}; remove it`);
+        // A file written by v0.1 lists every v0.1 default; this one changed for a reason.
+        if ((value as Record<string, unknown>).compact === false || (value as Record<string, unknown>).compact === 'false') {
+          warnings.push(`nospace.compact: false in ${path} looks like v0.1's default written out: with it, history that fills the quota is never freed during NOSPACE and the cluster stays read-only (the API server cannot compact during the alarm); delete the line to get the default (true)`);
+        }
         delete (value as Record<string, unknown>)[key];
         continue;
       }

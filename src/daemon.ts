@@ -51,7 +51,7 @@ export class Daemon {
   private readonly tls: TlsWatch;
   readonly metrics = new Metrics();
   /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
-  private readonly revisions: RevisionLog;
+  private revisions: RevisionLog;
   metricsAddress: string | undefined;
 
   constructor(config: Config, private readonly deps: DaemonDeps) {
@@ -231,13 +231,20 @@ export class Daemon {
       return;
     }
     this.metrics.recordAlarms(alarms);
+    // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory), always from
+    // the local member, so that a revision going back means a restore and not a lagging member.
+    await this.pool.get(this.config.etcd.endpoint).revision({ signal: this.abort.signal }, 1)
+      .then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
       this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
     }
-    if (!alarms.some((a) => a.alarm === 'NOSPACE')) this.alarmEpisode = undefined;
-    else {
+    if (!alarms.some((a) => a.alarm === 'NOSPACE')) {
+      this.alarmEpisode = undefined;
+      this.revisions.hold(undefined);
+    } else {
       this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
+      this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
@@ -247,10 +254,7 @@ export class Daemon {
     let last: unknown;
     for (const c of this.endpoints().reverse()) {
       try {
-        const alarms = await c.alarms({ signal: this.abort.signal });
-        // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory).
-        await c.revision({ signal: this.abort.signal }, 1).then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
-        return alarms;
+        return await c.alarms({ signal: this.abort.signal });
       } catch (err) {
         last = err;
       }
@@ -295,6 +299,8 @@ export class Daemon {
     this.reconnectPending = false;
     const oldTurn = this.turn;
     const oldPool = this.pool;
+    // Another endpoint may be another cluster: its revisions are not ours.
+    this.revisions = new RevisionLog(this.config.nospace.keepHistory + REVISION_LOG_SLACK);
     this.pool = new ClientPool(accessFromConfig(this.config));
     this.turn = this.newTurn();
     void oldTurn.close().finally(() => oldPool.close());

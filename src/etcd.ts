@@ -173,6 +173,14 @@ export interface ServerMetrics {
   dbSizeInUse?: number;
 }
 
+/** /metrics answered, but not with a page we can read: the member is up, the page cannot tell. */
+export class MetricsPageError extends DefragdError {
+  constructor(message: string) {
+    super('EDD_ETCD', message, { permanent: true });
+    this.name = 'MetricsPageError';
+  }
+}
+
 /** Picks the gauges etcd-defragd uses out of a Prometheus text exposition. */
 export function parseServerMetrics(text: string): ServerMetrics {
   const out: ServerMetrics = {};
@@ -327,7 +335,7 @@ export class MemberClient {
     }, hooks);
   }
 
-  /** Sent once; `physical` waits until every member has dropped the history (its own deadline). */
+  /** Sent once; `physical` waits until the member that serves it has dropped the history (its own deadline). */
   compact(revision: bigint, physical = false, timeoutMs = this.access.requestTimeout): Promise<unknown> {
     return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
   }
@@ -398,7 +406,7 @@ export class MemberClient {
       const req = (tls ? httpsRequest : httpRequest)(url, opts, (res) => {
         if (res.statusCode !== 200) {
           res.resume();
-          reject(new DefragdError('EDD_ETCD', `metrics on ${this.endpoint}: HTTP ${res.statusCode}`, { permanent: true }));
+          reject(new MetricsPageError(`metrics on ${this.endpoint}: HTTP ${res.statusCode}`));
           return;
         }
         res.setEncoding('utf8');

@@ -10,6 +10,8 @@ export interface RevisionSample {
 
 export class RevisionLog {
   private readonly samples: RevisionSample[] = [];
+  /** While set, the newest sample taken at or before this time is never pruned (an alarm needs it). */
+  private holdAt: number | undefined;
 
   /** @param keepMs how far back samples are kept; @param minGapMs samples closer than this are merged */
   constructor(private keepMs: number, private readonly minGapMs = 5000) {}
@@ -18,13 +20,19 @@ export class RevisionLog {
     this.keepMs = ms;
   }
 
+  /** Keeps the sample from before `time` however long the alarm lasts; undefined releases it. */
+  hold(time: number | undefined): void {
+    this.holdAt = time;
+  }
+
+  /** Samples come from one member; a revision that goes back means etcd was restored: start over. */
   record(at: number, revision: bigint): void {
+    if ((this.samples.at(-1)?.revision ?? revision) > revision) this.samples.length = 0;
     const last = this.samples.at(-1);
-    if (last && revision < last.revision) return; // an answer from a member that lags: nothing new
     if (last && at - last.at < this.minGapMs) return; // runs inspect often; a sample every few seconds is plenty
     this.samples.push({ at, revision });
     // One sample older than the window is kept: it answers "the revision keepMs ago".
-    while (this.samples.length > 2 && this.samples[1]!.at <= at - this.keepMs) this.samples.shift();
+    while (this.samples.length > 2 && this.samples[1]!.at <= at - this.keepMs && !(this.holdAt !== undefined && this.samples[1]!.at > this.holdAt)) this.samples.shift();
   }
 
   /** The newest sample taken at or before `time`, if any. */

@@ -3,8 +3,8 @@
 // the member publishes on its own /metrics: its quota and whether it is defragmenting right now.
 // /metrics answers while a member defragments, when Status blocks; a member silent on both is down.
 import type { Config } from './config.ts';
-import { classify, type ClientPool, type MemberClient, type RetryHooks, type ServerMetrics } from './etcd.ts';
-import { errorMessage, type DefragdError } from './errors.ts';
+import { MetricsPageError, type ClientPool, type MemberClient, type RetryHooks, type ServerMetrics } from './etcd.ts';
+import { errorMessage } from './errors.ts';
 import { hexId, memberLabel, resolveQuota, type ClusterView, type MemberView } from './policy.ts';
 
 export interface InspectOptions {
@@ -17,10 +17,12 @@ export interface InspectOptions {
   quotaBytes?: Config['policy']['quotaBytes'];
 }
 
-/** Did the request fail because nothing answered (as opposed to an answer we cannot use)? */
+/**
+ * Did the request fail because nothing answered (refused, unreachable, unresolvable, timed out,
+ * reset, TLS)? Only an HTTP answer we cannot use (an error status) is "up, but cannot tell".
+ */
 function noAnswer(err: unknown): boolean {
-  const kind = classify((err as DefragdError).cause ?? err);
-  return kind === 'unavailable' || kind === 'timeout';
+  return !(err instanceof MetricsPageError);
 }
 
 async function readMetrics(client: MemberClient, timeoutMs?: number): Promise<{ metrics?: ServerMetrics; error?: string; down?: boolean }> {
@@ -119,21 +121,24 @@ export interface Busy {
   reason: string;
   /** Set when /metrics could not tell and silence on Status was taken as a defragment. */
   fallback?: string;
+  /** The member answers neither /metrics nor Status: down, not defragmenting. */
+  down?: boolean;
 }
 
 /**
  * Which voting members are defragmenting right now, by etcd's own etcd_disk_defrag_inflight. A
- * member that answers nothing is down, not busy (the health gate deals with it); only where /metrics
- * answers but cannot tell does a member that does not answer Status count as busy.
+ * member that answers nothing is reported as down (not busy); only where /metrics answers but
+ * cannot tell does a member that does not answer Status count as busy.
  */
 export async function busyMembers(pool: ClientPool, view: ClusterView, timeoutMs: number): Promise<Busy[]> {
   const results = await Promise.all(view.members.filter((m) => !m.isLearner).map(async (m): Promise<Busy | undefined> => {
     const client = pool.get(m.endpoint);
     const r = await readMetrics(client, timeoutMs);
     if (r.metrics?.defragInflight === true) return { member: m, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
-    if (r.metrics?.defragInflight === false || r.down) return undefined;
+    if (r.metrics?.defragInflight === false) return undefined;
     const s = await client.probe(timeoutMs);
     if (!(s instanceof Error)) return undefined;
+    if (r.down) return { member: m, reason: `member ${memberLabel(m)} answers neither /metrics (${r.error}) nor Status (${s.message}): down`, down: true };
     return {
       member: m,
       reason: `member ${memberLabel(m)} does not answer Status (${s.message}) and its /metrics cannot tell: taken to be defragmenting`,

@@ -6,7 +6,7 @@ import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { haltKey } from './pass.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, hexId, memberLabel, voting, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota, hexId, memberLabel, voting, type MemberView } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
@@ -36,13 +36,14 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     log.error({ event: 'nospace.blocked', reason: 'corrupt' }, 'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first');
     return 'blocked';
   }
-  const limitOf = (m: MemberView) => m.quotaBytes! * c.nospace.disarmBelow;
-  const markOf = (m: MemberView) => `${formatPercent(c.nospace.disarmBelow)} of its quota ${formatBytes(m.quotaBytes!)}`;
+  // The member's own quota when known: etcd raises the alarm against it, whatever we configured.
+  const limitOf = (m: MemberView) => enforcedQuota(m)! * c.nospace.disarmBelow;
+  const markOf = (m: MemberView) => `${formatPercent(c.nospace.disarmBelow)} of its quota ${formatBytes(enforcedQuota(m)!)}`;
   const members = voting(view);
   // Every voting member, and any other member that raised NOSPACE (a learner), must be checked.
   const alarmed = new Set(nospace.map((a) => a.memberId));
   const checked = view.members.filter((m) => !m.isLearner || alarmed.has(m.id));
-  const unknown = checked.filter((m) => !m.status || m.quotaBytes === undefined);
+  const unknown = checked.filter((m) => !m.status || enforcedQuota(m) === undefined);
   if (unknown.length > 0) {
     const m = unknown[0]!;
     const why = !m.status ? `does not answer (${m.error ?? 'no answer'})` : `has no known quota (${m.quotaError ?? 'unknown'})`;
@@ -58,8 +59,8 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   // released, and NOSPACE refuses writes): each daemon speaks for its own member.
   const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
   if (tooBig.length > 0) {
-    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(m.quotaBytes!)}`).join(', ');
-    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: tooBig[0]!.quotaBytes },
+    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`).join(', ');
+    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },
       `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ${c.nospace.compact ? 'compaction and defragmentation cannot help' : 'defragmenting cannot help, and nospace.compact is false'}. Raise --quota-backend-bytes on every member, or delete data${c.nospace.compact ? '' : ', or compact history (nospace.compact: true)'}`);
     return 'blocked';
   }

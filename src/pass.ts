@@ -8,7 +8,7 @@ import { DefragdError, EXIT, errorMessage } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
 import { describeParticipant, type Turn } from './turn.ts';
 import { formatBytes, formatDuration, formatPercent } from './units.ts';
 
@@ -94,12 +94,13 @@ function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
 
 export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<PassResult> {
   const { config: c, log } = deps;
-  const mode = opts.mode ?? 'once';
+  let mode = opts.mode ?? 'once';
   const started = deps.clock.now();
   const hooks = { log, signal: deps.signal };
-  // A member whose quota could not be read is judged on fragmentation alone (quota 0).
+  // A member whose quota could not be read is judged on fragmentation alone (quota 0). During
+  // NOSPACE the member's own quota counts when it is lower than the configured one.
   const decideFor = (m: MemberView): Decision =>
-    mode === 'nospace' ? decideNoSpace(m.status!, c, m.quotaBytes ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force);
+    mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force);
 
   log.info({ event: 'run.start', mode, dryRun: Boolean(opts.dryRun) }, `run started (${mode}${opts.dryRun ? ', dry run' : ''})`);
 
@@ -115,6 +116,12 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
   } catch (err) {
     if (err instanceof DefragdError && !err.permanent) return finish(deps, started, skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' }));
     throw err;
+  }
+
+  // A recovery run queued while another daemon disarmed: nothing to recover, run as scheduled.
+  if (mode === 'nospace' && !view.alarms.some((a) => a.alarm === 'NOSPACE')) {
+    log.info({ event: 'nospace.gone' }, 'the NOSPACE alarm is gone: running as a scheduled run');
+    mode = 'scheduled';
   }
 
   // an integrity mismatch anywhere halts every daemon until an operator has looked
@@ -180,6 +187,9 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
       view = await gateSettled(deps, await look(), look);
       const again = healthGate(view, c);
       if (again) return finish(deps, started, skip(again.reason, { check: again.check, member: again.member, view }));
+      if (view.local.quotaBytes === undefined && (mode === 'nospace' || !(opts.force || c.policy.force))) {
+        return finish(deps, started, skip(view.local.quotaError ?? `the quota of member ${memberLabel(view.local)} is unknown`, { check: 'quota', member: view.local.hex, view }));
+      }
       const fresh = decideFor(view.local);
       if (!fresh.defrag) return finish(deps, started, { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view });
       if (isLeader() && !leaderGoesLast) {
@@ -194,15 +204,23 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
         if (isLeader()) return finish(deps, started, skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view }));
       }
       if (mode === 'nospace' && c.nospace.compact) {
+        // Only the holder compacts: make sure we still are one before dropping history.
+        if (!(await deps.turn.confirm())) return finish(deps, started, skip(`lost the cluster-wide turn before compacting (${deps.turn.lastTrouble || 'our ticket is gone'}); trying again at the next run`, { check: 'turn', member: view.local.hex, view }));
         const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
         if (stuck) return finish(deps, started, skip(stuck, { check: 'compact', member: view.local.hex, view }));
+        // A compaction can take a while: the cluster must still be healthy before the defragment.
         view = await look();
+        const after = healthGate(view, c);
+        if (after) return finish(deps, started, skip(after.reason, { check: after.check, member: after.member, view }));
       }
       // Last checks before the point of no return: our lease may have lapsed while we looked, and
       // no member may have started a defragment meanwhile (an operator's etcdctl, say).
       if (!(await deps.turn.confirm())) return finish(deps, started, skip(`lost the cluster-wide turn before defragmenting (${deps.turn.lastTrouble || 'our ticket is gone'}); trying again at the next run`, { check: 'turn', member: view.local.hex, view }));
       const busyNow = await busyMembers(deps.pool, view, Math.min(c.etcd.requestTimeout, 5000));
-      if (busyNow.length > 0) return finish(deps, started, skip(`${busyNow[0]!.reason}; not defragmenting a second member at the same time`, { check: 'busy', member: busyNow[0]!.member.hex, view }));
+      if (busyNow.length > 0) {
+        const b = busyNow[0]!;
+        return finish(deps, started, skip(b.down ? `${b.reason}; not defragmenting with a voting member down` : `${b.reason}; not defragmenting a second member at the same time`, { check: b.down ? 'status' : 'busy', member: b.member.hex, view }));
+      }
       const result = await defragmentLocal(deps, view, opts);
       if (result.check === 'integrity' && !result.haltRecorded) {
         // etcd refuses the halt key (NOSPACE): keep the turn instead, so no other member goes next.
@@ -305,7 +323,8 @@ async function waitNotBusy(deps: PassDeps, view: ClusterView, until: number): Pr
   const probe = Math.min(deps.config.etcd.requestTimeout, 5000);
   let logged = false;
   for (;;) {
-    const busy = await busyMembers(deps.pool, view, probe);
+    // A member that is down is not waited for here: the health gate that follows skips the run.
+    const busy = (await busyMembers(deps.pool, view, probe)).filter((b) => !b.down);
     if (busy.length === 0) return undefined;
     const reason = busy[0]!.reason;
     if (!logged) {
@@ -344,7 +363,8 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt:
   const { config: c, log } = deps;
   const local = view.local;
   const client = deps.pool.get(local.endpoint);
-  const quota = local.quotaBytes!;
+  const quota = enforcedQuota(local);
+  if (quota === undefined) return local.quotaError ?? `the quota of member ${memberLabel(local)} is unknown`;
   const mark = quota * c.nospace.disarmBelow - NEAR_QUOTA_MIN_RECLAIM;
   const markText = `${formatBytes(mark)} (${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quota)}, less 1MiB)`;
   const latest = local.status!.revision;
@@ -368,6 +388,7 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt:
     // read afterwards shows this step (still an upper bound: it never reads too low).
     for (const rev of [step.revision - 2n, step.revision - 1n, step.revision]) {
       if (rev <= 0n) continue;
+      if (deps.signal?.aborted) return 'stopping before the compaction finished';
       const stuck = await compactTo(deps, client, rev);
       if (stuck) return stuck;
     }

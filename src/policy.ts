@@ -37,6 +37,16 @@ export function resolveQuota(configured: number | 'auto', fromStatus: number | u
   return { etcd };
 }
 
+/**
+ * The quota a NOSPACE decision may rely on: the smaller of the configured and the member's own,
+ * when both are known. etcd raises the alarm against its own figure, so a configured quota above it
+ * must never let a member count as "under the quota" (the alarm would come back at the next write).
+ */
+export function enforcedQuota(m: Pick<MemberView, 'quotaBytes' | 'etcdQuotaBytes'>): number | undefined {
+  if (m.quotaBytes === undefined) return m.etcdQuotaBytes;
+  return m.etcdQuotaBytes === undefined ? m.quotaBytes : Math.min(m.quotaBytes, m.etcdQuotaBytes);
+}
+
 /** A configured policy.quotaBytes that disagrees with what the member itself enforces. */
 export function quotaMismatch(m: MemberView): string | undefined {
   if (m.quotaSource !== 'config' || m.etcdQuotaBytes === undefined || m.quotaBytes === m.etcdQuotaBytes) return undefined;

@@ -153,6 +153,11 @@ describe('one voting member', () => {
     assert.equal(r.code, 75, r.stdout + r.stderr);
     assert.match(r.stdout + r.stderr, /only voting member: defragmenting it stops every read and write .* policy\.singleMember: true/);
     assert.equal((await defragEvents(m)).length, 0);
+    // A configured quota that disagrees with the member's: status names both numbers.
+    const st = await runCli(['status', '--config', writeConfig(cluster, m, { policy: { quotaBytes: '2GiB' } }, 'quota.yaml')], { timeoutMs: 30_000 });
+    assert.equal(st.code, 0, st.stderr);
+    assert.match(st.stdout, /warning: policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m0 .* runs with --quota-backend-bytes 64\.0MiB \(67108864 bytes\)/);
+    assert.match(st.stdout, /2\.00GiB \(config\)\s+0\.0%\s+no\s/, 'the QUOTA and DEFRAGMENTING columns');
     // The daemon runs before the incident, as it does on a node (one started during the alarm
     // cannot join the turn without a spare that a running daemon kept: see Known limits).
     const d = spawnCli(['run', '--config', writeMinimalConfig(cluster, m)]);

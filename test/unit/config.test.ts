@@ -41,6 +41,9 @@ describe('config', () => {
     assert.equal(loaded.config.nospace.compact, true);
     assert.equal(loaded.warnings.length, 1);
     assert.match(loaded.warnings[0]!, /^nospace\.keepRevisions in .* is no longer used and is ignored: replaced by nospace\.keepHistory/);
+    const v01 = loadConfig({ path: file(`${plain}nospace:\n  compact: false\n  keepRevisions: 1000\n`), env: {} });
+    assert.equal(v01.config.nospace.compact, false, 'an explicit value is kept');
+    assert.match(v01.warnings[1]!, /nospace\.compact: false in .* looks like v0\.1's default written out/);
     assert.deepEqual(loadConfig({ path: file(plain), env: {} }).warnings, []);
   });
 

@@ -12,14 +12,26 @@ describe('RevisionLog', () => {
     assert.equal(log.oldest()?.revision, 1240n, 'one sample at the window edge is kept, older ones go');
     assert.equal(log.atOrBefore(1000), undefined);
   });
-  it('ignores samples closer than the gap and revisions that go backwards (a lagging member)', () => {
+  it('ignores samples closer than the gap, and starts over when the revision goes back (a restore)', () => {
     const log = new RevisionLog(60_000, 5000);
     log.record(0, 10n);
     log.record(1000, 11n);
-    log.record(6000, 9n);
     log.record(7000, 12n);
     assert.equal(log.atOrBefore(6999)?.revision, 10n);
     assert.equal(log.atOrBefore(7000)?.revision, 12n);
+    log.record(20_000, 5n);
+    assert.equal(log.oldest()?.revision, 5n);
+    assert.equal(log.atOrBefore(19_999), undefined);
+  });
+  it('keeps the sample from before an alarm however long the alarm lasts', () => {
+    const log = new RevisionLog(60_000, 5000);
+    for (let t = 0; t <= 100_000; t += 10_000) log.record(t, BigInt(t / 1000));
+    log.hold(100_000 - 30_000);
+    for (let t = 110_000; t <= 1_000_000; t += 10_000) log.record(t, 100n);
+    assert.equal(log.atOrBefore(70_000)?.revision, 70n);
+    log.hold(undefined);
+    log.record(1_010_000, 100n);
+    assert.equal(log.atOrBefore(70_000), undefined, 'released after the alarm');
   });
 });
 

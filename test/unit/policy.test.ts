@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
 import type { MemberStatus } from '../../src/etcd.ts';
-import { decide, decideNoSpace, healthGate, quotaMismatch, resolveQuota, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
+import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
 
 const MiB = 1024 ** 2;
 const q = 2048 * MiB;
@@ -100,6 +100,12 @@ describe('quota', () => {
     assert.deepEqual(resolveQuota('auto', 8 * q, 64 * MiB), { bytes: 8 * q, source: 'status', etcd: 8 * q });
     assert.deepEqual(resolveQuota(q, undefined, 8 * q), { bytes: q, source: 'config', etcd: 8 * q });
     assert.deepEqual(resolveQuota('auto', undefined, undefined), { etcd: undefined });
+  });
+  it('during NOSPACE never trusts a configured quota above the one etcd enforces', () => {
+    assert.equal(enforcedQuota({ quotaBytes: 2 * q, etcdQuotaBytes: q }), q, 'v0.1 config: 2GiB written out, member at 1GiB');
+    assert.equal(enforcedQuota({ quotaBytes: q, etcdQuotaBytes: 2 * q }), q);
+    assert.equal(enforcedQuota({ quotaBytes: q, etcdQuotaBytes: undefined }), q);
+    assert.equal(enforcedQuota({ quotaBytes: undefined, etcdQuotaBytes: undefined }), undefined);
   });
   it('names both numbers when the configured quota disagrees with the member', () => {
     const m = member('2', { quotaBytes: q, quotaSource: 'config', etcdQuotaBytes: 4 * q });
