@@ -190,9 +190,12 @@ describe('a holder killed in the middle of a real defragment', () => {
     })]));
     try {
       const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 120_000).then(() => i)));
+      const member = cluster.members[first]!;
+      // The daemon logs before it sends: kill it once etcd itself has logged the start.
+      for (let i = 0; i < 1000 && !(await defragEvents(member)).some((e) => !e.end); i++) await new Promise((r) => setTimeout(r, 5));
       await daemons[first]!.kill('SIGKILL');
       const killedAt = Date.now();
-      const member = cluster.members[first]!;
+      assert.ok((await defragEvents(member)).length > 0, `etcd on ${member.name} never started the defragment`);
       // While the dead holder's defragment runs on, status shows it, from etcd's own gauge.
       const st = await runCli(['status', '--json', '--config', writeConfig(cluster, cluster.members[(first + 1) % 3]!)], { timeoutMs: 30_000 });
       const json = JSON.parse(st.stdout) as { members: { id: string; defragmenting: boolean | null; quota: { source: string; bytes: number } }[] };
