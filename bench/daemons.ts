@@ -112,21 +112,80 @@ export async function buildDaemon(): Promise<Build> {
 }
 
 /**
- * The node flags the shipped systemd unit puts between node and dist/cli.js (e.g. --lite-mode), so
- * the daemons here run as in production. [] when the unit is absent or has none.
+ * The node flags the shipped systemd unit puts between node and dist/cli.js, so the daemons here
+ * run as in production. [] when the unit runs the packaged executable (it has no node flags).
  */
 export function unitNodeFlags(): string[] {
+  const line = unitLines('ExecStart')[0];
+  if (!line) return [];
+  const words = line.trim().split(/\s+/);
+  const script = words.findIndex((w) => w.endsWith('/cli.js'));
+  return script > 1 ? words.slice(1, script) : [];
+}
+
+/** Values of a key in the [Service] section of the shipped unit, in order. */
+function unitLines(key: string): string[] {
   let text: string;
   try {
     text = readFileSync(join(REPO_ROOT, 'systemd', 'etcd-defragd.service'), 'utf8');
   } catch {
     return [];
   }
-  const line = text.split('\n').find((l) => l.startsWith('ExecStart='));
-  if (!line) return [];
-  const words = line.slice('ExecStart='.length).trim().split(/\s+/);
-  const script = words.findIndex((w) => w.endsWith('/cli.js'));
-  return script > 1 ? words.slice(1, script) : [];
+  return text.split('\n').filter((l) => l.startsWith(`${key}=`)).map((l) => l.slice(key.length + 1));
+}
+
+/** The unit's Environment= assignments (e.g. NODE_ENV=production), as the service gets them. */
+export function unitEnvironment(): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const line of unitLines('Environment')) {
+    for (const m of line.matchAll(/"([^"=]+)=([^"]*)"|(\S+?)=(\S*)/g)) env[m[1] ?? m[3]!] = m[2] ?? m[4]!;
+  }
+  return env;
+}
+
+/** What an operator puts on a node to run it: a file or several, and their total size in bytes. */
+export interface Footprint {
+  bytes: number;
+  what: string;
+}
+
+function treeBytes(path: string): number {
+  const out = execFileSync('du', ['-sb', path], { encoding: 'utf8' });
+  return Number(out.split('\t')[0]);
+}
+
+/**
+ * `node dist/cli.js` needs node, the compiled dist/ and the production node_modules (what
+ * systemd/install.sh used to copy): their sizes, package directories counted once.
+ */
+export function nodeFootprint(cliJs: string): Footprint {
+  const nodeBytes = treeBytes(process.execPath);
+  const distBytes = treeBytes(dirname(cliJs));
+  const listed = execFileSync('npm', ['ls', '--omit=dev', '--all', '--parseable'], { cwd: REPO_ROOT, encoding: 'utf8' })
+    .split('\n').filter((p) => p.includes('/node_modules/'));
+  const dirs = [...new Set(listed)].sort();
+  const top = dirs.filter((d, i) => !dirs.slice(0, i).some((p) => d.startsWith(`${p}/`)));
+  const depsBytes = top.reduce((sum, d) => sum + treeBytes(d), 0);
+  return {
+    bytes: nodeBytes + distBytes + depsBytes,
+    what: `node ${fmtMiB(nodeBytes)} + dist/ ${fmtMiB(distBytes)} + production node_modules ${fmtMiB(depsBytes)} (${top.length} packages)`,
+  };
+}
+
+function fmtMiB(n: number): string {
+  return `${(n / 2 ** 20).toFixed(1)} MiB`;
+}
+
+/**
+ * Builds the single executable from the current source (npm run package --exe-only) into a
+ * scratch dir, so the run measures what this checkout would ship.
+ */
+export async function buildExecutable(): Promise<{ exe: string; footprint: Footprint }> {
+  const out = join(BUILD_ROOT, 'pkg');
+  await execFileP(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'scripts', 'package.ts'), '--exe-only', '--out', out], { cwd: REPO_ROOT });
+  const exe = join(out, 'etcd-defragd');
+  const bytes = treeBytes(exe);
+  return { exe, footprint: { bytes, what: `one file, ${fmtMiB(bytes)}` } };
 }
 
 export interface EffectiveConfig {
@@ -145,17 +204,30 @@ export async function effectiveConfig(cliJs: string, path: string): Promise<Effe
 export interface BuiltDaemon {
   pid: number;
   started: Promise<void>;
+  /** Milliseconds from spawn to the first line the process wrote. */
+  firstLineMs: Promise<number>;
   stop(): Promise<void>;
   output(): string;
 }
 
 /** Runs `node <built cli.js> run --config FILE` without any loader, as the systemd unit does (NODE_ENV=production). */
 export function startBuiltDaemon(cliJs: string, config: string, nodeArgs: string[] = []): BuiltDaemon {
-  const child = spawn(process.execPath, [...nodeArgs, cliJs, 'run', '--config', config], {
+  return startDaemonProcess(process.execPath, [...nodeArgs, cliJs], config, { NODE_ENV: 'production' });
+}
+
+/** Runs `file ...args run --config FILE`, e.g. the packaged executable with the unit's environment. */
+export function startDaemonProcess(file: string, args: string[], config: string, env: Record<string, string>): BuiltDaemon {
+  const t0 = performance.now();
+  const child = spawn(file, [...args, 'run', '--config', config], {
     cwd: REPO_ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NODE_ENV: 'production' },
+    env: { ...process.env, ...env },
   });
+  let resolveFirst!: (ms: number) => void;
+  const firstLineMs = new Promise<number>((res) => {
+    resolveFirst = res;
+  });
+  child.stdout.once('data', () => resolveFirst(performance.now() - t0));
   let out = '';
   let resolveStarted!: () => void;
   let rejectStarted!: (e: Error) => void;
@@ -177,6 +249,7 @@ export function startBuiltDaemon(cliJs: string, config: string, nodeArgs: string
   return {
     pid: child.pid ?? 0,
     started,
+    firstLineMs,
     output: () => out,
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;

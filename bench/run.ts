@@ -5,11 +5,11 @@ import { basename, dirname, resolve } from 'node:path';
 import { errorText } from '../test/harness/cluster.ts';
 import { etcdBinaries } from '../test/harness/etcd-bin.ts';
 import { REPO_ROOT } from '../test/harness/proc.ts';
-import { buildDaemon, unitNodeFlags } from './daemons.ts';
+import { buildDaemon, buildExecutable, nodeFootprint, unitEnvironment, type Footprint } from './daemons.ts';
 import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
 import { header, versionSection, type VersionResults } from './report.ts';
 import { writeTimelines } from './timeline.ts';
-import { idleFootprint, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
+import { idleFootprint, nodeLaunch, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
 import { muteIpServernameWarning } from '../src/warnings.ts';
 
 const t0 = Date.now();
@@ -18,7 +18,15 @@ function progress(line: string): void {
   process.stderr.write(`[${String(Math.floor(el / 60)).padStart(2, '0')}:${String(el % 60).padStart(2, '0')}] ${line}\n`);
 }
 
-async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', cliJs: string): Promise<VersionResults> {
+interface Builds {
+  cliJs: string;
+  node: Footprint;
+  exe: string;
+  exeFootprint: Footprint;
+}
+
+async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', builds: Builds): Promise<VersionResults> {
+  const { cliJs } = builds;
   const started = Date.now();
   const bins = await etcdBinaries(version);
   const r: VersionResults = { version, fullVersion: bins.version, disruptions: {}, nospace: [], idle: [], errors: [], elapsedMs: 0 };
@@ -44,10 +52,13 @@ async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', cliJs: str
     await step('(d) cron', async () => void r.nospace.push(await scenarioD(ctx, 'cron')));
   }
   if (sc.has('idle')) {
-    // As the systemd unit starts it, and (for reference, if the unit adds node flags) plain node.
-    const flags = unitNodeFlags();
-    await step('idle', async () => void r.idle.push(await idleFootprint(ctx, flags)));
-    if (flags.length) await step('idle, plain node', async () => void r.idle.push(await idleFootprint(ctx, [])));
+    // The packaged executable as the systemd unit starts it (its Environment=), then the same
+    // source under plain node (the baseline of the ratios), then node --lite-mode as the previous
+    // unit ran it (its flag made V8 print a warning at every start).
+    const exeLaunch = { command: 'etcd-defragd run --config FILE', file: builds.exe, args: [], env: unitEnvironment(), footprint: builds.exeFootprint };
+    await step('idle, executable', async () => void r.idle.push(await idleFootprint(ctx, exeLaunch)));
+    await step('idle, node', async () => void r.idle.push(await idleFootprint(ctx, nodeLaunch(cliJs, [], builds.node))));
+    await step('idle, node --lite-mode', async () => void r.idle.push(await idleFootprint(ctx, nodeLaunch(cliJs, ['--lite-mode'], builds.node))));
   }
   r.elapsedMs = Date.now() - started;
   return r;
@@ -74,6 +85,12 @@ async function main(argv: string[]): Promise<number> {
   progress('building the daemon (tsc -p tsconfig.build.json); every daemon of this run starts from this build');
   const build = await buildDaemon();
   progress(`built ${build.source}`);
+  let builds: Builds = { cliJs: build.cliJs, node: { bytes: 0, what: '' }, exe: '', exeFootprint: { bytes: 0, what: '' } };
+  if (opts.scenarios.has('idle')) {
+    progress('building the single executable (npm run package -- --exe-only) for the idle comparison');
+    const { exe, footprint } = await buildExecutable();
+    builds = { ...builds, exe, exeFootprint: footprint, node: nodeFootprint(build.cliJs) };
+  }
   const out = resolve(REPO_ROOT, opts.out);
   const sections: string[] = [header(opts, startedAt, versions.join(', '), build.source)];
   process.stdout.write(`${sections[0]}\n`);
@@ -83,7 +100,7 @@ async function main(argv: string[]): Promise<number> {
     writeFileSync(out, `${sections.join('\n')}\n`);
   };
   for (const v of opts.versions) {
-    const r = await runVersion(opts, v, build.cliJs);
+    const r = await runVersion(opts, v, builds);
     if (r.errors.length) failed = true;
     let text = versionSection(r, opts);
     try {

@@ -10,7 +10,7 @@ import { DEFAULT_VALUE_BYTES, fill, fmtBytes, isNoSpaceError, listAlarms, type F
 import type { LogLine } from '../test/harness/defragd.ts';
 import { errorKind, now, startReadProbe, startWriteLoad, type LoadReport, type ProbeReport, type RequestRecord } from '../test/harness/load.ts';
 import { REPO_ROOT, type CliProcess } from '../test/harness/proc.ts';
-import { cronAt, daemonEvents, effectiveConfig, NEVER, startBuiltDaemon, startDaemons, stopDaemons, writeBenchConfig, type Settings } from './daemons.ts';
+import { cronAt, daemonEvents, effectiveConfig, NEVER, startDaemonProcess, startDaemons, stopDaemons, writeBenchConfig, type Footprint, type Settings } from './daemons.ts';
 import type { BenchOptions } from './options.ts';
 import type { EtcdVersion } from '../test/harness/etcd-bin.ts';
 
@@ -543,6 +543,13 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
 
 export interface IdleResult {
   fullVersion: string;
+  /** Milliseconds from spawn to the first log line. */
+  firstLineMs: number;
+  /** Private (anonymous) resident memory, max over the samples; the rest of RSS is file pages of the executable. */
+  rssAnonMaxBytes: number;
+  /** Lines that are not log lines (a runtime warning): journald would store them at warning priority. */
+  strayLines: string[];
+  footprint: Footprint;
   sampleMs: number;
   rssMaxBytes: number;
   rssMeanBytes: number;
@@ -584,11 +591,11 @@ function processTree(root: number): number[] {
   return out;
 }
 
-function rssBytes(pids: number[]): number {
+function rssBytes(pids: number[], field: 'VmRSS' | 'RssAnon' = 'VmRSS'): number {
   let sum = 0;
   for (const p of pids) {
     try {
-      const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${p}/status`, 'utf8'));
+      const m = new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${p}/status`, 'utf8'));
       if (m) sum += Number(m[1]) * 1024;
     } catch {
       /* gone */
@@ -612,16 +619,34 @@ function cpuTicks(pids: number[]): number {
   return sum;
 }
 
-/** One daemon (the shipped build) running against a healthy cluster with nothing to do. */
-export async function idleFootprint(ctx: Ctx, nodeFlags: string[]): Promise<IdleResult> {
-  const { opts, cliJs } = ctx;
+/** How the idle daemon is started: a file, its arguments before `run --config FILE`, environment. */
+export interface Launch {
+  command: string;
+  file: string;
+  args: string[];
+  env: Record<string, string>;
+  footprint: Footprint;
+}
+
+/** The compiled build under node, with `nodeFlags`, as the old unit started it. */
+export function nodeLaunch(cliJs: string, nodeFlags: string[], footprint: Footprint): Launch {
+  return {
+    command: ['node', ...nodeFlags, relative(REPO_ROOT, cliJs), 'run', '--config', 'FILE'].join(' '),
+    file: process.execPath, args: [...nodeFlags, cliJs], env: { NODE_ENV: 'production' }, footprint,
+  };
+}
+
+/** One daemon running against a healthy cluster with nothing to do. */
+export async function idleFootprint(ctx: Ctx, launch: Launch): Promise<IdleResult> {
+  const { opts } = ctx;
   const cluster = await startCluster({ version: ctx.version });
   try {
     const config = writeBenchConfig(cluster, cluster.members[0]!, { schedule: { cron: NEVER }, metrics: { listen: '127.0.0.1:0' } }, 'bench-idle.yaml');
-    const d = startBuiltDaemon(cliJs, config, nodeFlags);
-    const command = ['node', ...nodeFlags, relative(REPO_ROOT, cliJs), 'run', '--config', 'FILE'].join(' ');
+    const d = startDaemonProcess(launch.file, launch.args, config, launch.env);
+    const command = launch.command;
     try {
       await d.started;
+      const firstLineMs = await d.firstLineMs;
       ctx.log(`idle: \`${command}\` (pid ${d.pid}) started; warm-up ${opts.idleWarmupMs / 1000} s, then sampling ${opts.idleSampleMs / 1000} s`);
       await sleep(opts.idleWarmupMs);
       const hz = clockTicks();
@@ -629,16 +654,23 @@ export async function idleFootprint(ctx: Ctx, nodeFlags: string[]): Promise<Idle
       const cpu0 = cpuTicks(tree0);
       const t0 = now();
       const samples: number[] = [];
+      const anon: number[] = [];
       while (now() - t0 < opts.idleSampleMs) {
         samples.push(rssBytes(processTree(d.pid)));
+        anon.push(rssBytes(processTree(d.pid), 'RssAnon'));
         await sleep(Math.min(1000, Math.max(0, opts.idleSampleMs - (now() - t0))));
       }
       samples.push(rssBytes(processTree(d.pid)));
       const cpu1 = cpuTicks(processTree(d.pid));
       const elapsed = now() - t0;
       const cpuMs = ((cpu1 - cpu0) / hz) * 1000;
+      const strayLines = d.output().split('\n').filter((l) => l && !l.startsWith('{'));
       const res: IdleResult = {
         fullVersion: cluster.fullVersion,
+        firstLineMs,
+        rssAnonMaxBytes: Math.max(...anon),
+        strayLines,
+        footprint: launch.footprint,
         sampleMs: elapsed,
         rssMaxBytes: Math.max(...samples),
         rssMeanBytes: samples.reduce((a, b) => a + b, 0) / samples.length,
@@ -647,6 +679,7 @@ export async function idleFootprint(ctx: Ctx, nodeFlags: string[]): Promise<Idle
         command,
       };
       if (/"level":(50|60)/.test(d.output())) throw new Error(`the idle daemon logged errors:\n${d.output()}`);
+
       ctx.log(`idle: RSS max ${fmtBytes(res.rssMaxBytes)}, CPU ${(res.cpuShare * 100).toFixed(2)}% of one core`);
       return res;
     } finally {

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
+import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
@@ -10,9 +11,10 @@ import { inspect } from './inspect.ts';
 import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
 import { exitCodeFor, realClock, runPass } from './pass.ts';
 import { decide, healthGate, hexId, quotaMismatch, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
-import { version } from './version.ts';
+import { versionLine } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
 
 const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
@@ -33,6 +35,9 @@ Usage:
       --integrity-checked     also clear the halt after an integrity mismatch, once the members are checked
   etcd-defragd disarm         disarm NOSPACE by hand: says why the automatic disarm refused
       --force                 disarm even so (etcd raises it again while a member is over its quota)
+  etcd-defragd stage-tls      (systemd, as root) copy the TLS files the config names into the
+                              service's runtime directory
+      --runtime-dir DIR       default $RUNTIME_DIRECTORY, else /run/etcd-defragd
 
 Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
@@ -47,12 +52,12 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'check-config', 'pause', 'resume', 'disarm'] as const;
+const COMMANDS = ['run', 'once', 'status', 'check-config', 'pause', 'resume', 'disarm', 'stage-tls'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
   command: Command;
-  values: { config?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean; reason?: string; 'integrity-checked'?: boolean };
+  values: { config?: string; 'runtime-dir'?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean; reason?: string; 'integrity-checked'?: boolean };
 }
 
 function parse(argv: string[]): Parsed {
@@ -63,6 +68,7 @@ function parse(argv: string[]): Parsed {
       allowPositionals: true,
       options: {
         config: { type: 'string' },
+        'runtime-dir': { type: 'string' },
         endpoint: { type: 'string' },
         'log-format': { type: 'string' },
         'log-level': { type: 'string' },
@@ -88,6 +94,7 @@ function parse(argv: string[]): Parsed {
   if (parsed.values.reason !== undefined && command !== 'pause') throw new UsageError('--reason goes with the pause command');
   if (parsed.values['integrity-checked'] && command !== 'resume') throw new UsageError('--integrity-checked goes with the resume command');
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
+  if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls') throw new UsageError('--runtime-dir goes with the stage-tls command');
   return { command, values: parsed.values };
 }
 
@@ -239,6 +246,27 @@ async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<numbe
   }
 }
 
+/** ExecStartPre=+, ExecReload=+ and etcd-defragd-tls.timer: root copies the files for the sandboxed service. */
+function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
+  if (!existsSync(runtimeDir)) {
+    log.debug({ event: 'tls.stage.skip', runtimeDir }, `${runtimeDir} does not exist (the service is not running): nothing to stage`);
+    return EXIT.ok;
+  }
+  try {
+    const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
+    if (r.written.length || r.removed.length) {
+      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((c) => `-${c}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
+    }
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      log.error({ event: 'tls.stage.fail', code: 'EDD_CONFIG', error: err.message }, `EDD_CONFIG: ${err.message}`);
+      return EXIT.config;
+    }
+    throw err;
+  }
+}
+
 async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
   const daemon = new Daemon(loaded.config, { log, clock: realClock, loadOptions: loadOptions(p, env) });
   let signals = 0;
@@ -315,12 +343,14 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     return EXIT.ok;
   }
   if (p.values.version) {
-    writeOut(`etcd-defragd ${version()}\n`);
+    writeOut(`etcd-defragd ${versionLine()}\n`);
     return EXIT.ok;
   }
   let loaded: LoadedConfig;
   try {
-    loaded = loadConfig(loadOptions(p, env));
+    // stage-tls copies the files the config names, so it must not see the copies themselves.
+    const { CREDENTIALS_DIRECTORY: _c, RUNTIME_DIRECTORY: _r, ...unstaged } = env;
+    loaded = loadConfig(p.command === 'stage-tls' ? { ...loadOptions(p, unstaged), checkFiles: false } : loadOptions(p, env));
   } catch (err) {
     if (err instanceof UsageError) {
       process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: ${err.message}`));
@@ -341,8 +371,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   if (loaded.config.log.level !== 'trace' && loaded.config.log.level !== 'debug') env.GRPC_VERBOSITY ??= 'NONE';
   const log = createLogger({ level: loaded.config.log.level, format: loaded.config.log.format, env });
   processLog = log;
-  for (const w of loaded.warnings) log.warn({ event: 'config.warning' }, `config: ${w}`);
+  // stage-tls runs right before `run` at every start: the warnings are run's to tell.
+  if (p.command !== 'stage-tls') for (const w of loaded.warnings) log.warn({ event: 'config.warning' }, `config: ${w}`);
   try {
+    if (p.command === 'stage-tls') return stageTls(loaded, log, p.values['runtime-dir'] ?? env.RUNTIME_DIRECTORY?.split(':')[0] ?? '/run/etcd-defragd');
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
     if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);

@@ -262,7 +262,13 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   },
 };
 
-/** Credentials systemd passes with LoadCredential= win over the configured paths. */
+/** The subdirectory of $RUNTIME_DIRECTORY where `etcd-defragd stage-tls` copies the files (src/tls-files.ts). */
+export const STAGED_SUBDIR = 'credentials';
+
+/**
+ * Credentials systemd passes with LoadCredential=, and the copies staged in $RUNTIME_DIRECTORY,
+ * win over the configured paths.
+ */
 export const CREDENTIALS: Record<string, keyof Config['etcd']> = {
   'etcd-ca': 'caFile',
   'etcd-cert': 'certFile',
@@ -308,7 +314,7 @@ function describeSource(key: string, s: { source: Source; detail?: string }, pat
     case 'file': return `in ${path}`;
     case 'env': return `from environment variable ${s.detail}`;
     case 'flag': return `from flag ${s.detail}`;
-    case 'credential': return `from systemd credential ${s.detail}`;
+    case 'credential': return `from ${s.detail}`;
     default: return `(default of ${key})`;
   }
 }
@@ -403,17 +409,24 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
     sources[full] = { source: 'flag', detail: flagName(full) };
   }
 
-  const credDir = env.CREDENTIALS_DIRECTORY;
-  if (credDir) {
-    for (const [cred, key] of Object.entries(CREDENTIALS)) {
-      const file = join(credDir, cred);
+  // A credential from LoadCredential= (a drop-in) wins; then the copy `etcd-defragd stage-tls`
+  // made of the configured file in the service's runtime directory (src/tls-files.ts).
+  const credDirs: [string | undefined, string][] = [
+    [env.CREDENTIALS_DIRECTORY, 'systemd credential'],
+    [env.RUNTIME_DIRECTORY ? join(env.RUNTIME_DIRECTORY.split(':')[0]!, STAGED_SUBDIR) : undefined, 'copy staged by etcd-defragd stage-tls:'],
+  ];
+  for (const [cred, key] of Object.entries(CREDENTIALS)) {
+    for (const [dir, what] of credDirs) {
+      if (!dir) continue;
+      const file = join(dir, cred);
       try {
         accessSync(file, fsConstants.R_OK);
       } catch {
         continue;
       }
       store.set(`etcd.${key}`, file as never);
-      sources[`etcd.${key}`] = { source: 'credential', detail: cred };
+      sources[`etcd.${key}`] = { source: 'credential', detail: `${what} ${cred}` };
+      break;
     }
   }
 

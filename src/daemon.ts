@@ -15,6 +15,7 @@ import { inspect } from './inspect.ts';
 import { armHaltFuse, runPass, type HashKVFn, type PassResult } from './pass.ts';
 import { quotaMismatch } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
+import { TlsWatch } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { version } from './version.ts';
 
@@ -76,6 +77,8 @@ export class Daemon {
   private haltRecorded = false;
   private textfileTrouble = '';
   readonly metrics: Metrics;
+  /** Renewed certificates (kubeadm certs renew, or a fresh staged copy) reconnect the clients. */
+  private readonly tls: TlsWatch;
   /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
   private revisions: RevisionLog;
   metricsAddress: string | undefined;
@@ -87,6 +90,15 @@ export class Daemon {
     this.turn = this.newTurn();
     this.metrics.watchTurn(() => this.turn.holding());
     this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
+    this.tls = new TlsWatch(config);
+  }
+
+  /** Before each run and alarm check: new certificate files mean new connections (between runs). */
+  private refreshTls(): void {
+    if (!this.tls.changed()) return;
+    this.deps.log.info({ event: 'tls.changed' }, 'the TLS files changed on disk: reconnecting with them');
+    if (this.running) this.reconnectPending = true;
+    else this.reloadConnections();
   }
 
   private newPool(): EtcdPool {
@@ -183,6 +195,7 @@ export class Daemon {
   /** Starts a run now, or after the current one (never two runs of one daemon at once). */
   trigger(mode: Mode): void {
     if (this.stopping) return;
+    this.refreshTls();
     if (this.running) {
       if (mode === 'nospace' || !this.pending) this.pending = mode;
       return;
@@ -260,6 +273,7 @@ export class Daemon {
   /** Reads the alarm list; NOSPACE starts a recovery run at once, CORRUPT is reported every check. */
   private async checkAlarms(): Promise<void> {
     if (this.stopping) return;
+    this.refreshTls();
     let alarms;
     try {
       alarms = await this.localAlarms();
@@ -323,9 +337,10 @@ export class Daemon {
     }
     const prev = this.config;
     this.config = next;
+    const tlsChanged = this.tls.reset(next);
     this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
-    const accessChanged = JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
+    const accessChanged = tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
     if (accessChanged || turnChanged) {
       if (!this.running) this.reloadConnections();
