@@ -81,7 +81,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
 
 
 /** What the schedules exercised (so a property that passes is seen not to pass vacuously). */
-export const coverage = { schedules: 0, defrags: 0, withNoSpace: 0, withDefragTimeout: 0, lostReplies: 0, daemonsKilled: 0 };
+export const coverage = { schedules: 0, defrags: 0, withNoSpace: 0, withDefragTimeout: 0, lostReplies: 0, daemonsKilled: 0, knownLimitNoParticipant: 0 };
 
 /** The property: no violation during the schedule, and liveness once the faults stopped. */
 export async function checkScenario(s: Scenario): Promise<void> {
@@ -93,6 +93,21 @@ export async function checkScenario(s: Scenario): Promise<void> {
   coverage.lostReplies += s.steps.filter((x) => x.t === 'lose').length;
   coverage.daemonsKilled += s.steps.filter((x) => x.t === 'killDaemon').length;
   if (r.violations.length > 0) throw new Error(`safety: ${r.violations.slice(0, 3).join('; ')}`);
-  if (r.sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) throw new Error('liveness: the NOSPACE alarm is still raised after the faults stopped');
+  if (r.sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) {
+    // The documented known limit (README "Known limits"): every participant of the turn, spares
+    // included, lost its lease while NOSPACE refuses new leases (here: a leader defragment under
+    // leader: last stalled every keep-alive just as the quota filled). Nobody can join until a
+    // human defragments; counted, so a rise shows, but not a failure of the property.
+    if (noParticipantLeft(r.sim)) {
+      coverage.knownLimitNoParticipant++;
+      return;
+    }
+    throw new Error('liveness: the NOSPACE alarm is still raised after the faults stopped');
+  }
   if (r.needing.length > 0 && !r.sim.model.halted()) throw new Error(`liveness: ${r.needing.join(', ')} still need a defragment after the faults stopped`);
+}
+
+/** No key of the turn (participants and spares live under <prefix>p/, on their leases) is left. */
+function noParticipantLeft(sim: Sim): boolean {
+  return sim.model.keys(`${sim.base.coordination.prefix}p/`).length === 0;
 }
