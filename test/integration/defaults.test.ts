@@ -205,14 +205,17 @@ describe('a holder killed in the middle of a real defragment', () => {
       for (const x of json.members) assert.equal(x.quota.source, 'metrics');
       const others = daemons.filter((_, i) => i !== first);
       const results = await Promise.all(others.map((d) => d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', 180_000)));
-      for (const r of results) assert.equal(r.event, 'run.done', JSON.stringify(r));
+      // A survivor may lose its 2 s lease on a loaded machine and skip before defragmenting (safe,
+      // check turn); at least one must go through, after the first defragment ended.
+      for (const r of results) assert.ok(r.event === 'run.done' || (r.event === 'run.skip' && r.check === 'turn'), JSON.stringify(r));
+      assert.ok(results.some((r) => r.event === 'run.done'), `no survivor defragmented: ${JSON.stringify(results)}`);
       const events = (await allDefragEvents(cluster)).sort((a, b) => a.start.getTime() - b.start.getTime());
       const killed = events.find((e) => e.member === member.name)!;
       assert.ok(killed.end, 'the first defragment finished inside etcd');
       const ranMs = killed.end.getTime() - killedAt;
       t.diagnostic(`the first defragment ran ${ranMs} ms after its daemon was killed (lease TTL ${leaseTTL} ms)`);
       assert.ok(ranMs > leaseTTL, `inconclusive: the defragment ended ${ranMs} ms after the kill, within the lease TTL; the test needs a larger db`);
-      assert.equal(events.length, 3, JSON.stringify(events));
+      assert.equal(events.length, 1 + results.filter((r) => r.event === 'run.done').length, JSON.stringify(events));
       for (const e of events.filter((x) => x !== killed)) assert.ok(e.start >= killed.end, `${e.member} started at ${e.start.toISOString()}, before ${member.name}'s defragment ended at ${killed.end.toISOString()}`);
       assertNoOverlap(events);
       assert.ok(allLines(others).some((l) => l.event === 'turn.wait' && /etcd_disk_defrag_inflight is 1/.test(String(l.reason))), 'the next holder waited on etcd\'s gauge');
