@@ -77,6 +77,7 @@ check "executable /usr/bin/etcd-defragd" test -x /usr/bin/etcd-defragd
 check "units in the system unit directory ($unitdir)" test -f "$unitdir/etcd-defragd.service" -a -f "$unitdir/etcd-defragd-tls.timer" -a -f "$unitdir/etcd-defragd-tls.service"
 check "config.yaml is a conffile" bash -c "dpkg-query -W -f='\${Conffiles}' etcd-defragd | grep -q '^ /etc/etcd-defragd/config.yaml '"
 check "docs in /usr/share/doc/etcd-defragd" test -f /usr/share/doc/etcd-defragd/copyright -a -f /usr/share/doc/etcd-defragd/README.md.gz
+check "alert rules and dashboard in /usr/share/etcd-defragd" test -f /usr/share/etcd-defragd/prometheus/etcd-defragd-rules.yaml -a -f /usr/share/etcd-defragd/grafana/etcd-defragd-dashboard.json
 check "not enabled on install" test ! -e /etc/systemd/system/multi-user.target.wants/etcd-defragd.service
 # shellcheck disable=SC2016 # expanded by the inner bash
 check "installed config validates (kubeadm paths absent here: 78 names the key)" \

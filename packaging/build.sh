@@ -36,6 +36,9 @@ stage() {
     install -D -m 0644 "$repo/systemd/$u" "$root$unitdir/$u"
   done
   install -D -m 0644 "$repo/config/$name.yaml" "$root/etc/$name/config.yaml"
+  # Prometheus alert rules and the Grafana dashboard, to load into the cluster's monitoring.
+  install -D -m 0644 "$repo/deploy/prometheus/$name-rules.yaml" "$root/usr/share/$name/prometheus/$name-rules.yaml"
+  install -D -m 0644 "$repo/deploy/grafana/$name-dashboard.json" "$root/usr/share/$name/grafana/$name-dashboard.json"
   install -d -m 0755 "$doc"
   # Policy 12.3: docs above 4 kB are compressed; copyright never is.
   for f in README.md docs/operations.md docs/benchmark.md; do
