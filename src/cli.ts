@@ -46,7 +46,7 @@ Options:
   --log-level LEVEL           trace | debug | info | warn | error
   --set KEY=VALUE             set any config key, e.g. --set coordination.maxWait=5m (repeatable)
   -h, --help                  this help
-  --version                   print the version
+  --version                   print the version, the commit it was built from and the Node.js inside
 
 Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_SCHEDULE_CRON.
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
