@@ -183,10 +183,14 @@ describe('a holder killed in the middle of a real defragment', () => {
   const version = versions[0]!; // 3.4 defragments slowest: the defrag outlasts the lease by more
   it(`etcd ${version}: nobody else defragments until etcd says the first defragment ended`, async (t) => {
     cluster = await startCluster({ version, tls: true });
-    await fill(cluster, { inUseBytes: 192 * MiB, reclaimableBytes: 192 * MiB, prefix: 'big/' });
+    // The defragment must outlast the dead holder's lease (2 s) with room to spare. Its time
+    // follows the live data: 192 MiB took 1.5-2 s on a quiet machine (CI once ended it 1.9 s after
+    // the kill, which proves nothing); 768 MiB took about 6 s with the machine busy.
+    await fill(cluster, { inUseBytes: 768 * MiB, reclaimableBytes: 128 * MiB, prefix: 'big/' });
     const leaseTTL = 2000;
     const daemons = cluster.members.map((m) => spawnCli(['run', '--config', writeConfig(cluster!, m, {
       schedule: { cron: '0 0 1 1 *', runOnStart: true }, coordination: { leaseTTL: `${leaseTTL}ms`, settle: '500ms', maxWait: '3m' },
+      policy: { minFragmentation: 0.05 },
     })]));
     try {
       const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 120_000).then(() => i)));
