@@ -120,8 +120,9 @@ export class TlsWatch {
   }
 
   private fingerprint(): string | undefined {
-    const h = createHash('sha256');
     const files = tlsFiles(this.config);
+    if (files.size === 0) return ''; // plain http and no password file: nothing to watch
+    const h = createHash('sha256');
     const read = (cred: string): Buffer | undefined => {
       const f = files.get(cred);
       return f ? readFileSync(f.path) : undefined;

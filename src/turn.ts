@@ -48,33 +48,39 @@ export interface Participant {
 }
 
 export interface TurnView {
-  revision: bigint;
-  participants: Map<string, Participant>;
+  readonly revision: bigint;
+  readonly participants: ReadonlyMap<string, Readonly<Participant>>;
 }
 
 const pad = (n: number) => String(n).padStart(12, '0');
 
 export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): TurnView {
   const participants = new Map<string, Participant>();
-  const base = `${prefix}p/`;
+  // Keys are compared as latin1 (one character per byte): the lease, kind and index parts are
+  // ASCII, and the prefix, whatever its characters, is compared byte for byte.
+  const base = Buffer.from(`${prefix}p/`).toString('latin1');
+  let p: Participant | undefined;
   for (const kv of kvs) {
-    const key = kv.key.toString();
+    const key = kv.key.toString('latin1');
     if (!key.startsWith(base)) continue;
     // <lease>/<kind>[/<index>]
     const a = key.indexOf('/', base.length);
     const lease = key.slice(base.length, a < 0 ? undefined : a);
     if (!lease) continue;
-    let p = participants.get(lease);
-    if (!p) {
-      p = { lease, info: {}, tickets: [], spare: false, holding: false };
-      participants.set(lease, p);
+    // etcd answers in key order, so one participant's keys come together.
+    if (p?.lease !== lease) {
+      p = participants.get(lease);
+      if (!p) {
+        p = { lease, info: {}, tickets: [], spare: false, holding: false };
+        participants.set(lease, p);
+      }
     }
     if (a < 0) continue;
     const b = key.indexOf('/', a + 1);
     const kind = key.slice(a + 1, b < 0 ? undefined : b);
     if (kind === 't') {
-      const index = b < 0 ? '' : key.slice(b + 1);
-      if (/^\d+$/.test(index)) p.tickets.push(Number(index));
+      const index = b < 0 ? -1 : ticketIndex(key, b + 1);
+      if (index >= 0) p.tickets.push(index);
     } else if (b >= 0) continue;
     else if (kind === 'info') {
       try {
@@ -89,6 +95,18 @@ export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): T
     p.holding = p.tickets.length > 0 && p.tickets[0]! % 2 === 1;
   }
   return { revision, participants };
+}
+
+/** The decimal number from `from` to the end of `key`, or -1 if that is not all digits. */
+function ticketIndex(key: string, from: number): number {
+  if (from >= key.length) return -1;
+  let n = 0;
+  for (let i = from; i < key.length; i++) {
+    const d = key.charCodeAt(i) - 48;
+    if (d < 0 || d > 9) return -1;
+    n = n * 10 + d;
+  }
+  return n;
 }
 
 export function describeParticipant(p: Participant): string {
@@ -151,6 +169,8 @@ export class Turn {
   private membersKnown = new Set<string>();
   /** The endpoint that answered last: tried first next time. */
   private preferred: string | undefined;
+  /** The last turn read (views are never modified). */
+  private lastView: TurnView | undefined;
 
   constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
     this.poll = opts.pollInterval ?? 500;
@@ -234,7 +254,10 @@ export class Turn {
     const base = `${this.opts.prefix}p/`;
     // One try per member, then the next member: a member that is down must not hold us up.
     const res = await this.any('read turn', (c) => c.range(base, undefined, 1));
-    return parseView(this.opts.prefix, res.kvs, res.revision);
+    // An unchanged store revision means unchanged keys (keep-alives do not move it): the turn is
+    // read every keep-alive period and mostly has not changed.
+    if (this.lastView?.revision !== res.revision) this.lastView = parseView(this.opts.prefix, res.kvs, res.revision);
+    return this.lastView;
   }
 
   private ticketPuts(lease: string, from: number, count: number): IRequestOp[] {

@@ -89,7 +89,7 @@ export interface ModelOptions {
 
 export class EtcdModel {
   readonly members: ModelMember[] = [];
-  private kv = new Map<string, KV>();
+  private kv = new KvStore();
   private leases = new Map<string, Lease>();
   revision = 1n;
   compactRev = 0n;
@@ -235,7 +235,8 @@ export class EtcdModel {
   }
 
   keys(prefix = ''): string[] {
-    return [...this.kv.keys()].filter((k) => k.startsWith(prefix)).sort();
+    const end = prefix ? prefixEnd(prefix) : undefined;
+    return this.kv.range(prefix, end && !(end.length === 1 && end[0] === 0) ? end.toString('latin1') : undefined).map(([k]) => k);
   }
 
   getValue(key: string): string | undefined {
@@ -299,14 +300,13 @@ export class EtcdModel {
   }
 
   private range(key: Buffer, rangeEnd?: Buffer): [string, KV][] {
-    const k = key.toString('latin1');
     if (!rangeEnd || rangeEnd.length === 0) {
-      const v = this.kv.get(key.toString());
-      return v ? [[key.toString(), v]] : [];
+      const k = key.toString();
+      const v = this.kv.get(k);
+      return v ? [[k, v]] : [];
     }
-    const end = rangeEnd.toString('latin1');
     const all = rangeEnd.length === 1 && rangeEnd[0] === 0;
-    return [...this.kv.entries()].filter(([x]) => x >= k && (all || x < end)).sort(([a], [b]) => (a < b ? -1 : 1));
+    return this.kv.range(key.toString('latin1'), all ? undefined : rangeEnd.toString('latin1'));
   }
 
   /**
@@ -558,11 +558,21 @@ export class EtcdModel {
     this.violations.push({ at: this.clock.now(), what });
   }
 
+  /** A range read. The same array while no key changed (readers do not modify what etcd answered). */
   rangeKvs(prefix: Buffer, rangeEnd?: Buffer): IKeyValue[] {
-    return this.range(prefix, rangeEnd).map(([key, kv]) => ({
-      key: (kv.keyBuf ??= Buffer.from(key)), value: kv.value, create_revision: String(kv.create), mod_revision: String(kv.mod), version: String(kv.version), lease: kv.lease,
-    }) as IKeyValue);
+    const id = `${prefix.toString('latin1')}\0${rangeEnd?.toString('latin1') ?? ''}`;
+    if (this.rangeCache.gen !== this.kv.gen) this.rangeCache = { gen: this.kv.gen, results: new Map() };
+    let kvs = this.rangeCache.results.get(id);
+    if (!kvs) {
+      kvs = this.range(prefix, rangeEnd).map(([key, kv]) => ({
+        key: (kv.keyBuf ??= Buffer.from(key)), value: kv.value, create_revision: String(kv.create), mod_revision: String(kv.mod), version: String(kv.version), lease: kv.lease,
+      }) as IKeyValue);
+      this.rangeCache.results.set(id, kvs);
+    }
+    return kvs;
   }
+
+  private rangeCache = { gen: -1, results: new Map<string, IKeyValue[]>() };
 
   txn(compare: ICompare[], success: IRequestOp[]): { succeeded: boolean } {
     if (this.hasPut(success)) this.checkSpace();
@@ -797,4 +807,52 @@ function prefixEnd(prefix: string): Buffer {
     }
   }
   return Buffer.from([0]);
+}
+
+/** The key space: a map, plus its keys in order for range reads (etcd's keys are byte strings; ours are ASCII). */
+class KvStore {
+  private map = new Map<string, KV>();
+  private sorted: string[] | undefined;
+  /** Moves on every change (range results are cached per generation). */
+  gen = 0;
+
+  get(k: string): KV | undefined {
+    return this.map.get(k);
+  }
+
+  has(k: string): boolean {
+    return this.map.has(k);
+  }
+
+  set(k: string, v: KV): void {
+    if (!this.map.has(k)) this.sorted = undefined;
+    this.map.set(k, v);
+    this.gen++;
+  }
+
+  delete(k: string): void {
+    if (this.map.delete(k)) {
+      this.sorted = undefined;
+      this.gen++;
+    }
+  }
+
+  keys(): IterableIterator<string> {
+    return this.map.keys();
+  }
+
+  /** Keys in [from, end) in order (end undefined: to the last key). */
+  range(from: string, end: string | undefined): [string, KV][] {
+    const keys = (this.sorted ??= [...this.map.keys()].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)));
+    let lo = 0;
+    let hi = keys.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (keys[mid]! < from) lo = mid + 1;
+      else hi = mid;
+    }
+    const out: [string, KV][] = [];
+    for (let i = lo; i < keys.length && (end === undefined || keys[i]! < end); i++) out.push([keys[i]!, this.map.get(keys[i]!)!]);
+    return out;
+  }
 }

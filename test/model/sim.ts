@@ -15,6 +15,8 @@ export interface SimOptions {
   leaseTTL?: number;
   requestTimeout?: number;
   defragTimeout?: number;
+  /** nospace.compactTimeout (production: 5m; a lost compaction reply holds the turn this long). */
+  compactTimeout?: number;
   maxWait?: number;
   leader?: 'transfer' | 'last';
   /** How often the fake cron fires. */
@@ -55,6 +57,9 @@ export function prng(seed: number): () => number {
 /** One registry for every simulated daemon: a Metrics starts an event-loop monitor that is never stopped. */
 let sharedMetrics: Metrics | undefined;
 
+/** Configs by their flags (never modified: Sim.config copies the etcd section). */
+const configs = new Map<string, Config>();
+
 export class Sim {
   readonly clock = new FakeClock();
   readonly model: EtcdModel;
@@ -75,15 +80,25 @@ export class Sim {
     const flags: Record<string, unknown> = {
       'etcd.endpoint': 'https://10.0.0.1:2379', 'etcd.dataDir': '', 'etcd.requestTimeout': o.requestTimeout ?? 2000, 'etcd.defragTimeout': o.defragTimeout ?? 20_000,
       'coordination.leaseTTL': o.leaseTTL ?? 6000, 'coordination.maxWait': o.maxWait ?? 120_000, 'coordination.settle': 500, 'coordination.leader': o.leader ?? 'transfer',
-      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
+      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, 'nospace.compactTimeout': o.compactTimeout ?? 20_000, ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
+      'etcd.caFile': '', 'etcd.certFile': '', 'etcd.keyFile': '', // no certificate files to watch for renewals
       'metrics.listen': '', 'policy.quotaBytes': o.quotaBytes ?? 2048 * MiB, 'policy.minReclaimable': '64MiB', 'log.level': 'silent',
     };
-    this.base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config;
+    // Loaded once per set of flags: thousands of schedules share a handful of configs.
+    const id = JSON.stringify(flags);
+    let base = configs.get(id);
+    if (!base) configs.set(id, (base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config));
+    this.base = base;
     this.model = new EtcdModel(this.clock, {
       members: o.members ?? 3, quotaBytes: o.quotaBytes ?? 2048 * MiB, retry: this.base.retry, requestTimeout: this.base.etcd.requestTimeout,
       defragTimeout: this.base.etcd.defragTimeout, haltKeys: [haltKey(this.base)], fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
     });
     this.clock.onStep = () => this.step();
+  }
+
+  /** The log of one simulated process: its lines name it (MODEL_LOG traces a replayed schedule). */
+  private procLog(owner: Owner): Log {
+    return this.o.log ? this.log.child({ proc: owner.name }) : this.log;
   }
 
   dispose(): void {
@@ -106,7 +121,7 @@ export class Sim {
     const clock = owner.clock();
     const every = this.o.cronEvery ?? 60_000;
     const daemon = new Daemon(config, {
-      log: this.log, clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics('model')),
+      log: this.procLog(owner), clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics('model')),
       pool: () => this.model.pool(owner),
       scheduler: (_cron, _tz, fn) => {
         const t = clock.every(every, fn);
@@ -125,11 +140,11 @@ export class Sim {
     const clock = owner.clock();
     const pool = this.model.pool(owner);
     const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'etcd-defragd once', tickets: this.o.tickets ?? 16 },
-      { pool, endpoint: config.etcd.endpoint, log: this.log, clock });
+      { pool, endpoint: config.etcd.endpoint, log: this.procLog(owner), clock });
     const p: Proc = { name: owner.name, member, owner, kind: 'once', turn };
     p.result = (async () => {
       try {
-        return await runPass({ config, pool, log: this.log, clock, turn, seen: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
+        return await runPass({ config, pool, log: this.procLog(owner), clock, turn, seen: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
       } catch (err) {
         return err as Error;
       } finally {
@@ -146,7 +161,7 @@ export class Sim {
     const config = this.config(member);
     const owner = this.clock.owner(`turn-${member}-${++this.seq}`);
     const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'test', keepSpares: opts.keepSpares, tickets: opts.tickets ?? this.o.tickets ?? 16 },
-      { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.log, clock: owner.clock() });
+      { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.procLog(owner), clock: owner.clock() });
     turn.identify(this.model.member(member).id);
     this.procs.push({ name: owner.name, member, owner, kind: 'once', turn });
     return { turn, owner };
