@@ -62,6 +62,27 @@ describe('config', () => {
     }
   });
 
+  it('says where each value came from, and an empty environment variable still counts', () => {
+    const creds = mkdtempSync(join(dir, 'creds-'));
+    writeFileSync(join(creds, 'etcd-ca'), 'x');
+    const loaded = loadConfig({
+      path: file(`${plain}nospace:\n  # every key commented out\nlog:\n  level: debug\n`),
+      env: { ETCD_DEFRAGD_METRICS_LISTEN: '', ETCD_DEFRAGD_LOG_LEVEL: 'warn', CREDENTIALS_DIRECTORY: creds },
+      flags: { 'log.level': 'error', 'etcd.caFile': '/flag/ca.crt' },
+      checkFiles: false,
+    });
+    assert.equal(loaded.config.metrics.listen, '', '"" from the environment disables the listener');
+    assert.deepEqual(loaded.sources['metrics.listen'], { source: 'env', detail: 'ETCD_DEFRAGD_METRICS_LISTEN' });
+    assert.equal(loaded.config.log.level, 'error');
+    assert.deepEqual(loaded.sources['log.level'], { source: 'flag', detail: '--log-level' });
+    assert.deepEqual(loaded.sources['etcd.endpoint'], { source: 'file' });
+    assert.equal(loaded.config.nospace.keepHistory, 300_000, 'a section with only comments keeps its defaults');
+    assert.deepEqual(loaded.sources['nospace.keepHistory'], { source: 'default' });
+    assert.equal(loaded.config.etcd.caFile, join(creds, 'etcd-ca'), 'a systemd credential wins over a flag');
+    assert.equal(loaded.sources['etcd.caFile']!.source, 'credential');
+    assert.throws(() => loadConfig({ path: file(plain), env: {}, flags: { 'etcd.toString': 'x' } }), /^ConfigError: etcd\.toString: unknown key given on the command line/);
+  });
+
   it('names env vars after section and key', () => {
     assert.equal(envName('etcd', 'caFile'), 'ETCD_DEFRAGD_ETCD_CA_FILE');
     assert.equal(envName('verify', 'hashKV'), 'ETCD_DEFRAGD_VERIFY_HASH_KV');
@@ -70,6 +91,8 @@ describe('config', () => {
   const bad: [string, string, RegExp][] = [
     ['unknown key', `${plain}  endpont: x\n`, /^etcd\.endpont: unknown key in .*accepted: etcd\.endpoint, etcd\.caFile/],
     ['unknown section', `${plain}sched:\n  cron: x\n`, /^sched: unknown section/],
+    ['key named like an Object method', `${plain}  toString: x\n`, /^etcd\.toString: unknown key in /],
+    ['section named like an Object method', `${plain}constructor:\n  x: 1\n`, /^constructor: unknown section/],
     ['malformed cron', `${plain}schedule:\n  cron: "0 */3 * *"\n`, /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/],
     ['negative duration', `${plain}  requestTimeout: -5s\n`, /^etcd\.requestTimeout: "-5s" is negative in .*accepted: a positive duration/],
     ['endpoint not a URL', 'etcd:\n  endpoint: 127.0.0.1:2379x\n', /^etcd\.endpoint: "127\.0\.0\.1:2379x" .*accepted: an http:\/\/ or https:\/\/ URL/],
