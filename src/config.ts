@@ -1,5 +1,7 @@
-// The one configuration module: schema with defaults, loading (file -> environment -> flags),
-// validation with errors that name the key, the value, what is accepted and where it came from.
+// The one configuration module: schema with defaults, loading (file -> environment -> flags ->
+// systemd credentials), validation with errors that name the key, the value, what is accepted and
+// where it came from. The schema and the merge are our own: convict (6.2.5) could not name the file
+// or the source of a bad value, and reported all failures as one joined string.
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { readFileSync, accessSync, constants as fsConstants } from 'node:fs';
 import { join } from 'node:path';
@@ -379,14 +381,18 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
   // name the file, the variable or the flag. readYaml has already rejected unknown keys.
   const raw: Record<string, unknown> = {};
   const sources: LoadedConfig['sources'] = {};
+  const put = (full: string, value: unknown, source: Source, detail?: string) => {
+    raw[full] = value;
+    sources[full] = detail === undefined ? { source } : { source, detail };
+  };
   for (const [section, keys] of Object.entries(SCHEMA)) {
     const fromFile = fileDoc?.[section] as Record<string, unknown> | undefined;
     for (const [key, spec] of Object.entries(keys)) {
       const full = `${section}.${key}`;
       const name = envName(section, key);
-      if (env[name] !== undefined) [raw[full], sources[full]] = [env[name], { source: 'env', detail: name }];
-      else if (fromFile && Object.hasOwn(fromFile, key)) [raw[full], sources[full]] = [fromFile[key], { source: 'file' }];
-      else [raw[full], sources[full]] = [spec.default, { source: 'default' }];
+      if (env[name] !== undefined) put(full, env[name], 'env', name);
+      else if (fromFile && Object.hasOwn(fromFile, key)) put(full, fromFile[key], 'file');
+      else put(full, spec.default, 'default');
     }
   }
   for (const [full, value] of Object.entries(opts.flags ?? {})) {
@@ -394,7 +400,7 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
     if (!section || !key || !Object.hasOwn(SCHEMA, section) || !Object.hasOwn(SCHEMA[section]!, key)) {
       throw new ConfigError(`${full}: unknown key given on the command line; see etcd-defragd check-config for the keys`);
     }
-    [raw[full], sources[full]] = [value, { source: 'flag', detail: flagName(full) }];
+    put(full, value, 'flag', flagName(full));
   }
 
   // A credential from LoadCredential= (a drop-in) wins; then the copy `etcd-defragd stage-tls`
@@ -412,7 +418,7 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
       } catch {
         continue;
       }
-      [raw[`etcd.${key}`], sources[`etcd.${key}`]] = [file, { source: 'credential', detail: `${what} ${cred}` }];
+      put(`etcd.${key}`, file, 'credential', `${what} ${cred}`);
       break;
     }
   }
