@@ -258,7 +258,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     textfile: { default: '', kind: promFile, doc: "node_exporter textfile collector file (*.prom), rewritten after each run and alarm check (\"\" disables)" },
   },
   log: {
-    level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: 'trace, debug, info, warn, error' },
+    level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: LOG_LEVELS.join(', ') },
     format: { default: 'auto', kind: oneOf(LOG_FORMATS), doc: 'auto: journal under systemd, pretty on a terminal, json otherwise' },
   },
 };
