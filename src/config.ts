@@ -1,9 +1,10 @@
-// The one configuration module: schema with defaults, loading (file -> environment -> flags),
-// validation with errors that name the key, the value, what is accepted and where it came from.
+// The one configuration module: schema with defaults, loading (file -> environment -> flags ->
+// systemd credentials), validation with errors that name the key, the value, what is accepted and
+// where it came from. The schema and the merge are our own: convict (6.2.5) could not name the file
+// or the source of a bad value, and reported all failures as one joined string.
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { readFileSync, accessSync, constants as fsConstants } from 'node:fs';
 import { join } from 'node:path';
-import convict from 'convict';
 import { validateDetailed } from 'node-cron';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
 import { ConfigError } from './errors.ts';
@@ -257,7 +258,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     textfile: { default: '', kind: promFile, doc: "node_exporter textfile collector file (*.prom), rewritten after each run and alarm check (\"\" disables)" },
   },
   log: {
-    level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: 'trace, debug, info, warn, error' },
+    level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: LOG_LEVELS.join(', ') },
     format: { default: 'auto', kind: oneOf(LOG_FORMATS), doc: 'auto: journal under systemd, pretty on a terminal, json otherwise' },
   },
 };
@@ -343,7 +344,7 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
   if (doc === null || doc === undefined) return {};
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: the top level must be a mapping of sections (${Object.keys(SCHEMA).join(', ')})`);
   for (const [section, value] of Object.entries(doc as Record<string, unknown>)) {
-    const spec = SCHEMA[section];
+    const spec = Object.hasOwn(SCHEMA, section) ? SCHEMA[section] : undefined;
     if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted: ${Object.keys(SCHEMA).join(', ')}`);
     if (value === null) {
       // A section whose keys are all commented out, as in the shipped file.
@@ -362,22 +363,10 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
         delete (value as Record<string, unknown>)[key];
         continue;
       }
-      if (!spec[key]) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec).map((k) => `${section}.${k}`).join(', ')}`);
+      if (!Object.hasOwn(spec, key)) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec).map((k) => `${section}.${k}`).join(', ')}`);
     }
   }
   return doc as Record<string, unknown>;
-}
-
-function convictSchema(): convict.Schema<Record<string, Record<string, unknown>>> {
-  const schema: Record<string, Record<string, unknown>> = {};
-  for (const [section, keys] of Object.entries(SCHEMA)) {
-    schema[section] = {};
-    for (const [key, spec] of Object.entries(keys)) {
-      // Raw values are kept (format '*'): our own kinds check them below, so errors can name the source.
-      schema[section][key] = { doc: spec.doc, format: '*', default: spec.default, env: envName(section, key) };
-    }
-  }
-  return schema as never;
 }
 
 /** Loads, merges (defaults -> file -> environment -> flags -> systemd credentials), validates and freezes. */
@@ -388,25 +377,30 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
   const warnings: string[] = [];
   const fileDoc = readYaml(path, explicit, warnings);
 
-  const store = convict(convictSchema(), { env, args: [] });
-  if (fileDoc) store.load(fileDoc);
-
+  // Each layer overwrites the raw value of a key and says where it came from, so an error can
+  // name the file, the variable or the flag. readYaml has already rejected unknown keys.
+  const raw: Record<string, unknown> = {};
   const sources: LoadedConfig['sources'] = {};
+  const put = (full: string, value: unknown, source: Source, detail?: string) => {
+    raw[full] = value;
+    sources[full] = detail === undefined ? { source } : { source, detail };
+  };
   for (const [section, keys] of Object.entries(SCHEMA)) {
-    for (const key of Object.keys(keys)) {
+    const fromFile = fileDoc?.[section] as Record<string, unknown> | undefined;
+    for (const [key, spec] of Object.entries(keys)) {
       const full = `${section}.${key}`;
-      const fromFile = fileDoc && typeof fileDoc[section] === 'object' && fileDoc[section] !== null && key in (fileDoc[section] as object);
       const name = envName(section, key);
-      if (env[name] !== undefined) sources[full] = { source: 'env', detail: name };
-      else if (fromFile) sources[full] = { source: 'file' };
-      else sources[full] = { source: 'default' };
+      if (env[name] !== undefined) put(full, env[name], 'env', name);
+      else if (fromFile && Object.hasOwn(fromFile, key)) put(full, fromFile[key], 'file');
+      else put(full, spec.default, 'default');
     }
   }
   for (const [full, value] of Object.entries(opts.flags ?? {})) {
     const [section, key] = full.split('.');
-    if (!section || !key || !SCHEMA[section]?.[key]) throw new ConfigError(`${full}: unknown key given on the command line; see etcd-defragd check-config for the keys`);
-    store.set(full, value as never);
-    sources[full] = { source: 'flag', detail: flagName(full) };
+    if (!section || !key || !Object.hasOwn(SCHEMA, section) || !Object.hasOwn(SCHEMA[section]!, key)) {
+      throw new ConfigError(`${full}: unknown key given on the command line; see etcd-defragd check-config for the keys`);
+    }
+    put(full, value, 'flag', flagName(full));
   }
 
   // A credential from LoadCredential= (a drop-in) wins; then the copy `etcd-defragd stage-tls`
@@ -424,8 +418,7 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
       } catch {
         continue;
       }
-      store.set(`etcd.${key}`, file as never);
-      sources[`etcd.${key}`] = { source: 'credential', detail: `${what} ${cred}` };
+      put(`etcd.${key}`, file, 'credential', `${what} ${cred}`);
       break;
     }
   }
@@ -435,10 +428,9 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
     out[section] = {};
     for (const [key, spec] of Object.entries(keys)) {
       const full = `${section}.${key}`;
-      const raw = store.get(full as never) as unknown;
-      const result = spec.kind.parse(raw);
+      const result = spec.kind.parse(raw[full]);
       if ('error' in result) {
-        throw new ConfigError(`${full}: ${show(raw)} ${result.error} ${describeSource(full, sources[full]!, path)}; accepted: ${spec.kind.accepted}`);
+        throw new ConfigError(`${full}: ${show(raw[full])} ${result.error} ${describeSource(full, sources[full]!, path)}; accepted: ${spec.kind.accepted}`);
       }
       out[section][key] = result.value;
     }

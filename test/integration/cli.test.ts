@@ -37,6 +37,17 @@ describe('command line', () => {
     });
   }
 
+  it('check-config: a bad value from the environment or a flag exits 78 naming the variable or the flag', async () => {
+    const path = cfg('env-flag', 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
+    const fromEnv = await runCli(['check-config', '--config', path], { env: { ETCD_DEFRAGD_RETRY_ATTEMPTS: 'many' } });
+    assert.equal(fromEnv.code, 78, fromEnv.stdout + fromEnv.stderr);
+    assert.match(fromEnv.stderr.trim(), /^etcd-defragd: config error: retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS; accepted: a whole number from 1 to 100$/);
+    const fromFlag = await runCli(['check-config', '--config', path, '--set', 'coordination.leaseTTL=1s']);
+    assert.equal(fromFlag.code, 78, fromFlag.stdout + fromFlag.stderr);
+    assert.match(fromFlag.stderr.trim(), /^etcd-defragd: config error: coordination\.leaseTTL: "1s" is below the minimum of 2000ms from flag --set coordination\.leaseTTL=\.\.\.; accepted: /);
+    for (const r of [fromEnv, fromFlag]) assert.doesNotMatch(r.stderr, /\n\s+at /);
+  });
+
   it('check-config prints the effective config and where each value came from', async () => {
     const r = await runCli(['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
       { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } });

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { envName, loadConfig, renderDefaultConfig } from '../../src/config.ts';
 import { ConfigError } from '../../src/errors.ts';
@@ -14,6 +16,8 @@ function file(text: string): string {
   return p;
 }
 const plain = 'etcd:\n  endpoint: http://127.0.0.1:2379\n';
+/** nobody: the user a root test drops to. */
+const NOBODY = 65534;
 
 describe('config', () => {
   it('ships a config file that lists every key with its default', () => {
@@ -62,6 +66,27 @@ describe('config', () => {
     }
   });
 
+  it('says where each value came from, and an empty environment variable still counts', () => {
+    const creds = mkdtempSync(join(dir, 'creds-'));
+    writeFileSync(join(creds, 'etcd-ca'), 'x');
+    const loaded = loadConfig({
+      path: file(`${plain}nospace:\n  # every key commented out\nlog:\n  level: debug\n`),
+      env: { ETCD_DEFRAGD_METRICS_LISTEN: '', ETCD_DEFRAGD_LOG_LEVEL: 'warn', CREDENTIALS_DIRECTORY: creds },
+      flags: { 'log.level': 'error', 'etcd.caFile': '/flag/ca.crt' },
+      checkFiles: false,
+    });
+    assert.equal(loaded.config.metrics.listen, '', '"" from the environment disables the listener');
+    assert.deepEqual(loaded.sources['metrics.listen'], { source: 'env', detail: 'ETCD_DEFRAGD_METRICS_LISTEN' });
+    assert.equal(loaded.config.log.level, 'error');
+    assert.deepEqual(loaded.sources['log.level'], { source: 'flag', detail: '--log-level' });
+    assert.deepEqual(loaded.sources['etcd.endpoint'], { source: 'file' });
+    assert.equal(loaded.config.nospace.keepHistory, 300_000, 'a section with only comments keeps its defaults');
+    assert.deepEqual(loaded.sources['nospace.keepHistory'], { source: 'default' });
+    assert.equal(loaded.config.etcd.caFile, join(creds, 'etcd-ca'), 'a systemd credential wins over a flag');
+    assert.equal(loaded.sources['etcd.caFile']!.source, 'credential');
+    assert.throws(() => loadConfig({ path: file(plain), env: {}, flags: { 'etcd.toString': 'x' } }), /^ConfigError: etcd\.toString: unknown key given on the command line/);
+  });
+
   it('names env vars after section and key', () => {
     assert.equal(envName('etcd', 'caFile'), 'ETCD_DEFRAGD_ETCD_CA_FILE');
     assert.equal(envName('verify', 'hashKV'), 'ETCD_DEFRAGD_VERIFY_HASH_KV');
@@ -70,6 +95,8 @@ describe('config', () => {
   const bad: [string, string, RegExp][] = [
     ['unknown key', `${plain}  endpont: x\n`, /^etcd\.endpont: unknown key in .*accepted: etcd\.endpoint, etcd\.caFile/],
     ['unknown section', `${plain}sched:\n  cron: x\n`, /^sched: unknown section/],
+    ['key named like an Object method', `${plain}  toString: x\n`, /^etcd\.toString: unknown key in /],
+    ['section named like an Object method', `${plain}constructor:\n  x: 1\n`, /^constructor: unknown section/],
     ['malformed cron', `${plain}schedule:\n  cron: "0 */3 * *"\n`, /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/],
     ['negative duration', `${plain}  requestTimeout: -5s\n`, /^etcd\.requestTimeout: "-5s" is negative in .*accepted: a positive duration/],
     ['endpoint not a URL', 'etcd:\n  endpoint: 127.0.0.1:2379x\n', /^etcd\.endpoint: "127\.0\.0\.1:2379x" .*accepted: an http:\/\/ or https:\/\/ URL/],
@@ -103,11 +130,36 @@ describe('config', () => {
     assert.throws(() => loadConfig({ path: file(`etcd:\n  caFile: ${junk}\n  certFile: ""\n  keyFile: ""\n`), env: {} }), /etcd\.caFile: ".*junk\.crt" is not a PEM certificate/);
   });
 
-  it('rejects an unreadable password file', { skip: process.getuid?.() === 0 ? 'root reads any file' : false }, () => {
-    const pw = join(dir, 'pw');
+  it('rejects an unreadable password file, also when the tests run as root', () => {
+    // Root reads any file, so a child process drops to nobody before loading the config. It
+    // imports the code first, as the test's own user: the repository may sit below a directory
+    // only root can enter, where nobody could not load it.
+    const open = mkdtempSync(join(tmpdir(), 'edd-config-nobody-'));
+    chmodSync(open, 0o755);
+    const pw = join(open, 'pw');
     writeFileSync(pw, 'x');
     chmodSync(pw, 0);
-    assert.throws(() => loadConfig({ path: file(`${plain}  username: root\n  passwordFile: ${pw}\n`), env: {} }), /not readable/);
+    const path = join(open, 'config.yaml');
+    writeFileSync(path, `${plain}  username: root\n  passwordFile: ${pw}\n`);
+    chmodSync(path, 0o644);
+    const child = `
+      const { loadConfig } = await import(process.argv[1]);
+      if (process.getuid() === 0) { process.setgroups([${NOBODY}]); process.setgid(${NOBODY}); process.setuid(${NOBODY}); }
+      let out;
+      try { loadConfig({ path: process.argv[2], env: {} }); out = { loaded: true }; }
+      catch (err) { out = { name: err.name, message: err.message }; }
+      console.log(JSON.stringify({ uid: process.getuid(), ...out }));`;
+    const code = new URL('../../src/config.ts', import.meta.url).href;
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', child, code, path], {
+      cwd: fileURLToPath(new URL('../..', import.meta.url)), encoding: 'utf8', timeout: 30_000,
+    });
+    assert.equal(r.status, 0, `child: ${r.stderr}`);
+    const got = JSON.parse(r.stdout) as { uid: number; loaded?: boolean; name?: string; message?: string };
+    assert.notEqual(got.uid, 0, 'the child ran without root');
+    assert.equal(got.name, 'ConfigError', r.stdout);
+    assert.match(got.message!, /not readable/);
+    const expected = `etcd.passwordFile: ${JSON.stringify(pw)} is not readable (permission denied) in ${path}; accepted: a readable file`;
+    assert.equal(got.message, expected);
   });
 
   it('prefers systemd credentials over configured paths', () => {
