@@ -27,6 +27,7 @@ import pRetry from 'p-retry';
 import type { Config } from './config.ts';
 import { DefragdError } from './errors.ts';
 import type { Log } from './log.ts';
+import type { Alarm, MemberStatus } from './view.ts';
 
 export type ErrorKind = 'unavailable' | 'timeout' | 'nospace' | 'auth' | 'tls' | 'not-leader' | 'compacted' | 'other';
 
@@ -97,23 +98,6 @@ export function accessFromConfig(c: Config): Access {
   };
 }
 
-export interface MemberStatus {
-  endpoint: string;
-  memberId: string; // decimal string; IDs exceed 2^53
-  leader: string;
-  version: string;
-  dbSize: number;
-  dbSizeInUse: number;
-  raftIndex: bigint;
-  raftAppliedIndex: bigint;
-  raftTerm: bigint;
-  revision: bigint;
-  isLearner: boolean;
-  errors: string[];
-  /** etcd 3.6 sends the member's quota in Status (dbSizeQuota); earlier versions do not. */
-  quotaBytes?: number;
-}
-
 export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
   const applied = (r as IStatusResponse & { raftAppliedIndex?: string }).raftAppliedIndex;
   return {
@@ -142,11 +126,6 @@ function quotaFromStatus(r: IStatusResponse): number | undefined {
   const q = (r as IStatusResponse & { dbSizeQuota?: string }).dbSizeQuota;
   const n = q === undefined ? NaN : Number(q);
   return Number.isFinite(n) && n > 0 ? n : undefined;
-}
-
-export interface Alarm {
-  memberId: string;
-  alarm: 'NOSPACE' | 'CORRUPT' | string;
 }
 
 export interface Member {

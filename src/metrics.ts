@@ -6,10 +6,9 @@
 // increase() sees the first event), and each daemon exports only the member it owns.
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { ClusterView } from './policy.ts';
-import type { Outcome } from './pass.ts';
+import { OUTCOMES, type Outcome } from './errors.ts';
+import type { ClusterView } from './view.ts';
 
-export const OUTCOMES: readonly Outcome[] = ['done', 'not-needed', 'skipped', 'failed'];
 export const MODES = ['scheduled', 'nospace'] as const;
 /**
  * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps

@@ -1,13 +1,14 @@
 // NOSPACE recovery, after this daemon's own recovery pass: disarm the alarm once every voting
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
-import type { Alarm, EtcdPool } from './etcd.ts';
+import type { EtcdPool } from './etcd.ts';
+import { fuseBlown, fuseKey, haltKey } from './control.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { fuseBlown, fuseKey, haltKey } from './pass.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota, hexId, memberLabel, voting, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
+import { hexId, memberLabel, voting, type Alarm, type MemberView } from './view.ts';
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
 

@@ -4,13 +4,13 @@
 import { createTask } from 'node-cron';
 import type { Config } from './config.ts';
 import { clearKey, describeHalt, describePause, haltKey, operator, pauseKey, readControl, writePause, type ControlState } from './control.ts';
-import { classify, type Alarm, type ClientPool } from './etcd.ts';
+import { classify, type ClientPool } from './etcd.ts';
 import { EXIT, errorMessage, type DefragdError } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { hexId, memberLabel, voting } from './policy.ts';
 import { describeParticipant, parseView } from './turn.ts';
+import { hexId, memberLabel, voting, type Alarm } from './view.ts';
 
 export interface OpResult {
   code: number;

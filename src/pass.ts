@@ -4,18 +4,16 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
-import { describeHalt, describePause, haltKey, readControl } from './control.ts';
-import { classify, type EtcdMember, type EtcdPool, type MemberStatus, type RetryHooks } from './etcd.ts';
-import type { ICompare, IRequestOp } from 'etcd3';
-import { DefragdError, EXIT, errorMessage } from './errors.ts';
+import { armHaltFuse, blowFuse, describeHalt, describePause, fuseBlown, haltFromBlownFuse, haltKey, readControl } from './control.ts';
+import { classify, type EtcdMember, type EtcdPool } from './etcd.ts';
+import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, transferTarget, type Decision } from './policy.ts';
 import type { Turn } from './turn.ts';
 import { formatBytes, formatDuration, formatPercent } from './units.ts';
-
-export type Outcome = 'done' | 'not-needed' | 'skipped' | 'failed';
+import { hexId, memberLabel, voting, type ClusterView, type MemberStatus, type MemberView } from './view.ts';
 
 export interface PassResult {
   outcome: Outcome;
@@ -29,8 +27,6 @@ export interface PassResult {
   /** After an integrity mismatch: whether the halt key reached etcd. */
   haltRecorded?: boolean;
 }
-
-export { realClock, type Clock } from './clock.ts';
 
 export type HashKVFn = (pool: EtcdPool, member: MemberView, revision: bigint, timeoutMs?: number) => Promise<{ hash: string; compactRevision: bigint }>;
 
@@ -252,33 +248,6 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   return defragmentLocal(deps, view, opts);
 }
 
-export { haltKey };
-/**
- * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
- * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
- * `fuse` key is written once, beside `fuse-armed`; a mismatch under NOSPACE deletes `fuse` (a
- * delete works under NOSPACE), and a blown fuse halts like the halt key. The first daemon that can
- * write again turns a blown fuse into the halt key and restores the fuse, so the operator's
- * `etcdctl del <prefix>halt` stays the one way to resume.
- */
-export const fuseKey = (c: Config) => `${c.coordination.prefix}fuse`;
-const fuseArmedKey = (c: Config) => `${c.coordination.prefix}fuse-armed`;
-
-const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
-const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
-const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
-
-/** Writes the halt fuse once per cluster, while writes work (best effort: a daemon does it when it joins, a run when it looks). */
-export async function armHaltFuse(pool: EtcdPool, c: Config): Promise<void> {
-  await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
-}
-
-/** Is the halt fuse blown (armed, and its key deleted)? */
-export async function fuseBlown(client: EtcdMember, c: Config, hooks: RetryHooks = {}): Promise<{ blown: boolean; armed: boolean }> {
-  const [fuse, armed] = await Promise.all([client.get(fuseKey(c), hooks), client.get(fuseArmedKey(c), hooks)]);
-  return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
-}
-
 /** Why no run may go now: an integrity halt (the key, or a blown fuse), or an operator's pause (src/control.ts). */
 async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
   const hooks = { log: deps.log, signal: deps.signal };
@@ -293,8 +262,7 @@ async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reas
   if (fuse.blown) {
     const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
     if (writes) {
-      await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
-        [putOp(haltKey(deps.config), JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+      await haltFromBlownFuse(client, deps.config, reason, new Date(deps.clock.now()).toISOString()).catch(() => undefined);
     }
     return { check: 'halt', reason: `defragmentation is halted: ${reason}; ${resume}` };
   }
@@ -313,8 +281,7 @@ async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Pro
   }
   try {
     // A delete works under NOSPACE; a fuse never armed cannot be blown.
-    const res = await client.txn('blow fuse', [exists(fuseArmedKey(deps.config)), exists(fuseKey(deps.config))], [{ request_delete_range: { key: Buffer.from(fuseKey(deps.config)) } }]);
-    if (res.succeeded) return true;
+    if (await blowFuse(client, deps.config)) return true;
     deps.log.error({ event: 'halt.fail' }, 'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)');
   } catch (err) {
     deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);

@@ -8,7 +8,8 @@
 // per member is reachability (up, frozen, killed), its own defragment, its db sizes, its applied
 // index and the routing of its endpoint.
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
-import { describe, type Alarm, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type MemberStatus, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import { describe, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import type { Alarm, MemberStatus } from '../../src/view.ts';
 import type { FakeClock, Owner } from './clock.ts';
 
 const MiB = 1024 * 1024;

@@ -4,10 +4,9 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import type { MemberStatus } from '../../src/etcd.ts';
 import { Metrics, SKIP_CHECKS } from '../../src/metrics.ts';
 import { promtoolCheck } from '../harness/promtool.ts';
-import type { ClusterView, MemberView } from '../../src/policy.ts';
+import type { ClusterView, MemberStatus, MemberView } from '../../src/view.ts';
 
 const SRC = join(import.meta.dirname, '../../src');
 

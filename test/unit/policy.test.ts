@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
-import type { MemberStatus } from '../../src/etcd.ts';
-import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
+import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget } from '../../src/policy.ts';
+import type { ClusterView, MemberStatus, MemberView } from '../../src/view.ts';
 
 const MiB = 1024 ** 2;
 const q = 2048 * MiB;
