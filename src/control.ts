@@ -6,7 +6,7 @@
 import type { ICompare, IRequestOp } from 'etcd3';
 import { hostname, userInfo } from 'node:os';
 import type { Config } from './config.ts';
-import { classify, type EtcdMember, type EtcdPool, type RetryHooks } from './etcd.ts';
+import { kindOf, type EtcdMember, type EtcdPool, type RetryHooks } from './etcd.ts';
 import { DefragdError } from './errors.ts';
 
 type Prefixed = Pick<Config, 'coordination'>;
@@ -86,7 +86,7 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
   try {
     await client.put(pauseKey(c), JSON.stringify(record));
   } catch (err) {
-    if (classify((err as DefragdError).cause ?? err) === 'nospace') {
+    if (kindOf(err) === 'nospace') {
       throw new DefragdError('EDD_ETCD', `cannot pause: etcd refuses every write while the NOSPACE alarm is raised, and a pause is a key written to etcd (${pauseKey(c)}). ` +
         'To stop defragmentation now, stop the service on every control-plane node (systemctl stop etcd-defragd); ' +
         'or let the NOSPACE recovery finish, then pause', { cause: err, permanent: false });

@@ -18,6 +18,7 @@ import { writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { version } from './version.ts';
+import { hexId } from './view.ts';
 
 /** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
 export interface Schedule {
@@ -290,7 +291,7 @@ export class Daemon {
     await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
-      this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
+      this.deps.log.error({ event: 'alarm.corrupt', member: hexId(a.memberId) }, `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) {
       this.alarmEpisode = undefined;
@@ -298,7 +299,7 @@ export class Daemon {
     } else {
       this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
       this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
-      if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
+      if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => hexId(a.memberId)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
   }

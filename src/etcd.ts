@@ -12,7 +12,6 @@ import {
   GRPCUnavailableError,
   GRPCUnauthenticatedError,
   GRPCCancelledError,
-  GRPCFailedPreconditionError,
   EtcdPermissionDeniedError,
   EtcdAuthenticationFailedError,
   EtcdInvalidAuthTokenError,
@@ -46,8 +45,12 @@ export function classify(err: unknown): ErrorKind {
   if (err instanceof GRPCDeadlineExceededError || /deadline exceeded|timed out|timeout/i.test(msg)) return 'timeout';
   if (err instanceof GRPCUnavailableError || err instanceof GRPCCancelledError
     || /unavailable|ECONNREFUSED|ECONNRESET|EPIPE|socket|connection|No connection established|broken circuit|transport/i.test(msg)) return 'unavailable';
-  if (err instanceof GRPCFailedPreconditionError) return 'other';
   return 'other';
+}
+
+/** The kind of a failed call: of the client error a DefragdError wraps (its cause), else of the error itself. */
+export function kindOf(err: unknown): ErrorKind {
+  return classify((err instanceof Error ? err.cause : undefined) ?? err);
 }
 
 export function isTransient(kind: ErrorKind): boolean {

@@ -5,7 +5,7 @@ import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
 import { armHaltFuse, blowFuse, describeHalt, describePause, fuseBlown, haltFromBlownFuse, haltKey, readControl } from './control.ts';
-import { classify, type EtcdMember, type EtcdPool } from './etcd.ts';
+import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
@@ -460,7 +460,7 @@ async function compactTo(deps: PassDeps, client: EtcdMember, revision: bigint): 
     await client.compact(revision, true, deps.config.nospace.compactTimeout);
     return undefined;
   } catch (err) {
-    const kind = classify((err as DefragdError).cause ?? err);
+    const kind = kindOf(err);
     if (kind === 'compacted') return undefined; // someone compacted this far already
     if (kind === 'timeout') {
       return `compaction to revision ${revision} did not finish within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); it goes on inside etcd, and the defragment waits for the next run`;
@@ -492,7 +492,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   } catch (err) {
     failure = errorMessage(err);
     // A timed-out defragment goes on inside etcd: never send another, wait for the member instead.
-    if (classify((err as DefragdError).cause ?? err) === 'timeout') {
+    if (kindOf(err) === 'timeout') {
       log.warn({ event: 'defrag.timeout', member: local.hex }, `defragment of ${local.hex} passed etcd.defragTimeout; not re-sending, waiting for the member to answer again`);
     }
   }
@@ -597,7 +597,7 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
     } catch (err) {
       // A compaction racing the check is retried; a member that cannot answer now leaves the
       // defragment unverified rather than failed.
-      if (classify((err as DefragdError).cause ?? err) === 'compacted') continue;
+      if (kindOf(err) === 'compacted') continue;
       deps.log.warn({ event: 'verify.skip', error: errorMessage(err) }, `HashKV not compared: ${errorMessage(err)}`);
       return undefined;
     }

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { IRequestOp } from 'etcd3';
 import type { PassResult } from '../../src/pass.ts';
+import { decimalId, hexId } from '../../src/view.ts';
 import type { Owner } from './clock.ts';
 import { Sim } from './sim.ts';
 
@@ -16,7 +17,7 @@ function sim(o: ConstructorParameters<typeof Sim>[0] = {}): Sim {
 /** A spare participant written straight into the model, as another daemon would have left it. */
 function addSpare(s: Sim, memberId?: string): string {
   const id = s.model.grant(TTL / 1000, 'test');
-  const lease = BigInt(id).toString(16);
+  const lease = hexId(id);
   const base = `${s.base.coordination.prefix}p/${lease}/`;
   const ops: IRequestOp[] = [
     { request_put: { key: Buffer.from(`${base}info`), value: Buffer.from(JSON.stringify({ spare: true, memberId, since: new Date(s.clock.now()).toISOString() })), lease: id } },
@@ -102,7 +103,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       let lapsed = false;
       for (let t = 0; t < 12 * TTL; t += 250) {
         await s.run(250);
-        if (!s.model.leaseAlive(BigInt(`0x${lease}`).toString())) lapsed = true;
+        if (!s.model.leaseAlive(decimalId(lease))) lapsed = true;
       }
       assert.equal(lapsed, false, 'our own lease never lapsed');
       assert.equal(d.daemon!.turnState().participant, lease);
@@ -234,7 +235,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       assert.equal(s.model.defragLog.length, 3, JSON.stringify(s.model.defragLog));
       // The stall is real: the leader's daemon lost its lease during its own defragment (harmless
       // outside NOSPACE: it joins again; the next holder's busy check saw the leader defragmenting).
-      assert.equal(s.model.leaseAlive(BigInt(`0x${leaseOfLeader}`).toString()), false);
+      assert.equal(s.model.leaseAlive(decimalId(leaseOfLeader)), false);
     } finally {
       s.dispose();
     }
