@@ -128,7 +128,7 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
   try {
     const r = await runPass({
       config: c, pool, log, clock: realClock, turn, signal: abort.signal,
-      seen: (v) => turn?.identify(v.local.id),
+      onInspected: (v) => turn?.identify(v.local.id),
     }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
     return exitCodeFor(r);
   } finally {
@@ -257,7 +257,7 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   try {
     const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
     if (r.written.length || r.removed.length) {
-      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((c) => `-${c}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
+      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
     }
     return EXIT.ok;
   } catch (err) {

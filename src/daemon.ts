@@ -69,7 +69,7 @@ export class Daemon {
   private readonly abort = new AbortController();
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean; since: number } | undefined;
+  private alarmEpisode: { defraggedSinceAlarm: boolean; since: number } | undefined;
   /**
    * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
    * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
@@ -231,7 +231,7 @@ export class Daemon {
       result = await runPass({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
         revisions: this.revisions,
-        seen: (v) => {
+        onInspected: (v) => {
           if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
           this.metrics.recordView(v);
           this.metrics.recordAlarms(v.alarms);
@@ -246,9 +246,9 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
+      }, { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
-      if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
+      if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defraggedSinceAlarm = true;
       if (result.check === 'integrity') {
         this.halted = result.reason;
         this.haltRecorded = Boolean(result.haltRecorded);
@@ -260,7 +260,7 @@ export class Daemon {
     if (mode === 'nospace' && !this.stopping && !this.halted) {
       try {
         await checkAndDisarm({
-          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), localDefragged: this.alarmEpisode?.defragged,
+          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
           registered: () => this.turn.registeredMembers(),
         });
       } catch (err) {
@@ -297,7 +297,7 @@ export class Daemon {
       this.alarmEpisode = undefined;
       this.revisions.hold(undefined);
     } else {
-      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
+      this.alarmEpisode ??= { defraggedSinceAlarm: false, since: this.deps.clock.now() };
       this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
       if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => hexId(a.memberId)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');

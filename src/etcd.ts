@@ -58,7 +58,7 @@ export function isTransient(kind: ErrorKind): boolean {
 }
 
 /** Wraps a client error into a DefragdError whose message says what failed and where. */
-export function describe(err: unknown, what: string, endpoint: string): DefragdError {
+export function toDefragdError(err: unknown, what: string, endpoint: string): DefragdError {
   if (err instanceof DefragdError) return err;
   const kind = classify(err);
   const raw = err instanceof Error ? err.message.replace(/\s+/g, ' ').trim() : String(err);
@@ -279,16 +279,16 @@ export class MemberClient implements EtcdMember {
         },
       });
     } catch (err) {
-      throw describe(err, what, this.endpoint);
+      throw toDefragdError(err, what, this.endpoint);
     }
   }
 
   /** A mutation: sent exactly once. */
-  async once<T>(what: string, fn: (deadline: Date) => Promise<T>, timeout = this.access.requestTimeout): Promise<T> {
+  async sendOnce<T>(what: string, fn: (deadline: Date) => Promise<T>, timeout = this.access.requestTimeout): Promise<T> {
     try {
       return await fn(this.deadline(timeout));
     } catch (err) {
-      throw describe(err, what, this.endpoint);
+      throw toDefragdError(err, what, this.endpoint);
     }
   }
 
@@ -301,7 +301,7 @@ export class MemberClient implements EtcdMember {
     try {
       return toStatus(this.endpoint, await this.client.maintenance.status({ deadline: this.deadline(timeoutMs) }));
     } catch (err) {
-      return describe(err, 'status', this.endpoint);
+      return toDefragdError(err, 'status', this.endpoint);
     }
   }
 
@@ -329,19 +329,19 @@ export class MemberClient implements EtcdMember {
   }
 
   disarm(alarm: Alarm): Promise<unknown> {
-    return this.once('alarm disarm', (deadline) =>
+    return this.sendOnce('alarm disarm', (deadline) =>
       this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never, { deadline }));
   }
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */
   async defragment(): Promise<DefragmentReply> {
-    const res = await this.once('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+    const res = await this.sendOnce('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
     // The header names the member that did it: behind DNS or a load balancer it may not be ours.
     return { memberId: String((res as { header?: { member_id?: string } }).header?.member_id ?? '') };
   }
 
   moveLeader(targetId: string): Promise<unknown> {
-    return this.once('move leader', (deadline) => this.client.maintenance.moveLeader({ targetID: targetId }, { deadline }));
+    return this.sendOnce('move leader', (deadline) => this.client.maintenance.moveLeader({ targetID: targetId }, { deadline }));
   }
 
   /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
@@ -360,7 +360,7 @@ export class MemberClient implements EtcdMember {
 
   /** Sent once; `physical` waits until the member that serves it has dropped the history (its own deadline). */
   compact(revision: bigint, physical = false, timeoutMs = this.access.requestTimeout): Promise<unknown> {
-    return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
+    return this.sendOnce('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
   }
 
   /** A linearizable read through raft: proves the member can reach a quorum. */
@@ -379,25 +379,25 @@ export class MemberClient implements EtcdMember {
   }
 
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<ITxnResponse> {
-    return this.once(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
+    return this.sendOnce(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
   }
 
   put(key: string, value: string, lease?: string): Promise<unknown> {
-    return this.once('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
+    return this.sendOnce('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
   }
 
   async leaseGrant(ttlSeconds: number): Promise<string> {
-    const res = await this.once('lease grant', (deadline) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds }, { deadline }));
+    const res = await this.sendOnce('lease grant', (deadline) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds }, { deadline }));
     return String(res.ID);
   }
 
   leaseRevoke(id: string): Promise<unknown> {
-    return this.once('lease revoke', (deadline) => this.client.leaseClient.leaseRevoke({ ID: id }, { deadline }));
+    return this.sendOnce('lease revoke', (deadline) => this.client.leaseClient.leaseRevoke({ ID: id }, { deadline }));
   }
 
   /** One keep-alive over a short-lived stream; returns the remaining TTL (0: the lease is gone). */
   async leaseKeepAlive(id: string, timeoutMs = this.access.requestTimeout): Promise<number> {
-    return this.once('lease keep-alive', async (deadline) => {
+    return this.sendOnce('lease keep-alive', async (deadline) => {
       const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
       try {
         return await new Promise<number>((resolve, reject) => {
@@ -436,12 +436,12 @@ export class MemberClient implements EtcdMember {
         let body = '';
         res.on('data', (chunk: string) => { body += chunk; });
         res.on('end', () => resolve(parseServerMetrics(body)));
-        res.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+        res.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       });
       const timer = setTimeout(() => req.destroy(new Error('metrics: timed out')), timeoutMs);
       req.on('close', () => clearTimeout(timer));
       req.on('timeout', () => req.destroy(new Error('metrics: timed out')));
-      req.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+      req.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       req.end();
     });
   }
@@ -469,16 +469,16 @@ export class ClientPool implements EtcdPool {
   constructor(readonly access: Access) {}
 
   get(endpoint: string): MemberClient {
-    let c = this.clients.get(endpoint);
-    if (!c) {
-      c = new MemberClient(endpoint, this.access);
-      this.clients.set(endpoint, c);
+    let client = this.clients.get(endpoint);
+    if (!client) {
+      client = new MemberClient(endpoint, this.access);
+      this.clients.set(endpoint, client);
     }
-    return c;
+    return client;
   }
 
   close(): void {
-    for (const c of this.clients.values()) c.close();
+    for (const client of this.clients.values()) client.close();
     this.clients.clear();
   }
 }

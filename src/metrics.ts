@@ -133,9 +133,9 @@ export class Metrics {
     for (const name of ALARMS) this.alarms.set({ alarm: name }, alarms.filter((a) => a.alarm === name).length);
   }
 
-  recordControl(c: { paused: boolean; halted: boolean }): void {
-    this.paused.set(c.paused ? 1 : 0);
-    this.halted.set(c.halted ? 1 : 0);
+  recordControl(state: { paused: boolean; halted: boolean }): void {
+    this.paused.set(state.paused ? 1 : 0);
+    this.halted.set(state.halted ? 1 : 0);
   }
 
   recordSchedule(next: Date | undefined, after: Date | undefined): void {

@@ -18,7 +18,7 @@ export interface DisarmDeps {
   log: Log;
   onDisarm?: () => void;
   /** The local member was defragmented since the alarm was raised: its in-use figure is real. */
-  localDefragged?: boolean;
+  defraggedSinceAlarm?: boolean;
   /** Member IDs with a registered etcd-defragd; `unknown` counts daemons that joined as a spare. */
   registered?: () => Promise<{ members: Set<string>; unknown: number }>;
 }
@@ -63,7 +63,7 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   if (gone.length > 0) return 'blocked';
   // Only a defragmented member's in-use figure is trusted (freed pages wait for a write to be
   // released, and NOSPACE refuses writes): each daemon speaks for its own member.
-  const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
+  const tooBig = members.filter((m) => m.isLocal && deps.defraggedSinceAlarm && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
   if (tooBig.length > 0) {
     const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`).join(', ');
     log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },

@@ -40,8 +40,8 @@ export interface PassDeps {
   signal?: AbortSignal;
   freeDisk?: (dir: string) => Promise<number>;
   hashKV?: HashKVFn;
-  /** Called with every fresh inspection (the daemon keeps its endpoint list from it). */
-  seen?: (view: ClusterView) => void;
+  /** Called with every fresh inspection: the turn learns which member this is, the daemon records metrics and revisions. */
+  onInspected?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
   onDefragStart?: (member: string) => void;
   /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
@@ -54,7 +54,7 @@ export interface PassOptions {
   mode?: 'scheduled' | 'once' | 'nospace';
   runId?: string;
   /** NOSPACE mode: this daemon already defragmented its member since the alarm was raised. */
-  defraggedThisAlarm?: boolean;
+  defraggedSinceAlarm?: boolean;
   /** NOSPACE mode: when this daemon first saw the alarm (compaction keeps the history before it). */
   alarmSeenAt?: number;
 }
@@ -82,7 +82,8 @@ interface Run {
   mode: NonNullable<PassOptions['mode']>;
   started: number;
   decideFor(m: MemberView): Decision;
-  look(): Promise<ClusterView>;
+  /** Inspects the cluster again (and tells deps.onInspected). */
+  inspect(): Promise<ClusterView>;
 }
 
 /** What the steps with the turn in hand end with: a result, or "hand leadership away failed, go last". */
@@ -94,10 +95,10 @@ export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<P
     deps, opts, mode: opts.mode ?? 'once', started: deps.clock.now(),
     // A member whose quota could not be read is judged on fragmentation alone (quota 0). During
     // NOSPACE the member's own quota counts when it is lower than the configured one.
-    decideFor: (m) => (run.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
-    look: async () => {
+    decideFor: (m) => (run.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedSinceAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
+    inspect: async () => {
       const v = await inspect(deps.pool, c.etcd.endpoint, { log, signal: deps.signal }, { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes });
-      deps.seen?.(v);
+      deps.onInspected?.(v);
       return v;
     },
   };
@@ -111,7 +112,7 @@ async function passSteps(run: Run): Promise<PassResult> {
   const c = deps.config;
   let view: ClusterView;
   try {
-    view = await run.look();
+    view = await run.inspect();
   } catch (err) {
     if (err instanceof DefragdError && !err.permanent) return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
     throw err;
@@ -129,7 +130,7 @@ async function passSteps(run: Run): Promise<PassResult> {
 
   // gate (a member that etcd says is defragmenting is waited for once we hold the turn; a member
   // that answers nothing is down, and the run skips)
-  view = await gateSettled(deps, view, run.look);
+  view = await gateSettled(deps, view, run.inspect);
   const gateFail = healthGate(view, c);
   if (gateFail) {
     if (gateFail.check !== 'busy' || opts.dryRun) return skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view });
@@ -208,7 +209,7 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   // defragmenting, then look again with the turn in hand - the cluster may have changed.
   const busy = await waitNotBusy(deps, view, waitUntil);
   if (busy) return skip(busy, { check: 'busy', member: view.local.hex, view });
-  view = await gateSettled(deps, await run.look(), run.look);
+  view = await gateSettled(deps, await run.inspect(), run.inspect);
   const again = healthGate(view, c);
   if (again) return skip(again.reason, { check: again.check, member: again.member, view });
   if (view.local.quotaBytes === undefined && (run.mode === 'nospace' || !(opts.force || c.policy.force))) {
@@ -223,7 +224,7 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
       deps.log.warn({ event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason }, `could not move leadership away: ${moved.reason}; the leader goes last`);
       return 'leader-goes-last';
     }
-    view = await run.look();
+    view = await run.inspect();
     if (view.local.status!.leader === view.local.id) return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
   }
 
@@ -234,7 +235,7 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
     const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
     if (stuck) return skip(stuck, { check: 'compact', member: view.local.hex, view });
     // A compaction can take a while: the cluster must still be healthy before the defragment.
-    view = await run.look();
+    view = await run.inspect();
     const after = healthGate(view, c);
     if (after) return skip(after.reason, { check: after.check, member: after.member, view });
   }
@@ -293,13 +294,13 @@ async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Pro
  * Leader disagreement and raft lag pass within an election or a burst of writes (a leader transfer
  * by another daemon causes both): look again a few times before calling the cluster unhealthy.
  */
-async function gateSettled(deps: PassDeps, view: ClusterView, look: () => Promise<ClusterView>): Promise<ClusterView> {
+async function gateSettled(deps: PassDeps, view: ClusterView, inspectAgain: () => Promise<ClusterView>): Promise<ClusterView> {
   for (let i = 0; i < 3; i++) {
     const fail = healthGate(view, deps.config);
     if (!fail || (fail.check !== 'leader' && fail.check !== 'raft-lag')) break;
     deps.log.debug({ event: 'gate.retry', check: fail.check, reason: fail.reason }, `looking again in 1s: ${fail.reason}`);
     await deps.clock.sleep(1000, deps.signal);
-    view = await look();
+    view = await inspectAgain();
   }
   return view;
 }

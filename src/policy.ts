@@ -107,12 +107,12 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
  * freed by a compaction are only released by the next write, and NOSPACE refuses writes, so
  * dbSizeInUse can stay at dbSize (seen in the benchmark). A defragment copies only live data.
  */
-export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedThisAlarm = false): Decision {
+export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedSinceAlarm = false): Decision {
   const normal = decide(s, c.policy, quotaBytes, false);
   const limit = quotaBytes * c.nospace.disarmBelow;
   const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quotaBytes)}`;
   if (s.dbSize < limit) return normal;
-  if (!defraggedThisAlarm) {
+  if (!defraggedSinceAlarm) {
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})` };
   }
   if (s.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM) {

@@ -247,13 +247,13 @@ export class Turn {
   }
 
   /** A mutation that must not be repeated blindly: sent once, to the endpoint that answered last. */
-  private async once<T>(fn: (c: EtcdMember) => Promise<T>): Promise<T> {
-    const c = this.endpoints()[0]!;
+  private async sendOnce<T>(fn: (client: EtcdMember) => Promise<T>): Promise<T> {
+    const client = this.endpoints()[0]!;
     try {
-      return await fn(c);
+      return await fn(client);
     } catch (err) {
       // Next time start with another member; the caller reads the state again before deciding.
-      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== c.endpoint);
+      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== client.endpoint);
       throw err;
     }
   }
@@ -261,7 +261,7 @@ export class Turn {
   async view(): Promise<TurnView> {
     const base = `${this.opts.prefix}p/`;
     // One try per member, then the next member: a member that is down must not hold us up.
-    const res = await this.onAnyMember('read turn', (c) => c.range(base, undefined, 1));
+    const res = await this.onAnyMember('read turn', (client) => client.range(base, undefined, 1));
     // An unchanged store revision means unchanged keys (keep-alives do not move it): the turn is
     // read every keep-alive period and mostly has not changed.
     if (this.lastView?.revision !== res.revision) this.lastView = parseView(this.opts.prefix, res.kvs, res.revision);
@@ -278,7 +278,7 @@ export class Turn {
 
   private async createParticipant(kind: 'self' | 'reserve' | 'spare'): Promise<string> {
     // A grant whose reply was lost leaves a lease nobody renews: it expires by itself.
-    const id = await this.onAnyMember('lease grant', (c) => c.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
+    const id = await this.onAnyMember('lease grant', (client) => client.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
     const lease = hexId(id);
     const since = new Date(this.deps.clock.now()).toISOString();
     const info: ParticipantInfo = kind === 'spare' ? { spare: true, since }
@@ -291,7 +291,7 @@ export class Turn {
     ];
     if (spare) ops.push({ request_put: { key: Buffer.from(this.key(lease, 'spare')), value: Buffer.alloc(0), lease: id } });
     // Repeating these puts is harmless: nobody uses the new participant's keys yet.
-    await this.onAnyMember('register', (c) => c.txn('register', [], ops));
+    await this.onAnyMember('register', (client) => client.txn('register', [], ops));
     return lease;
   }
 
@@ -332,7 +332,7 @@ export class Turn {
     const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2 && !p.holding).sort((a, b) => rank(a) - rank(b));
     for (const p of candidates) {
       // A claim whose reply was lost leaves that spare unclaimed by anyone: nobody renews it, it expires.
-      const res = await this.onAnyMember('claim spare', (c) => c.txn('claim spare', [
+      const res = await this.onAnyMember('claim spare', (client) => client.txn('claim spare', [
         { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
       ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
       if (res.succeeded) {
@@ -469,7 +469,7 @@ export class Turn {
     const from = next % 2 === 0 ? next : next + 1;
     const own = `${this.opts.prefix}p/${me.lease}/t/`;
     const guard = { key: Buffer.from(own), range_end: prefixEnd(own), target: 'Mod', result: 'Less', mod_revision: (viewRevision + 1n).toString() } as ICompare;
-    await this.onAnyMember('refill tickets', (c) => c.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
+    await this.onAnyMember('refill tickets', (client) => client.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
   }
 
   /**
@@ -515,7 +515,7 @@ export class Turn {
           const old = me.lease;
           this.lease = await this.claimSpare();
           this.deps.log.warn({ event: 'turn.tickets', from: old, to: this.lease }, `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`);
-          await this.onAnyMember('lease revoke', (c) => c.leaseRevoke(decimalId(old))).catch(() => undefined);
+          await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(old))).catch(() => undefined);
         }
         continue;
       }
@@ -534,7 +534,7 @@ export class Turn {
         try {
           // Sent once: after a timeout it may have been applied, so we read again (top of the
           // loop) instead of sending it elsewhere; our even ticket gone means we hold the turn.
-          res = await this.once((c) => c.txn('take turn', compare, [
+          res = await this.sendOnce((client) => client.txn('take turn', compare, [
             { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
           ]));
         } catch (err) {
@@ -571,7 +571,7 @@ export class Turn {
     if (!key || !lease) return `lost the cluster-wide turn (${this.trouble || 'our lease is gone'})`;
     let present: boolean;
     try {
-      const res = await this.onAnyMember('check turn', (c) => c.range(key, undefined, 1));
+      const res = await this.onAnyMember('check turn', (client) => client.range(key, undefined, 1));
       present = res.kvs.some((kv) => kv.key.toString() === key);
     } catch (err) {
       return `cannot check the turn (${errorMessage(err)})`;
@@ -621,7 +621,7 @@ export class Turn {
     let unsure = false;
     for (let attempt = 1; attempt <= 3; attempt++) {
       try {
-        const res = await this.once((c) => c.txn('give back turn', [
+        const res = await this.sendOnce((client) => client.txn('give back turn', [
           { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
         ], [{ request_delete_range: { key: Buffer.from(key) } }]));
         // After an attempt without reply, "already gone" is that attempt's doing.
@@ -652,6 +652,6 @@ export class Turn {
     const lease = this.lease;
     this.lease = undefined;
     this.holdKey = undefined;
-    if (lease) await this.onAnyMember('lease revoke', (c) => c.leaseRevoke(decimalId(lease))).catch(() => undefined);
+    if (lease) await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(lease))).catch(() => undefined);
   }
 }

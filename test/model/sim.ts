@@ -145,7 +145,7 @@ export class Sim {
     const p: Proc = { name: owner.name, member, owner, kind: 'once', turn };
     p.result = (async () => {
       try {
-        return await runPass({ config, pool, log: this.procLog(owner), clock, turn, seen: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
+        return await runPass({ config, pool, log: this.procLog(owner), clock, turn, onInspected: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
       } catch (err) {
         return err as Error;
       } finally {
