@@ -10,7 +10,7 @@ import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './err
 import { inspect } from './inspect.ts';
 import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
 import { realClock } from './clock.ts';
-import { exitCodeFor, runPass } from './pass.ts';
+import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
 import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
@@ -126,7 +126,7 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const r = await runPass({
+    const r = await run({
       config: c, pool, log, clock: realClock, turn, signal: abort.signal,
       onInspected: (v) => turn?.identify(v.local.id),
     }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
@@ -269,7 +269,7 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   }
 }
 
-async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
+async function runDaemon(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
   const daemon = new Daemon(loaded.config, { log, clock: realClock, loadOptions: loadOptions(p, env) });
   let signals = 0;
   const stopped = new Promise<void>((resolve) => {
@@ -380,7 +380,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
     if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);
-    return await run(loaded, log, p, env);
+    return await runDaemon(loaded, log, p, env);
   } catch (err) {
     if (err instanceof DefragdError) {
       log.error({ event: 'error', code: err.code, error: err.message }, `${err.code}: ${err.message}`);

@@ -1,6 +1,6 @@
 // Operator controls that every daemon obeys, kept in etcd under coordination.prefix:
 //   <prefix>pause   written by `etcd-defragd pause`, deleted by `etcd-defragd resume`
-//   <prefix>halt    written after an integrity mismatch (pass.ts), deleted by `resume --integrity-checked`
+//   <prefix>halt    written after an integrity mismatch (run.ts), deleted by `resume --integrity-checked`
 //   <prefix>fuse, <prefix>fuse-armed   the halt fuse: how a halt is recorded when NOSPACE refuses the halt key
 // Both are read at the start of every run. Deleting works during NOSPACE; writing a pause does not.
 import type { ICompare, IRequestOp } from 'etcd3';

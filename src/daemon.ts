@@ -12,7 +12,7 @@ import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
-import { runPass, type HashKVFn, type PassResult } from './pass.ts';
+import { run, type HashKVFn, type RunResult } from './run.ts';
 import { quotaMismatch } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
@@ -219,7 +219,7 @@ export class Daemon {
   private async runOne(mode: Mode): Promise<void> {
     const runId = randomBytes(4).toString('hex');
     const log = this.deps.log.child({ runId });
-    let result: PassResult | undefined;
+    let result: RunResult | undefined;
     if (this.halted) {
       const how = this.haltRecorded ? 'etcd-defragd resume --integrity-checked' : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
       log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`);
@@ -228,7 +228,7 @@ export class Daemon {
     }
     try {
       if (!this.turn.joined()) await this.join();
-      result = await runPass({
+      result = await run({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
         revisions: this.revisions,
         onInspected: (v) => {

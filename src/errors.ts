@@ -8,7 +8,7 @@ export const EXIT = {
   config: 78,
 } as const;
 
-/** How a run ends; `once` exits with its code (exitCodeFor in pass.ts). */
+/** How a run ends; `once` exits with its code (exitCodeFor in run.ts). */
 export const OUTCOMES = ['done', 'not-needed', 'skipped', 'failed'] as const;
 export type Outcome = (typeof OUTCOMES)[number];
 

@@ -198,7 +198,7 @@ export interface DefragmentReply {
 }
 
 /**
- * The part of one member's API that the turn, the pass and the daemon use. MemberClient is the
+ * The part of one member's API that the turn, the run and the daemon use. MemberClient is the
  * real one; test/model/etcd-model.ts is an in-memory model of it driven by a fake clock.
  */
 export interface EtcdMember {

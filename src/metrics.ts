@@ -11,7 +11,7 @@ import type { ClusterView } from './view.ts';
 
 export const MODES = ['scheduled', 'nospace'] as const;
 /**
- * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps
+ * Every `check` a skipped run can name (policy.ts healthGate, run.ts, daemon.ts); a unit test keeps
  * this list in step with the sources. `other` is a skip without a check.
  */
 export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'member', 'other'] as const;

@@ -1,4 +1,4 @@
-// NOSPACE recovery, after this daemon's own recovery pass: disarm the alarm once every voting
+// NOSPACE recovery, after this daemon's own recovery run: disarm the alarm once every voting
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
 import type { EtcdPool } from './etcd.ts';

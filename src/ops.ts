@@ -73,7 +73,7 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
 }
 
 /**
- * HashKV of every voting member at one revision they have all applied (the check pass.ts makes
+ * HashKV of every voting member at one revision they have all applied (the check run.ts makes
  * after a defragment), one member at a time: hashing holds a read transaction on the member.
  */
 export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail: string }> {

@@ -1,4 +1,4 @@
-// An in-memory model of the part of etcd's API that the turn, the pass and the daemon use, driven by
+// An in-memory model of the part of etcd's API that the turn, the run and the daemon use, driven by
 // the fake clock. It implements the same EtcdMember/EtcdPool interfaces as the real client, so the
 // production code runs against it unchanged. Where a behaviour is etcd's, the comment says where it
 // comes from: /work/shared/etcd-facts.md ("facts": seen on real 3.4.23/3.5.30 clusters) or the etcd
@@ -228,7 +228,7 @@ export class EtcdModel {
     return this.members.filter((m) => m.defragEndsAt !== undefined);
   }
 
-  /** Halted as the pass defines it: the halt key, or the fuse armed and blown. */
+  /** Halted as the run defines it: the halt key, or the fuse armed and blown. */
   halted(): boolean {
     if ((this.opts.haltKeys ?? []).some((k) => this.kv.has(k))) return true;
     const f = this.opts.fuse;
