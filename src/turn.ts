@@ -21,6 +21,7 @@
 // member) and the cluster keeps one anonymous spare for a daemon that never ran before.
 import { hostname } from 'node:os';
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
+import pRetry from 'p-retry';
 import type { Clock, Timer } from './clock.ts';
 import { kindOf, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, errorMessage } from './errors.ts';
@@ -619,26 +620,28 @@ export class Turn {
     const key = this.holdKey;
     if (!key) return;
     let unsure = false;
-    for (let attempt = 1; attempt <= 3; attempt++) {
-      try {
-        const res = await this.sendOnce((client) => client.txn('give back turn', [
-          { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-        ], [{ request_delete_range: { key: Buffer.from(key) } }]));
-        // After an attempt without reply, "already gone" is that attempt's doing.
-        if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
-        if (this.holdKey === key) this.holdKey = undefined;
-        this.releasePending = false;
-        return;
-      } catch (err) {
-        unsure ||= uncertain(err);
-        if (attempt === 3) {
-          this.releasePending = true;
-          this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
-          return;
-        }
-        await this.deps.clock.sleep(500 * attempt);
-      }
+    let res: { succeeded: boolean };
+    try {
+      res = await pRetry(() => this.sendOnce((client) => client.txn('give back turn', [
+        { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+      ], [{ request_delete_range: { key: Buffer.from(key) } }])), {
+        retries: 2,
+        // The pause between tries is on our clock (simulated in the model tests), not p-retry's timer.
+        minTimeout: 0,
+        onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
+          unsure ||= uncertain(error);
+          if (retriesLeft > 0) await this.deps.clock.sleep(500 * attemptNumber);
+        },
+      });
+    } catch (err) {
+      this.releasePending = true;
+      this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
+      return;
     }
+    // After an attempt without reply, "already gone" is that attempt's doing.
+    if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+    if (this.holdKey === key) this.holdKey = undefined;
+    this.releasePending = false;
   }
 
   /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
