@@ -45,7 +45,7 @@ Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
   --endpoint URL              etcd.endpoint
   --log-format FORMAT         auto | journal | json | pretty
-  --log-level LEVEL           trace | debug | info | warn | error
+  --log-level LEVEL           trace | debug | info | warn | error | fatal | silent
   --set KEY=VALUE             set any config key, e.g. --set coordination.maxWait=5m (repeatable)
   -h, --help                  this help
   --version                   print the version, the commit it was built from and the Node.js inside

@@ -387,7 +387,7 @@ async function transferLeadership(deps: RunDeps, view: ClusterView): Promise<{ o
  * Under NOSPACE, history that fills the quota is freed only by a compaction, and the API server's
  * compactor cannot run during the alarm (its first request is a Txn with a Put). Graded: first keep
  * nospace.keepHistory of history (what the API server keeps); when that leaves the member's in-use
- * size over the disarm mark, keep none (what the seed's operator and etcd's maintenance guide do).
+ * size over the disarm mark, keep none (what an operator recovering by hand and etcd's maintenance guide do).
  * Returns why the run must stop here, or undefined to go on to the defragment.
  */
 async function compactForNoSpace(deps: RunDeps, view: ClusterView, alarmSeenAt: number | undefined): Promise<string | undefined> {
