@@ -1,6 +1,6 @@
 // What one look at the cluster holds, as inspect.ts gathers it and policy.ts judges it: each
-// member's Status as etcd sends it, the member list and alarms, and how a member is named (IDs in
-// hex, labels). Types and naming only: no I/O, no rules.
+// member's Status as etcd sends it, the alarms, the view of every member built from them, and how a
+// member is named (IDs in hex, labels). Types and naming only: no I/O, no rules.
 
 export interface MemberStatus {
   endpoint: string;
