@@ -9,8 +9,10 @@ import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
-import { exitCodeFor, realClock, runPass } from './pass.ts';
-import { decide, healthGate, hexId, quotaMismatch, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { realClock } from './clock.ts';
+import { exitCodeFor, run } from './run.ts';
+import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
+import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
@@ -43,7 +45,7 @@ Options:
   --config PATH               config file (default /etc/etcd-defragd/config.yaml, env ETCD_DEFRAGD_CONFIG)
   --endpoint URL              etcd.endpoint
   --log-format FORMAT         auto | journal | json | pretty
-  --log-level LEVEL           trace | debug | info | warn | error
+  --log-level LEVEL           trace | debug | info | warn | error | fatal | silent
   --set KEY=VALUE             set any config key, e.g. --set coordination.maxWait=5m (repeatable)
   -h, --help                  this help
   --version                   print the version, the commit it was built from and the Node.js inside
@@ -124,9 +126,9 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const r = await runPass({
+    const r = await run({
       config: c, pool, log, clock: realClock, turn, signal: abort.signal,
-      seen: (v) => turn?.identify(v.local.id),
+      onInspected: (v) => turn?.identify(v.local.id),
     }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
     return exitCodeFor(r);
   } finally {
@@ -255,7 +257,7 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   try {
     const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
     if (r.written.length || r.removed.length) {
-      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((c) => `-${c}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
+      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
     }
     return EXIT.ok;
   } catch (err) {
@@ -267,7 +269,7 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   }
 }
 
-async function run(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
+async function runDaemon(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.ProcessEnv): Promise<number> {
   const daemon = new Daemon(loaded.config, { log, clock: realClock, loadOptions: loadOptions(p, env) });
   let signals = 0;
   const stopped = new Promise<void>((resolve) => {
@@ -378,7 +380,7 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
     if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);
-    return await run(loaded, log, p, env);
+    return await runDaemon(loaded, log, p, env);
   } catch (err) {
     if (err instanceof DefragdError) {
       log.error({ event: 'error', code: err.code, error: err.message }, `${err.code}: ${err.message}`);

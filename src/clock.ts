@@ -1,5 +1,6 @@
 // Time as the core sees it: now, sleeps and timers. The daemon gets the real one; the model tests
 // (test/model/) give a fake one, so deadlines, lease expiry and schedules run in simulated time.
+import { setTimeout as delay } from 'node:timers/promises';
 
 export interface Timer {
   cancel(): void;
@@ -7,6 +8,7 @@ export interface Timer {
 
 export interface Clock {
   now(): number;
+  /** Resolves after `ms`, or at once when `signal` aborts (a stop cuts a wait short; it is not an error). */
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
   /** A repeating timer that does not keep the process alive. */
   every(ms: number, fn: () => void): Timer;
@@ -14,15 +16,8 @@ export interface Clock {
 
 export const realClock: Clock = {
   now: () => Date.now(),
-  sleep: (ms, signal) => new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    function done() {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
+  sleep: (ms, signal) => delay(ms, undefined, { signal }).catch((err: unknown) => {
+    if (!signal?.aborted) throw err;
   }),
   every: (ms, fn) => {
     const t = setInterval(fn, ms);

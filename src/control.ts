@@ -1,11 +1,12 @@
 // Operator controls that every daemon obeys, kept in etcd under coordination.prefix:
 //   <prefix>pause   written by `etcd-defragd pause`, deleted by `etcd-defragd resume`
-//   <prefix>halt    written after an integrity mismatch (pass.ts), deleted by `resume --integrity-checked`
+//   <prefix>halt    written after an integrity mismatch (run.ts), deleted by `resume --integrity-checked`
+//   <prefix>fuse, <prefix>fuse-armed   the halt fuse: how a halt is recorded when NOSPACE refuses the halt key
 // Both are read at the start of every run. Deleting works during NOSPACE; writing a pause does not.
-import type { ICompare } from 'etcd3';
+import type { ICompare, IRequestOp } from 'etcd3';
 import { hostname, userInfo } from 'node:os';
 import type { Config } from './config.ts';
-import { classify, type EtcdMember, type RetryHooks } from './etcd.ts';
+import { kindOf, type EtcdMember, type EtcdPool, type RetryHooks } from './etcd.ts';
 import { DefragdError } from './errors.ts';
 
 type Prefixed = Pick<Config, 'coordination'>;
@@ -85,7 +86,7 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
   try {
     await client.put(pauseKey(c), JSON.stringify(record));
   } catch (err) {
-    if (classify((err as DefragdError).cause ?? err) === 'nospace') {
+    if (kindOf(err) === 'nospace') {
       throw new DefragdError('EDD_ETCD', `cannot pause: etcd refuses every write while the NOSPACE alarm is raised, and a pause is a key written to etcd (${pauseKey(c)}). ` +
         'To stop defragmentation now, stop the service on every control-plane node (systemctl stop etcd-defragd); ' +
         'or let the NOSPACE recovery finish, then pause', { cause: err, permanent: false });
@@ -96,7 +97,43 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
 
 /** Deletes a control key (a delete works during NOSPACE); true when it was there. */
 export async function clearKey(client: EtcdMember, key: string): Promise<boolean> {
-  const res = await client.txn(`delete ${key}`, [{ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare],
-    [{ request_delete_range: { key: Buffer.from(key) } }]);
+  const res = await client.txn(`delete ${key}`, [exists(key)], [{ request_delete_range: { key: Buffer.from(key) } }]);
+  return res.succeeded;
+}
+
+/**
+ * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
+ * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
+ * `fuse` key is written once, beside `fuse-armed`; a mismatch under NOSPACE deletes `fuse` (a
+ * delete works under NOSPACE), and a blown fuse halts like the halt key. The first daemon that can
+ * write again turns a blown fuse into the halt key and restores the fuse, so the operator's
+ * `etcdctl del <prefix>halt` stays the one way to resume.
+ */
+export const fuseKey = (c: Prefixed): string => `${c.coordination.prefix}fuse`;
+const fuseArmedKey = (c: Prefixed): string => `${c.coordination.prefix}fuse-armed`;
+
+const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
+const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
+const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
+
+/** Writes the halt fuse once per cluster, while writes work (best effort: a daemon does it when it joins, a run when it looks). */
+export async function armHaltFuse(pool: EtcdPool, c: Pick<Config, 'coordination' | 'etcd'>): Promise<void> {
+  await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
+}
+
+/** Is the halt fuse blown (armed, and its key deleted)? */
+export async function fuseBlown(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<{ blown: boolean; armed: boolean }> {
+  const [fuse, armed] = await Promise.all([client.get(fuseKey(c), hooks), client.get(fuseArmedKey(c), hooks)]);
+  return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
+}
+
+/** A blown fuse becomes the halt key again, and the fuse is restored (needs writes). */
+export async function haltFromBlownFuse(client: EtcdMember, c: Prefixed, reason: string, at: string): Promise<void> {
+  await client.txn('record halt', [absent(fuseKey(c)), exists(fuseArmedKey(c))], [putOp(haltKey(c), JSON.stringify({ reason, at })), putOp(fuseKey(c), 'intact')]);
+}
+
+/** Records a halt where the halt key cannot be written (NOSPACE): deletes the fuse; false when it was never armed. */
+export async function blowFuse(client: EtcdMember, c: Prefixed): Promise<boolean> {
+  const res = await client.txn('blow fuse', [exists(fuseArmedKey(c)), exists(fuseKey(c))], [{ request_delete_range: { key: Buffer.from(fuseKey(c)) } }]);
   return res.succeeded;
 }

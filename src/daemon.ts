@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { createTask } from 'node-cron';
 import type { Clock, Timer } from './clock.ts';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
-import { readControl } from './control.ts';
+import { armHaltFuse, readControl } from './control.ts';
 import { accessFromConfig, ClientPool, type EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
@@ -12,12 +12,13 @@ import { Metrics } from './metrics.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
-import { armHaltFuse, runPass, type HashKVFn, type PassResult } from './pass.ts';
+import { run, type HashKVFn, type RunResult } from './run.ts';
 import { quotaMismatch } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
 import { Turn } from './turn.ts';
 import { version } from './version.ts';
+import { hexId } from './view.ts';
 
 /** A cron schedule (node-cron in the daemon; the model tests fire it from their fake clock). */
 export interface Schedule {
@@ -68,7 +69,7 @@ export class Daemon {
   private readonly abort = new AbortController();
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defragged: boolean; since: number } | undefined;
+  private alarmEpisode: { defraggedSinceAlarm: boolean; since: number } | undefined;
   /**
    * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
    * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
@@ -218,7 +219,7 @@ export class Daemon {
   private async runOne(mode: Mode): Promise<void> {
     const runId = randomBytes(4).toString('hex');
     const log = this.deps.log.child({ runId });
-    let result: PassResult | undefined;
+    let result: RunResult | undefined;
     if (this.halted) {
       const how = this.haltRecorded ? 'etcd-defragd resume --integrity-checked' : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
       log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`);
@@ -227,10 +228,10 @@ export class Daemon {
     }
     try {
       if (!this.turn.joined()) await this.join();
-      result = await runPass({
+      result = await run({
         config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
         revisions: this.revisions,
-        seen: (v) => {
+        onInspected: (v) => {
           if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
           this.metrics.recordView(v);
           this.metrics.recordAlarms(v.alarms);
@@ -245,9 +246,9 @@ export class Daemon {
             this.metrics.duration.observe(d.tookMs / 1000);
           }
         },
-      }, { mode, runId, defraggedThisAlarm: this.alarmEpisode?.defragged, alarmSeenAt: this.alarmEpisode?.since });
+      }, { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since });
       this.metrics.recordRun(result.outcome, mode, result.check);
-      if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defragged = true;
+      if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defraggedSinceAlarm = true;
       if (result.check === 'integrity') {
         this.halted = result.reason;
         this.haltRecorded = Boolean(result.haltRecorded);
@@ -259,7 +260,7 @@ export class Daemon {
     if (mode === 'nospace' && !this.stopping && !this.halted) {
       try {
         await checkAndDisarm({
-          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), localDefragged: this.alarmEpisode?.defragged,
+          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
           registered: () => this.turn.registeredMembers(),
         });
       } catch (err) {
@@ -290,15 +291,15 @@ export class Daemon {
     await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
-      this.deps.log.error({ event: 'alarm.corrupt', member: BigInt(a.memberId).toString(16) }, `CORRUPT alarm raised for member ${BigInt(a.memberId).toString(16)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
+      this.deps.log.error({ event: 'alarm.corrupt', member: hexId(a.memberId) }, `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) {
       this.alarmEpisode = undefined;
       this.revisions.hold(undefined);
     } else {
-      this.alarmEpisode ??= { defragged: false, since: this.deps.clock.now() };
+      this.alarmEpisode ??= { defraggedSinceAlarm: false, since: this.deps.clock.now() };
       this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
-      if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => BigInt(a.memberId).toString(16)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
+      if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => hexId(a.memberId)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
       this.trigger('nospace');
     }
   }

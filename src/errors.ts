@@ -1,4 +1,4 @@
-// Coded errors. Every code is listed with what to do in README.md ("Errors").
+// Coded errors, exit codes and run outcomes. Every code is listed with what to do in README.md ("Errors").
 
 export const EXIT = {
   ok: 0,
@@ -7,6 +7,10 @@ export const EXIT = {
   skipped: 75,
   config: 78,
 } as const;
+
+/** How a run ends; `once` exits with its code (exitCodeFor in run.ts). */
+export const OUTCOMES = ['done', 'not-needed', 'skipped', 'failed'] as const;
+export type Outcome = (typeof OUTCOMES)[number];
 
 export type ErrorCode =
   | 'EDD_CONFIG' // a config value, file or flag is wrong

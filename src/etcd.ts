@@ -12,7 +12,6 @@ import {
   GRPCUnavailableError,
   GRPCUnauthenticatedError,
   GRPCCancelledError,
-  GRPCFailedPreconditionError,
   EtcdPermissionDeniedError,
   EtcdAuthenticationFailedError,
   EtcdInvalidAuthTokenError,
@@ -27,6 +26,7 @@ import pRetry from 'p-retry';
 import type { Config } from './config.ts';
 import { DefragdError } from './errors.ts';
 import type { Log } from './log.ts';
+import type { Alarm, MemberStatus } from './view.ts';
 
 export type ErrorKind = 'unavailable' | 'timeout' | 'nospace' | 'auth' | 'tls' | 'not-leader' | 'compacted' | 'other';
 
@@ -45,8 +45,12 @@ export function classify(err: unknown): ErrorKind {
   if (err instanceof GRPCDeadlineExceededError || /deadline exceeded|timed out|timeout/i.test(msg)) return 'timeout';
   if (err instanceof GRPCUnavailableError || err instanceof GRPCCancelledError
     || /unavailable|ECONNREFUSED|ECONNRESET|EPIPE|socket|connection|No connection established|broken circuit|transport/i.test(msg)) return 'unavailable';
-  if (err instanceof GRPCFailedPreconditionError) return 'other';
   return 'other';
+}
+
+/** The kind of a failed call: of the client error a DefragdError wraps (its cause), else of the error itself. */
+export function kindOf(err: unknown): ErrorKind {
+  return classify((err instanceof Error ? err.cause : undefined) ?? err);
 }
 
 export function isTransient(kind: ErrorKind): boolean {
@@ -54,7 +58,7 @@ export function isTransient(kind: ErrorKind): boolean {
 }
 
 /** Wraps a client error into a DefragdError whose message says what failed and where. */
-export function describe(err: unknown, what: string, endpoint: string): DefragdError {
+export function toDefragdError(err: unknown, what: string, endpoint: string): DefragdError {
   if (err instanceof DefragdError) return err;
   const kind = classify(err);
   const raw = err instanceof Error ? err.message.replace(/\s+/g, ' ').trim() : String(err);
@@ -97,23 +101,6 @@ export function accessFromConfig(c: Config): Access {
   };
 }
 
-export interface MemberStatus {
-  endpoint: string;
-  memberId: string; // decimal string; IDs exceed 2^53
-  leader: string;
-  version: string;
-  dbSize: number;
-  dbSizeInUse: number;
-  raftIndex: bigint;
-  raftAppliedIndex: bigint;
-  raftTerm: bigint;
-  revision: bigint;
-  isLearner: boolean;
-  errors: string[];
-  /** etcd 3.6 sends the member's quota in Status (dbSizeQuota); earlier versions do not. */
-  quotaBytes?: number;
-}
-
 export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
   const applied = (r as IStatusResponse & { raftAppliedIndex?: string }).raftAppliedIndex;
   return {
@@ -142,11 +129,6 @@ function quotaFromStatus(r: IStatusResponse): number | undefined {
   const q = (r as IStatusResponse & { dbSizeQuota?: string }).dbSizeQuota;
   const n = q === undefined ? NaN : Number(q);
   return Number.isFinite(n) && n > 0 ? n : undefined;
-}
-
-export interface Alarm {
-  memberId: string;
-  alarm: 'NOSPACE' | 'CORRUPT' | string;
 }
 
 export interface Member {
@@ -216,7 +198,7 @@ export interface DefragmentReply {
 }
 
 /**
- * The part of one member's API that the turn, the pass and the daemon use. MemberClient is the
+ * The part of one member's API that the turn, the run and the daemon use. MemberClient is the
  * real one; test/model/etcd-model.ts is an in-memory model of it driven by a fake clock.
  */
 export interface EtcdMember {
@@ -297,16 +279,16 @@ export class MemberClient implements EtcdMember {
         },
       });
     } catch (err) {
-      throw describe(err, what, this.endpoint);
+      throw toDefragdError(err, what, this.endpoint);
     }
   }
 
   /** A mutation: sent exactly once. */
-  async once<T>(what: string, fn: (deadline: Date) => Promise<T>, timeout = this.access.requestTimeout): Promise<T> {
+  async sendOnce<T>(what: string, fn: (deadline: Date) => Promise<T>, timeout = this.access.requestTimeout): Promise<T> {
     try {
       return await fn(this.deadline(timeout));
     } catch (err) {
-      throw describe(err, what, this.endpoint);
+      throw toDefragdError(err, what, this.endpoint);
     }
   }
 
@@ -319,7 +301,7 @@ export class MemberClient implements EtcdMember {
     try {
       return toStatus(this.endpoint, await this.client.maintenance.status({ deadline: this.deadline(timeoutMs) }));
     } catch (err) {
-      return describe(err, 'status', this.endpoint);
+      return toDefragdError(err, 'status', this.endpoint);
     }
   }
 
@@ -347,19 +329,19 @@ export class MemberClient implements EtcdMember {
   }
 
   disarm(alarm: Alarm): Promise<unknown> {
-    return this.once('alarm disarm', (deadline) =>
+    return this.sendOnce('alarm disarm', (deadline) =>
       this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never, { deadline }));
   }
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */
   async defragment(): Promise<DefragmentReply> {
-    const res = await this.once('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+    const res = await this.sendOnce('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
     // The header names the member that did it: behind DNS or a load balancer it may not be ours.
     return { memberId: String((res as { header?: { member_id?: string } }).header?.member_id ?? '') };
   }
 
   moveLeader(targetId: string): Promise<unknown> {
-    return this.once('move leader', (deadline) => this.client.maintenance.moveLeader({ targetID: targetId }, { deadline }));
+    return this.sendOnce('move leader', (deadline) => this.client.maintenance.moveLeader({ targetID: targetId }, { deadline }));
   }
 
   /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
@@ -378,7 +360,7 @@ export class MemberClient implements EtcdMember {
 
   /** Sent once; `physical` waits until the member that serves it has dropped the history (its own deadline). */
   compact(revision: bigint, physical = false, timeoutMs = this.access.requestTimeout): Promise<unknown> {
-    return this.once('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
+    return this.sendOnce('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
   }
 
   /** A linearizable read through raft: proves the member can reach a quorum. */
@@ -397,25 +379,25 @@ export class MemberClient implements EtcdMember {
   }
 
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<ITxnResponse> {
-    return this.once(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
+    return this.sendOnce(what, (deadline) => this.client.kv.txn({ compare, success, failure: [] }, { deadline }));
   }
 
   put(key: string, value: string, lease?: string): Promise<unknown> {
-    return this.once('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
+    return this.sendOnce('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
   }
 
   async leaseGrant(ttlSeconds: number): Promise<string> {
-    const res = await this.once('lease grant', (deadline) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds }, { deadline }));
+    const res = await this.sendOnce('lease grant', (deadline) => this.client.leaseClient.leaseGrant({ TTL: ttlSeconds }, { deadline }));
     return String(res.ID);
   }
 
   leaseRevoke(id: string): Promise<unknown> {
-    return this.once('lease revoke', (deadline) => this.client.leaseClient.leaseRevoke({ ID: id }, { deadline }));
+    return this.sendOnce('lease revoke', (deadline) => this.client.leaseClient.leaseRevoke({ ID: id }, { deadline }));
   }
 
   /** One keep-alive over a short-lived stream; returns the remaining TTL (0: the lease is gone). */
   async leaseKeepAlive(id: string, timeoutMs = this.access.requestTimeout): Promise<number> {
-    return this.once('lease keep-alive', async (deadline) => {
+    return this.sendOnce('lease keep-alive', async (deadline) => {
       const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
       try {
         return await new Promise<number>((resolve, reject) => {
@@ -454,12 +436,12 @@ export class MemberClient implements EtcdMember {
         let body = '';
         res.on('data', (chunk: string) => { body += chunk; });
         res.on('end', () => resolve(parseServerMetrics(body)));
-        res.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+        res.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       });
       const timer = setTimeout(() => req.destroy(new Error('metrics: timed out')), timeoutMs);
       req.on('close', () => clearTimeout(timer));
       req.on('timeout', () => req.destroy(new Error('metrics: timed out')));
-      req.on('error', (err) => reject(describe(err, 'metrics', this.endpoint)));
+      req.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       req.end();
     });
   }
@@ -487,16 +469,16 @@ export class ClientPool implements EtcdPool {
   constructor(readonly access: Access) {}
 
   get(endpoint: string): MemberClient {
-    let c = this.clients.get(endpoint);
-    if (!c) {
-      c = new MemberClient(endpoint, this.access);
-      this.clients.set(endpoint, c);
+    let client = this.clients.get(endpoint);
+    if (!client) {
+      client = new MemberClient(endpoint, this.access);
+      this.clients.set(endpoint, client);
     }
-    return c;
+    return client;
   }
 
   close(): void {
-    for (const c of this.clients.values()) c.close();
+    for (const client of this.clients.values()) client.close();
     this.clients.clear();
   }
 }

@@ -5,7 +5,8 @@
 import type { Config } from './config.ts';
 import { MetricsPageError, type EtcdMember, type EtcdPool, type RetryHooks, type ServerMetrics } from './etcd.ts';
 import { errorMessage } from './errors.ts';
-import { hexId, memberLabel, resolveQuota, type ClusterView, type MemberView } from './policy.ts';
+import { resolveQuota } from './policy.ts';
+import { hexId, memberLabel, type ClusterView, type MemberView } from './view.ts';
 
 export interface InspectOptions {
   /** Tries per member Status: a member that does not answer makes the run skip, not wait long. */

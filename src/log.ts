@@ -1,6 +1,9 @@
 // Logging: pino JSON lines on stderr, optionally reformatted for journald (`<N>` priority prefix + a
 // sentence with key=value fields) or for a terminal. One line per event; `event` is the stable field.
 // stdout is kept for machine output (status, check-config), so `| jq` never sees a log line.
+// The two text formats are written here, not with pino-pretty: it has no journald `<N>` priority
+// prefix (one per line, stack lines included) and prints fields as JSON or an indented block, not
+// key=value on the line; bending it to both would take as much code as this, plus a dependency.
 import { fstatSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
 import type { LogFormat, LogLevel } from './config.ts';

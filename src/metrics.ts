@@ -6,13 +6,12 @@
 // increase() sees the first event), and each daemon exports only the member it owns.
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { ClusterView } from './policy.ts';
-import type { Outcome } from './pass.ts';
+import { OUTCOMES, type Outcome } from './errors.ts';
+import type { ClusterView } from './view.ts';
 
-export const OUTCOMES: readonly Outcome[] = ['done', 'not-needed', 'skipped', 'failed'];
 export const MODES = ['scheduled', 'nospace'] as const;
 /**
- * Every `check` a skipped run can name (policy.ts healthGate, pass.ts, daemon.ts); a unit test keeps
+ * Every `check` a skipped run can name (policy.ts healthGate, run.ts, daemon.ts); a unit test keeps
  * this list in step with the sources. `other` is a skip without a check.
  */
 export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'member', 'other'] as const;
@@ -134,9 +133,9 @@ export class Metrics {
     for (const name of ALARMS) this.alarms.set({ alarm: name }, alarms.filter((a) => a.alarm === name).length);
   }
 
-  recordControl(c: { paused: boolean; halted: boolean }): void {
-    this.paused.set(c.paused ? 1 : 0);
-    this.halted.set(c.halted ? 1 : 0);
+  recordControl(state: { paused: boolean; halted: boolean }): void {
+    this.paused.set(state.paused ? 1 : 0);
+    this.halted.set(state.halted ? 1 : 0);
   }
 
   recordSchedule(next: Date | undefined, after: Date | undefined): void {

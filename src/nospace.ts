@@ -1,13 +1,14 @@
-// NOSPACE recovery, after this daemon's own recovery pass: disarm the alarm once every voting
+// NOSPACE recovery, after this daemon's own recovery run: disarm the alarm once every voting
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
-import type { Alarm, EtcdPool } from './etcd.ts';
+import type { EtcdPool } from './etcd.ts';
+import { fuseBlown, fuseKey, haltKey } from './control.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { fuseBlown, fuseKey, haltKey } from './pass.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota, hexId, memberLabel, voting, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota } from './policy.ts';
 import { formatBytes, formatPercent } from './units.ts';
+import { hexId, memberLabel, voting, type Alarm, type MemberView } from './view.ts';
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
 
@@ -17,7 +18,7 @@ export interface DisarmDeps {
   log: Log;
   onDisarm?: () => void;
   /** The local member was defragmented since the alarm was raised: its in-use figure is real. */
-  localDefragged?: boolean;
+  defraggedSinceAlarm?: boolean;
   /** Member IDs with a registered etcd-defragd; `unknown` counts daemons that joined as a spare. */
   registered?: () => Promise<{ members: Set<string>; unknown: number }>;
 }
@@ -62,7 +63,7 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   if (gone.length > 0) return 'blocked';
   // Only a defragmented member's in-use figure is trusted (freed pages wait for a write to be
   // released, and NOSPACE refuses writes): each daemon speaks for its own member.
-  const tooBig = members.filter((m) => m.isLocal && deps.localDefragged && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
+  const tooBig = members.filter((m) => m.isLocal && deps.defraggedSinceAlarm && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
   if (tooBig.length > 0) {
     const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`).join(', ');
     log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },

@@ -4,13 +4,13 @@
 import { createTask } from 'node-cron';
 import type { Config } from './config.ts';
 import { clearKey, describeHalt, describePause, haltKey, operator, pauseKey, readControl, writePause, type ControlState } from './control.ts';
-import { classify, type Alarm, type ClientPool } from './etcd.ts';
-import { EXIT, errorMessage, type DefragdError } from './errors.ts';
+import { kindOf, type ClientPool } from './etcd.ts';
+import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { hexId, memberLabel, voting } from './policy.ts';
 import { describeParticipant, parseView } from './turn.ts';
+import { hexId, memberLabel, voting, type Alarm } from './view.ts';
 
 export interface OpResult {
   code: number;
@@ -73,7 +73,7 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
 }
 
 /**
- * HashKV of every voting member at one revision they have all applied (the check pass.ts makes
+ * HashKV of every voting member at one revision they have all applied (the check run.ts makes
  * after a defragment), one member at a time: hashing holds a read transaction on the member.
  */
 export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail: string }> {
@@ -92,7 +92,7 @@ export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail
         hashes.push({ hex: m.hex, hash: h.hash, compact: h.compactRevision.toString() });
       }
     } catch (err) {
-      if (classify((err as DefragdError).cause ?? err) === 'compacted') continue;
+      if (kindOf(err) === 'compacted') continue;
       return { ok: false, detail: `HashKV cannot be compared: ${errorMessage(err)}` };
     }
     if (new Set(hashes.map((h) => h.compact)).size > 1) continue; // a compaction landed in between
@@ -133,7 +133,7 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   try {
     await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());
   } catch (err) {
-    const again = classify((err as DefragdError).cause ?? err) === 'nospace';
+    const again = kindOf(err) === 'nospace';
     const why = again
       ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
       : `a test write still fails: ${errorMessage(err)}`;

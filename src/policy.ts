@@ -1,32 +1,7 @@
 // Pure rules: the health gate and the decision. No I/O, so they are unit-tested with plain data.
 import type { Config } from './config.ts';
-import type { Alarm, MemberStatus } from './etcd.ts';
+import { hexId, memberLabel, voting, type ClusterView, type MemberStatus, type MemberView, type QuotaSource } from './view.ts';
 import { formatBytes, formatPercent } from './units.ts';
-
-export interface MemberView {
-  id: string; // decimal
-  hex: string;
-  name: string;
-  endpoint: string; // first client URL that answered (or the first advertised)
-  isLearner: boolean;
-  isLocal: boolean;
-  status?: MemberStatus;
-  error?: string;
-  /** The quota this member is judged against (undefined: unknown, see quotaError). */
-  quotaBytes?: number;
-  quotaSource?: QuotaSource;
-  /** The member's own --quota-backend-bytes as etcd reports it, when it could be read. */
-  etcdQuotaBytes?: number;
-  quotaError?: string;
-  /** etcd_disk_defrag_inflight from the member's /metrics; undefined when that could not be read. */
-  defragmenting?: boolean;
-  /** Why /metrics could not be read, and whether the member did not answer at all (down) or answered wrongly. */
-  metricsError?: string;
-  metricsDown?: boolean;
-}
-
-/** status: etcd 3.6's Status field; metrics: etcd_server_quota_backend_bytes; config: policy.quotaBytes. */
-export type QuotaSource = 'status' | 'metrics' | 'config';
 
 /** The quota a member is judged against: a configured size wins; `auto` takes etcd's own figure. */
 export function resolveQuota(configured: number | 'auto', fromStatus: number | undefined, fromMetrics: number | undefined): { bytes?: number; source?: QuotaSource; etcd?: number } {
@@ -51,23 +26,6 @@ export function enforcedQuota(m: Pick<MemberView, 'quotaBytes' | 'etcdQuotaBytes
 export function quotaMismatch(m: MemberView): string | undefined {
   if (m.quotaSource !== 'config' || m.etcdQuotaBytes === undefined || m.quotaBytes === m.etcdQuotaBytes) return undefined;
   return `policy.quotaBytes is ${formatBytes(m.quotaBytes!)} (${m.quotaBytes} bytes) but member ${memberLabel(m)} runs with --quota-backend-bytes ${formatBytes(m.etcdQuotaBytes)} (${m.etcdQuotaBytes} bytes); set policy.quotaBytes: auto to use etcd's own figure`;
-}
-
-export interface ClusterView {
-  members: MemberView[];
-  local: MemberView;
-  alarms: Alarm[];
-  readError?: string; // linearizable read failure
-}
-
-export const hexId = (id: string): string => BigInt(id).toString(16);
-
-export function voting(view: ClusterView): MemberView[] {
-  return view.members.filter((m) => !m.isLearner);
-}
-
-export function memberLabel(m: Pick<MemberView, 'hex' | 'name' | 'endpoint'>): string {
-  return `${m.name || m.hex} (${m.hex}, ${m.endpoint})`;
 }
 
 /** Why a run must not defragment now, or undefined when the cluster is healthy enough. */
@@ -149,12 +107,12 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
  * freed by a compaction are only released by the next write, and NOSPACE refuses writes, so
  * dbSizeInUse can stay at dbSize (seen in the benchmark). A defragment copies only live data.
  */
-export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedThisAlarm = false): Decision {
+export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedSinceAlarm = false): Decision {
   const normal = decide(s, c.policy, quotaBytes, false);
   const limit = quotaBytes * c.nospace.disarmBelow;
   const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quotaBytes)}`;
   if (s.dbSize < limit) return normal;
-  if (!defraggedThisAlarm) {
+  if (!defraggedSinceAlarm) {
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})` };
   }
   if (s.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM) {

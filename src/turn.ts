@@ -21,10 +21,12 @@
 // member) and the cluster keeps one anonymous spare for a daemon that never ran before.
 import { hostname } from 'node:os';
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
+import pRetry from 'p-retry';
 import type { Clock, Timer } from './clock.ts';
-import { classify, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
+import { kindOf, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
+import { decimalId, hexId } from './view.ts';
 
 export const TICKETS = 64; // 32 turns; refilled whenever writes work
 
@@ -111,7 +113,7 @@ function ticketIndex(key: string, from: number): number {
 
 export function describeParticipant(p: Participant): string {
   const i = p.info;
-  const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${BigInt(i.memberId).toString(16)}`].filter(Boolean).join(', ');
+  const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${hexId(i.memberId)}`].filter(Boolean).join(', ');
   return `${i.spare && !p.spare ? 'a daemon started during NOSPACE' : i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
 }
 
@@ -141,9 +143,26 @@ export interface TurnOptions {
 
 /** Why a mutation's outcome is unknown: it may or may not have been applied. */
 const uncertain = (err: unknown) => {
-  const kind = classify(err instanceof DefragdError ? err.cause ?? err : err);
+  const kind = kindOf(err);
   return kind === 'timeout' || kind === 'unavailable' || kind === 'not-leader';
 };
+
+/**
+ * Calls `fn` on each client in order until one answers. An error `tryNext` accepts moves on to the
+ * next client; any other is thrown at once, and when none answers, the last error is.
+ */
+async function firstToAnswer<T>(what: string, clients: EtcdMember[], fn: (client: EtcdMember) => Promise<T>, tryNext: (err: unknown) => boolean): Promise<{ value: T; endpoint: string }> {
+  let last: unknown;
+  for (const client of clients) {
+    try {
+      return { value: await fn(client), endpoint: client.endpoint };
+    } catch (err) {
+      last = err;
+      if (!tryNext(err)) throw err;
+    }
+  }
+  throw last ?? new DefragdError('EDD_UNAVAILABLE', `${what}: no etcd endpoint known`);
+}
 
 /** This process's participant: registration, keep-alive, taking and giving back the turn. */
 export class Turn {
@@ -212,40 +231,30 @@ export class Turn {
 
   /** Learns the other voting members' client URLs (from any member that answers). */
   async refreshMembers(): Promise<void> {
-    for (const c of [this.deps.pool.get(this.deps.endpoint), ...this.endpoints()]) {
-      try {
-        const list = await c.members({}, 1);
-        this.others = list.filter((m) => !m.isLearner && m.clientURLs[0]).map((m) => m.clientURLs[0]!).filter((e) => e !== this.deps.endpoint);
-        this.membersKnown = new Set(list.map((m) => m.id));
-        return;
-      } catch { /* the next one */ }
-    }
+    // Any failure moves on to the next member; when none answers, the list we had stays.
+    const answer = await firstToAnswer('member list', [this.deps.pool.get(this.deps.endpoint), ...this.endpoints()], (client) => client.members({}, 1), () => true)
+      .catch(() => undefined);
+    if (!answer) return;
+    const list = answer.value;
+    this.others = list.filter((m) => !m.isLearner && m.clientURLs[0]).map((m) => m.clientURLs[0]!).filter((e) => e !== this.deps.endpoint);
+    this.membersKnown = new Set(list.map((m) => m.id));
   }
 
-  /** A read, or a mutation that is safe to repeat: tries each endpoint in order until one answers. */
-  private async any<T>(what: string, fn: (c: EtcdMember) => Promise<T>): Promise<T> {
-    let last: unknown;
-    for (const c of this.endpoints()) {
-      try {
-        const r = await fn(c);
-        this.preferred = c.endpoint;
-        return r;
-      } catch (err) {
-        last = err;
-        if (!uncertain(err)) throw err;
-      }
-    }
-    throw last ?? new DefragdError('EDD_UNAVAILABLE', `${what}: no etcd endpoint known`);
+  /** A read, or a mutation that is safe to repeat: on each endpoint in turn until one answers; it is tried first next time. */
+  private async onAnyMember<T>(what: string, fn: (client: EtcdMember) => Promise<T>): Promise<T> {
+    const answer = await firstToAnswer(what, this.endpoints(), fn, uncertain);
+    this.preferred = answer.endpoint;
+    return answer.value;
   }
 
   /** A mutation that must not be repeated blindly: sent once, to the endpoint that answered last. */
-  private async once<T>(fn: (c: EtcdMember) => Promise<T>): Promise<T> {
-    const c = this.endpoints()[0]!;
+  private async sendOnce<T>(fn: (client: EtcdMember) => Promise<T>): Promise<T> {
+    const client = this.endpoints()[0]!;
     try {
-      return await fn(c);
+      return await fn(client);
     } catch (err) {
       // Next time start with another member; the caller reads the state again before deciding.
-      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== c.endpoint);
+      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== client.endpoint);
       throw err;
     }
   }
@@ -253,7 +262,7 @@ export class Turn {
   async view(): Promise<TurnView> {
     const base = `${this.opts.prefix}p/`;
     // One try per member, then the next member: a member that is down must not hold us up.
-    const res = await this.any('read turn', (c) => c.range(base, undefined, 1));
+    const res = await this.onAnyMember('read turn', (client) => client.range(base, undefined, 1));
     // An unchanged store revision means unchanged keys (keep-alives do not move it): the turn is
     // read every keep-alive period and mostly has not changed.
     if (this.lastView?.revision !== res.revision) this.lastView = parseView(this.opts.prefix, res.kvs, res.revision);
@@ -263,15 +272,15 @@ export class Turn {
   private ticketPuts(lease: string, from: number, count: number): IRequestOp[] {
     const ops: IRequestOp[] = [];
     for (let i = from; i < from + count; i++) {
-      ops.push({ request_put: { key: Buffer.from(this.key(lease, `t/${pad(i)}`)), value: Buffer.alloc(0), lease: BigInt(`0x${lease}`).toString() } });
+      ops.push({ request_put: { key: Buffer.from(this.key(lease, `t/${pad(i)}`)), value: Buffer.alloc(0), lease: decimalId(lease) } });
     }
     return ops;
   }
 
   private async createParticipant(kind: 'self' | 'reserve' | 'spare'): Promise<string> {
     // A grant whose reply was lost leaves a lease nobody renews: it expires by itself.
-    const id = await this.any('lease grant', (c) => c.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
-    const lease = BigInt(id).toString(16);
+    const id = await this.onAnyMember('lease grant', (client) => client.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
+    const lease = hexId(id);
     const since = new Date(this.deps.clock.now()).toISOString();
     const info: ParticipantInfo = kind === 'spare' ? { spare: true, since }
       : kind === 'reserve' ? { spare: true, memberId: this.memberId, host: hostname(), since }
@@ -283,7 +292,7 @@ export class Turn {
     ];
     if (spare) ops.push({ request_put: { key: Buffer.from(this.key(lease, 'spare')), value: Buffer.alloc(0), lease: id } });
     // Repeating these puts is harmless: nobody uses the new participant's keys yet.
-    await this.any('register', (c) => c.txn('register', [], ops));
+    await this.onAnyMember('register', (client) => client.txn('register', [], ops));
     return lease;
   }
 
@@ -306,7 +315,7 @@ export class Turn {
       this.lease = await this.createParticipant('self');
       this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
     } catch (err) {
-      if (!/nospace/.test(classify((err as DefragdError).cause ?? err))) throw err;
+      if (kindOf(err) !== 'nospace') throw err;
       if (!this.opts.keepSpares) {
         throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; the running etcd-defragd daemons recover it (spare participants are kept for them)', { cause: err, permanent: false });
       }
@@ -324,7 +333,7 @@ export class Turn {
     const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2 && !p.holding).sort((a, b) => rank(a) - rank(b));
     for (const p of candidates) {
       // A claim whose reply was lost leaves that spare unclaimed by anyone: nobody renews it, it expires.
-      const res = await this.any('claim spare', (c) => c.txn('claim spare', [
+      const res = await this.onAnyMember('claim spare', (client) => client.txn('claim spare', [
         { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
       ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
       if (res.succeeded) {
@@ -373,17 +382,9 @@ export class Turn {
   private async renewLease(lease: string): Promise<number> {
     // Short enough for three members to be tried within one renewal period (leaseTTL / 3).
     const timeout = Math.max(1000, Math.floor(this.opts.leaseTTL / 9));
-    let last: unknown;
-    for (const c of this.endpoints()) {
-      try {
-        const ttl = await c.leaseKeepAlive(BigInt(`0x${lease}`).toString(), timeout);
-        if (lease === this.lease) this.preferred = c.endpoint;
-        return ttl;
-      } catch (err) {
-        last = err;
-      }
-    }
-    throw last ?? new DefragdError('EDD_UNAVAILABLE', 'keep-alive: no etcd endpoint known');
+    const answer = await firstToAnswer('keep-alive', this.endpoints(), (client) => client.leaseKeepAlive(decimalId(lease), timeout), () => true);
+    if (lease === this.lease) this.preferred = answer.endpoint;
+    return answer.value;
   }
 
   /** Renews our lease, and retries giving back a turn that could not be given back. */
@@ -469,7 +470,7 @@ export class Turn {
     const from = next % 2 === 0 ? next : next + 1;
     const own = `${this.opts.prefix}p/${me.lease}/t/`;
     const guard = { key: Buffer.from(own), range_end: prefixEnd(own), target: 'Mod', result: 'Less', mod_revision: (viewRevision + 1n).toString() } as ICompare;
-    await this.any('refill tickets', (c) => c.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
+    await this.onAnyMember('refill tickets', (client) => client.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
   }
 
   /**
@@ -509,13 +510,13 @@ export class Turn {
         } catch (err) {
           // Every turn costs two tickets and NOSPACE refuses refills: a long alarm would leave us
           // stuck. Move to a spare participant (our member's reserve first), which has fresh ones.
-          if (!/nospace/.test(classify((err as DefragdError).cause ?? err)) || !this.opts.keepSpares) {
+          if (kindOf(err) !== 'nospace' || !this.opts.keepSpares) {
             throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
           }
           const old = me.lease;
           this.lease = await this.claimSpare();
           this.deps.log.warn({ event: 'turn.tickets', from: old, to: this.lease }, `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`);
-          await this.any('lease revoke', (c) => c.leaseRevoke(BigInt(`0x${old}`).toString())).catch(() => undefined);
+          await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(old))).catch(() => undefined);
         }
         continue;
       }
@@ -534,7 +535,7 @@ export class Turn {
         try {
           // Sent once: after a timeout it may have been applied, so we read again (top of the
           // loop) instead of sending it elsewhere; our even ticket gone means we hold the turn.
-          res = await this.once((c) => c.txn('take turn', compare, [
+          res = await this.sendOnce((client) => client.txn('take turn', compare, [
             { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
           ]));
         } catch (err) {
@@ -571,7 +572,7 @@ export class Turn {
     if (!key || !lease) return `lost the cluster-wide turn (${this.trouble || 'our lease is gone'})`;
     let present: boolean;
     try {
-      const res = await this.any('check turn', (c) => c.range(key, undefined, 1));
+      const res = await this.onAnyMember('check turn', (client) => client.range(key, undefined, 1));
       present = res.kvs.some((kv) => kv.key.toString() === key);
     } catch (err) {
       return `cannot check the turn (${errorMessage(err)})`;
@@ -619,26 +620,28 @@ export class Turn {
     const key = this.holdKey;
     if (!key) return;
     let unsure = false;
-    for (let attempt = 1; attempt <= 3; attempt++) {
-      try {
-        const res = await this.once((c) => c.txn('give back turn', [
-          { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-        ], [{ request_delete_range: { key: Buffer.from(key) } }]));
-        // After an attempt without reply, "already gone" is that attempt's doing.
-        if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
-        if (this.holdKey === key) this.holdKey = undefined;
-        this.releasePending = false;
-        return;
-      } catch (err) {
-        unsure ||= uncertain(err);
-        if (attempt === 3) {
-          this.releasePending = true;
-          this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
-          return;
-        }
-        await this.deps.clock.sleep(500 * attempt);
-      }
+    let res: { succeeded: boolean };
+    try {
+      res = await pRetry(() => this.sendOnce((client) => client.txn('give back turn', [
+        { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
+      ], [{ request_delete_range: { key: Buffer.from(key) } }])), {
+        retries: 2,
+        // The pause between tries is on our clock (simulated in the model tests), not p-retry's timer.
+        minTimeout: 0,
+        onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
+          unsure ||= uncertain(error);
+          if (retriesLeft > 0) await this.deps.clock.sleep(500 * attemptNumber);
+        },
+      });
+    } catch (err) {
+      this.releasePending = true;
+      this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
+      return;
     }
+    // After an attempt without reply, "already gone" is that attempt's doing.
+    if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+    if (this.holdKey === key) this.holdKey = undefined;
+    this.releasePending = false;
   }
 
   /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
@@ -652,6 +655,6 @@ export class Turn {
     const lease = this.lease;
     this.lease = undefined;
     this.holdKey = undefined;
-    if (lease) await this.any('lease revoke', (c) => c.leaseRevoke(BigInt(`0x${lease}`).toString())).catch(() => undefined);
+    if (lease) await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(lease))).catch(() => undefined);
   }
 }

@@ -6,7 +6,8 @@ import { after, afterEach, describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
 import { accessFromConfig, ClientPool } from '../../src/etcd.ts';
 import { silentLogger } from '../../src/log.ts';
-import { exitCodeFor, realClock, runPass } from '../../src/pass.ts';
+import { realClock } from '../../src/clock.ts';
+import { exitCodeFor, run } from '../../src/run.ts';
 import { Turn } from '../../src/turn.ts';
 import { allDefragEvents, assertNoOverlap, startCluster, type Cluster } from '../harness/cluster.ts';
 import { fill, fillUntilNoSpace, isNoSpaceError, listAlarms, verifyData, type Written } from '../harness/data.ts';
@@ -180,7 +181,7 @@ for (const version of versionsUnderTest()) {
       const turn = new Turn({ prefix: loaded.config.coordination.prefix, leaseTTL: 5000, command: 'test' },
         { pool, endpoint: target.clientUrl, log, clock: realClock });
       try {
-        const r = await runPass({
+        const r = await run({
           config: loaded.config, pool, log, clock: realClock, turn,
           // The test double: the second member reports a different hash.
           hashKV: async (p, m, rev) => {
@@ -197,12 +198,12 @@ for (const version of versionsUnderTest()) {
         const hashes = err.hashes as Record<string, string>;
         assert.equal(new Set(Object.values(hashes)).size, 2, 'both hashes are in the error');
         // The round stays stopped on every node until an operator has looked.
-        const next = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
+        const next = await run({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
         assert.equal(next.outcome, 'skipped');
         assert.equal(next.check, 'halt');
         assert.match(next.reason, /halted after an integrity mismatch: .*resume with: etcd-defragd resume --integrity-checked/);
         await c.client().delete().key('/etcd-defragd/halt').exec();
-        const resumed = await runPass({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
+        const resumed = await run({ config: loaded.config, pool, log, clock: realClock, turn }, { mode: 'once', force: true });
         assert.equal(resumed.outcome, 'done');
       } finally {
         await turn.close();

@@ -72,7 +72,7 @@ for (const version of versionsUnderTest()) {
     it('an integrity halt stops every daemon; resume clears it only with --integrity-checked', async () => {
       await fill(cluster, { inUseBytes: 8 * MiB, reclaimableBytes: 16 * MiB, prefix: `fill-${Date.now()}/` });
       const before = (await allDefragEvents(cluster)).length;
-      // What pass.ts writes after a HashKV mismatch.
+      // What run.ts writes after a HashKV mismatch.
       await cluster.client().put('/etcd-defragd/halt').value(JSON.stringify({ member: 'abc', reason: 'integrity: HashKV differs (test)', at: new Date().toISOString() })).exec();
       const daemon = startDaemon(cluster, cluster.members[1]!, { schedule: { cron: EVERY_3S } });
       try {

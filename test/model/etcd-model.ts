@@ -1,4 +1,4 @@
-// An in-memory model of the part of etcd's API that the turn, the pass and the daemon use, driven by
+// An in-memory model of the part of etcd's API that the turn, the run and the daemon use, driven by
 // the fake clock. It implements the same EtcdMember/EtcdPool interfaces as the real client, so the
 // production code runs against it unchanged. Where a behaviour is etcd's, the comment says where it
 // comes from: /work/shared/etcd-facts.md ("facts": seen on real 3.4.23/3.5.30 clusters) or the etcd
@@ -8,7 +8,8 @@
 // per member is reachability (up, frozen, killed), its own defragment, its db sizes, its applied
 // index and the routing of its endpoint.
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
-import { describe, type Alarm, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type MemberStatus, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import { toDefragdError, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import type { Alarm, MemberStatus } from '../../src/view.ts';
 import type { FakeClock, Owner } from './clock.ts';
 
 const MiB = 1024 * 1024;
@@ -227,7 +228,7 @@ export class EtcdModel {
     return this.members.filter((m) => m.defragEndsAt !== undefined);
   }
 
-  /** Halted as the pass defines it: the halt key, or the fuse armed and blown. */
+  /** Halted as the run defines it: the halt key, or the fuse armed and blown. */
   halted(): boolean {
     if ((this.opts.haltKeys ?? []).some((k) => this.kv.has(k))) return true;
     const f = this.opts.fuse;
@@ -681,7 +682,7 @@ export class ModelClient implements EtcdMember {
       try {
         return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, false, what, detail);
       } catch (err) {
-        const e = describe(err, what, this.endpoint);
+        const e = toDefragdError(err, what, this.endpoint);
         if (e.permanent || i >= attempts || hooks.signal?.aborted) throw e;
         await clock.sleep(Math.min(this.o.retry.maxDelay, this.o.retry.minDelay * 2 ** (i - 1)), hooks.signal);
       }
@@ -692,7 +693,7 @@ export class ModelClient implements EtcdMember {
     try {
       return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, true, what);
     } catch (err) {
-      throw describe(err, what, this.endpoint);
+      throw toDefragdError(err, what, this.endpoint);
     }
   }
 
@@ -704,7 +705,7 @@ export class ModelClient implements EtcdMember {
     try {
       return await this.model.request(this.owner, this.endpoint, timeoutMs, 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }), false, 'probe');
     } catch (err) {
-      return describe(err, 'status', this.endpoint);
+      return toDefragdError(err, 'status', this.endpoint);
     }
   }
 
@@ -734,7 +735,7 @@ export class ModelClient implements EtcdMember {
       this.model.startDefrag(m, by);
       return m;
     }, this.o.defragTimeout).then((m) => this.model.defragDone(this.owner, m, this.o.defragTimeout).catch((err: unknown) => {
-      throw describe(err, 'defragment', this.endpoint);
+      throw toDefragdError(err, 'defragment', this.endpoint);
     }));
   }
 
@@ -791,7 +792,7 @@ export class ModelClient implements EtcdMember {
     return this.model.request(this.owner, this.endpoint, timeoutMs, 'metrics', (m) => ({
       quotaBytes: this.o.quotaBytes, defragInflight: m.defragEndsAt !== undefined, version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
     }), false, 'metrics').catch((err: unknown) => {
-      throw describe(err, 'metrics', this.endpoint);
+      throw toDefragdError(err, 'metrics', this.endpoint);
     });
   }
 

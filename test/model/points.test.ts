@@ -3,7 +3,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { IRequestOp } from 'etcd3';
-import type { PassResult } from '../../src/pass.ts';
+import type { RunResult } from '../../src/run.ts';
+import { decimalId, hexId } from '../../src/view.ts';
 import type { Owner } from './clock.ts';
 import { Sim } from './sim.ts';
 
@@ -16,7 +17,7 @@ function sim(o: ConstructorParameters<typeof Sim>[0] = {}): Sim {
 /** A spare participant written straight into the model, as another daemon would have left it. */
 function addSpare(s: Sim, memberId?: string): string {
   const id = s.model.grant(TTL / 1000, 'test');
-  const lease = BigInt(id).toString(16);
+  const lease = hexId(id);
   const base = `${s.base.coordination.prefix}p/${lease}/`;
   const ops: IRequestOp[] = [
     { request_put: { key: Buffer.from(`${base}info`), value: Buffer.from(JSON.stringify({ spare: true, memberId, since: new Date(s.clock.now()).toISOString() })), lease: id } },
@@ -39,7 +40,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       s.model.member('m2').corrupt = true; // its HashKV differs: the first defragment ends in a mismatch
       const runs = ['m1', 'm2', 'm3'].map((m) => s.runOnce(m, { force: true }));
       assert.ok(await s.until(() => runs.every((r) => r.settled), 10 * 60_000));
-      const results = runs.map((r) => r.settled as PassResult);
+      const results = runs.map((r) => r.settled as RunResult);
       assert.deepEqual(s.model.violations, []);
       assert.equal(s.model.defragLog.length, 1, `one defragment, then the halt: ${JSON.stringify(s.model.defragLog)}`);
       assert.equal(results.filter((r) => r.check === 'integrity').length, 1, JSON.stringify(results.map((r) => r.reason)));
@@ -102,7 +103,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       let lapsed = false;
       for (let t = 0; t < 12 * TTL; t += 250) {
         await s.run(250);
-        if (!s.model.leaseAlive(BigInt(`0x${lease}`).toString())) lapsed = true;
+        if (!s.model.leaseAlive(decimalId(lease))) lapsed = true;
       }
       assert.equal(lapsed, false, 'our own lease never lapsed');
       assert.equal(d.daemon!.turnState().participant, lease);
@@ -192,7 +193,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       };
       const r = s.runOnce('m1', { force: true });
       await s.until(() => r.settled !== undefined, 120_000);
-      const res = r.settled as PassResult;
+      const res = r.settled as RunResult;
       assert.equal(res.outcome, 'failed', res.reason);
       assert.equal(res.check, 'member');
       assert.match(res.reason, /was done by member [0-9a-f]+, not the local member/);
@@ -210,7 +211,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       const r = s.runOnce('m1', { force: true });
       const t0 = s.clock.now();
       await s.until(() => r.settled !== undefined, 30 * 60_000);
-      assert.equal((r.settled as PassResult).outcome, 'done', (r.settled as PassResult).reason);
+      assert.equal((r.settled as RunResult).outcome, 'done', (r.settled as RunResult).reason);
       assert.equal(sent.filter((m) => m === 'm2').length, 1, `HashKV to m2: ${sent.join(', ')}`);
       assert.ok(s.clock.now() - t0 < s.base.etcd.defragTimeout + 30_000, `took ${s.clock.now() - t0} ms`);
     } finally {
@@ -234,7 +235,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
       assert.equal(s.model.defragLog.length, 3, JSON.stringify(s.model.defragLog));
       // The stall is real: the leader's daemon lost its lease during its own defragment (harmless
       // outside NOSPACE: it joins again; the next holder's busy check saw the leader defragmenting).
-      assert.equal(s.model.leaseAlive(BigInt(`0x${leaseOfLeader}`).toString()), false);
+      assert.equal(s.model.leaseAlive(decimalId(leaseOfLeader)), false);
     } finally {
       s.dispose();
     }

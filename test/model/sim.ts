@@ -4,7 +4,8 @@ import { loadConfig, type Config } from '../../src/config.ts';
 import { Daemon } from '../../src/daemon.ts';
 import { Metrics } from '../../src/metrics.ts';
 import { silentLogger, type Log } from '../../src/log.ts';
-import { haltKey, fuseKey, runPass, type PassResult } from '../../src/pass.ts';
+import { fuseKey, haltKey } from '../../src/control.ts';
+import { run, type RunResult } from '../../src/run.ts';
 import { decide } from '../../src/policy.ts';
 import { Turn } from '../../src/turn.ts';
 import { FakeClock, type Owner } from './clock.ts';
@@ -36,8 +37,8 @@ export interface Proc {
   kind: 'daemon' | 'once';
   daemon?: Daemon;
   turn?: Turn;
-  result?: Promise<PassResult | Error>;
-  settled?: PassResult | Error;
+  result?: Promise<RunResult | Error>;
+  settled?: RunResult | Error;
 }
 
 const MiB = 1024 * 1024;
@@ -144,7 +145,7 @@ export class Sim {
     const p: Proc = { name: owner.name, member, owner, kind: 'once', turn };
     p.result = (async () => {
       try {
-        return await runPass({ config, pool, log: this.procLog(owner), clock, turn, seen: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
+        return await run({ config, pool, log: this.procLog(owner), clock, turn, onInspected: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
       } catch (err) {
         return err as Error;
       } finally {

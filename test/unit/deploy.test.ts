@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { parse as parseYaml } from 'yaml';
-import type { MemberStatus } from '../../src/etcd.ts';
+import type { MemberStatus } from '../../src/view.ts';
 import { Metrics } from '../../src/metrics.ts';
 import { metricNames, promtool, queriedMetricNames } from '../harness/promtool.ts';
 

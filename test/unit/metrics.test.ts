@@ -4,16 +4,15 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import type { MemberStatus } from '../../src/etcd.ts';
 import { Metrics, SKIP_CHECKS } from '../../src/metrics.ts';
 import { promtoolCheck } from '../harness/promtool.ts';
-import type { ClusterView, MemberView } from '../../src/policy.ts';
+import { decimalId, type ClusterView, type MemberStatus, type MemberView } from '../../src/view.ts';
 
 const SRC = join(import.meta.dirname, '../../src');
 
 function view(localHex: string, dbSize = 100, extra: Partial<MemberView> = {}): ClusterView {
   const status = { dbSize, dbSizeInUse: 40 } as MemberStatus;
-  const local: MemberView = { id: BigInt(`0x${localHex}`).toString(), hex: localHex, name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status, ...extra };
+  const local: MemberView = { id: decimalId(localHex), hex: localHex, name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status, ...extra };
   const other: MemberView = { id: '7', hex: '7', name: 'o', endpoint: 'y', isLearner: false, isLocal: false, status };
   return { members: [local, other], local, alarms: [] };
 }

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
-import type { MemberStatus } from '../../src/etcd.ts';
-import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget, type ClusterView, type MemberView } from '../../src/policy.ts';
+import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget } from '../../src/policy.ts';
+import { hexId, type ClusterView, type MemberStatus, type MemberView } from '../../src/view.ts';
 
 const MiB = 1024 ** 2;
 const q = 2048 * MiB;
@@ -13,7 +13,7 @@ function status(id: string, o: Partial<MemberStatus> = {}): MemberStatus {
     raftIndex: 100n, raftAppliedIndex: 100n, raftTerm: 2n, revision: 50n, isLearner: false, errors: [], ...o };
 }
 function member(id: string, o: Partial<MemberView> = {}, s: Partial<MemberStatus> | null = {}): MemberView {
-  return { id, hex: BigInt(id).toString(16), name: `m${id}`, endpoint: `http://m${id}`, isLearner: false, isLocal: id === '1', status: s === null ? undefined : status(id, s), ...o };
+  return { id, hex: hexId(id), name: `m${id}`, endpoint: `http://m${id}`, isLearner: false, isLocal: id === '1', status: s === null ? undefined : status(id, s), ...o };
 }
 function view(members: MemberView[], o: Partial<ClusterView> = {}): ClusterView {
   return { members, local: members.find((m) => m.isLocal)!, alarms: [], ...o };

@@ -1,23 +1,21 @@
-// One pass over the local member, top to bottom: inspect, gate, decide, guard the disk, take the
+// One run over the local member, top to bottom: inspect, gate, decide, guard the disk, take the
 // cluster-wide turn, hand leadership away, defragment, settle, verify, give the turn back, report.
 // `once`, scheduled runs and NOSPACE recovery all run this same sequence.
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
-import { describeHalt, describePause, haltKey, readControl } from './control.ts';
-import { classify, type EtcdMember, type EtcdPool, type MemberStatus, type RetryHooks } from './etcd.ts';
-import type { ICompare, IRequestOp } from 'etcd3';
-import { DefragdError, EXIT, errorMessage } from './errors.ts';
+import { armHaltFuse, blowFuse, describeHalt, describePause, fuseBlown, haltFromBlownFuse, haltKey, readControl } from './control.ts';
+import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
+import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, hexId, memberLabel, quotaMismatch, transferTarget, voting, type ClusterView, type Decision, type MemberView } from './policy.ts';
+import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, transferTarget, type Decision } from './policy.ts';
 import type { Turn } from './turn.ts';
 import { formatBytes, formatDuration, formatPercent } from './units.ts';
+import { hexId, memberLabel, voting, type ClusterView, type MemberStatus, type MemberView } from './view.ts';
 
-export type Outcome = 'done' | 'not-needed' | 'skipped' | 'failed';
-
-export interface PassResult {
+export interface RunResult {
   outcome: Outcome;
   reason: string;
   check?: string;
@@ -30,11 +28,9 @@ export interface PassResult {
   haltRecorded?: boolean;
 }
 
-export { realClock, type Clock } from './clock.ts';
-
 export type HashKVFn = (pool: EtcdPool, member: MemberView, revision: bigint, timeoutMs?: number) => Promise<{ hash: string; compactRevision: bigint }>;
 
-export interface PassDeps {
+export interface RunDeps {
   config: Config;
   pool: EtcdPool;
   log: Log;
@@ -44,21 +40,21 @@ export interface PassDeps {
   signal?: AbortSignal;
   freeDisk?: (dir: string) => Promise<number>;
   hashKV?: HashKVFn;
-  /** Called with every fresh inspection (the daemon keeps its endpoint list from it). */
-  seen?: (view: ClusterView) => void;
+  /** Called with every fresh inspection: the turn learns which member this is, the daemon records metrics and revisions. */
+  onInspected?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
   onDefragStart?: (member: string) => void;
   /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
   revisions?: RevisionLog;
 }
 
-export interface PassOptions {
+export interface RunOptions {
   dryRun?: boolean;
   force?: boolean;
   mode?: 'scheduled' | 'once' | 'nospace';
   runId?: string;
   /** NOSPACE mode: this daemon already defragmented its member since the alarm was raised. */
-  defraggedThisAlarm?: boolean;
+  defraggedSinceAlarm?: boolean;
   /** NOSPACE mode: when this daemon first saw the alarm (compaction keeps the history before it). */
   alarmSeenAt?: number;
 }
@@ -71,60 +67,61 @@ async function defaultFreeDisk(dir: string): Promise<number> {
 const defaultHashKV: HashKVFn = (pool, member, revision, timeoutMs) => pool.get(member.endpoint).hashKV(revision, undefined, 1, timeoutMs);
 
 /** once: 0 done or not needed, 75 skipped (not safe now), 1 failed. */
-export function exitCodeFor(r: PassResult): number {
+export function exitCodeFor(r: RunResult): number {
   return r.outcome === 'skipped' ? EXIT.skipped : r.outcome === 'failed' ? EXIT.failed : EXIT.ok;
 }
 
-function skip(reason: string, extra: Partial<PassResult> = {}): PassResult {
+function skip(reason: string, extra: Partial<RunResult> = {}): RunResult {
   return { outcome: 'skipped', reason, ...extra };
 }
 
-interface Run {
-  deps: PassDeps;
-  opts: PassOptions;
+interface RunState {
+  deps: RunDeps;
+  opts: RunOptions;
   /** A NOSPACE run whose alarm is gone by the time it looks becomes a scheduled one. */
-  mode: NonNullable<PassOptions['mode']>;
+  mode: NonNullable<RunOptions['mode']>;
   started: number;
   decideFor(m: MemberView): Decision;
-  look(): Promise<ClusterView>;
+  /** Inspects the cluster again (and tells deps.onInspected). */
+  inspect(): Promise<ClusterView>;
 }
 
 /** What the steps with the turn in hand end with: a result, or "hand leadership away failed, go last". */
-type TurnStepsEnd = PassResult | 'leader-goes-last';
+type TurnStepsEnd = RunResult | 'leader-goes-last';
 
-export async function runPass(deps: PassDeps, opts: PassOptions = {}): Promise<PassResult> {
+export async function run(deps: RunDeps, opts: RunOptions = {}): Promise<RunResult> {
   const { config: c, log } = deps;
-  const run: Run = {
+  const state: RunState = {
     deps, opts, mode: opts.mode ?? 'once', started: deps.clock.now(),
     // A member whose quota could not be read is judged on fragmentation alone (quota 0). During
     // NOSPACE the member's own quota counts when it is lower than the configured one.
-    decideFor: (m) => (run.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedThisAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
-    look: async () => {
+    decideFor: (m) => (state.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedSinceAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
+    inspect: async () => {
       const v = await inspect(deps.pool, c.etcd.endpoint, { log, signal: deps.signal }, { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes });
-      deps.seen?.(v);
+      deps.onInspected?.(v);
       return v;
     },
   };
-  log.info({ event: 'run.start', mode: run.mode, dryRun: Boolean(opts.dryRun) }, `run started (${run.mode}${opts.dryRun ? ', dry run' : ''})`);
-  return finish(deps, run.started, await passSteps(run));
+  log.info({ event: 'run.start', mode: state.mode, dryRun: Boolean(opts.dryRun) }, `run started (${state.mode}${opts.dryRun ? ', dry run' : ''})`);
+  return finish(deps, state.started, await runSteps(state));
 }
 
 /** inspect, halt, gate, decide, guard the disk, then the steps that need the turn. */
-async function passSteps(run: Run): Promise<PassResult> {
-  const { deps, opts } = run;
+async function runSteps(state: RunState): Promise<RunResult> {
+  const { deps, opts } = state;
   const c = deps.config;
   let view: ClusterView;
   try {
-    view = await run.look();
+    view = await state.inspect();
   } catch (err) {
     if (err instanceof DefragdError && !err.permanent) return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
     throw err;
   }
 
   // A recovery run queued while another daemon disarmed: nothing to recover, run as scheduled.
-  if (run.mode === 'nospace' && !view.alarms.some((a) => a.alarm === 'NOSPACE')) {
+  if (state.mode === 'nospace' && !view.alarms.some((a) => a.alarm === 'NOSPACE')) {
     deps.log.info({ event: 'nospace.gone' }, 'the NOSPACE alarm is gone: running as a scheduled run');
-    run.mode = 'scheduled';
+    state.mode = 'scheduled';
   }
 
   // an integrity mismatch anywhere halts every daemon until an operator has looked; a pause too
@@ -133,7 +130,7 @@ async function passSteps(run: Run): Promise<PassResult> {
 
   // gate (a member that etcd says is defragmenting is waited for once we hold the turn; a member
   // that answers nothing is down, and the run skips)
-  view = await gateSettled(deps, view, run.look);
+  view = await gateSettled(deps, view, state.inspect);
   const gateFail = healthGate(view, c);
   if (gateFail) {
     if (gateFail.check !== 'busy' || opts.dryRun) return skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view });
@@ -144,16 +141,16 @@ async function passSteps(run: Run): Promise<PassResult> {
   if (local.isLearner) return skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, { check: 'learner', member: local.hex, view });
   // Defragmenting the only voting member stops the API server for as long as it lasts. During
   // NOSPACE writes are refused anyway, so recovery goes ahead.
-  if (voting(view).length === 1 && run.mode !== 'nospace' && !c.policy.singleMember) {
+  if (voting(view).length === 1 && state.mode !== 'nospace' && !c.policy.singleMember) {
     return skip(`member ${memberLabel(local)} is the cluster's only voting member: defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it`, { check: 'single-member', member: local.hex, view });
   }
   const mismatch = quotaMismatch(local);
   if (mismatch) deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
-  if (local.quotaBytes === undefined && (run.mode === 'nospace' || !(opts.force || c.policy.force))) {
+  if (local.quotaBytes === undefined && (state.mode === 'nospace' || !(opts.force || c.policy.force))) {
     return skip(local.quotaError ?? `the quota of member ${memberLabel(local)} is unknown`, { check: 'quota', member: local.hex, view });
   }
 
-  const decision = run.decideFor(local);
+  const decision = state.decideFor(local);
   deps.log.info({ event: 'run.decide', member: local.hex, defrag: decision.defrag, dbSize: local.status!.dbSize, dbSizeInUse: local.status!.dbSizeInUse, fragmentation: Number(decision.fragmentation.toFixed(4)) },
     `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`);
   if (!decision.defrag) return { outcome: 'not-needed', reason: decision.reason, member: local.hex, view };
@@ -162,37 +159,37 @@ async function passSteps(run: Run): Promise<PassResult> {
   if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
 
   if (opts.dryRun) return { outcome: 'done', reason: `dry run: would defragment member ${memberLabel(local)}: ${decision.reason}`, member: local.hex, view };
-  if (!deps.turn) throw new DefragdError('EDD_USAGE', 'internal: a defragmenting pass needs the cluster-wide turn');
+  if (!deps.turn) throw new DefragdError('EDD_USAGE', 'internal: a defragmenting run needs the cluster-wide turn');
 
   // The leader waits for the others when it cannot (or must not) hand leadership away.
   const isLeader = local.status!.leader === local.id;
   // During NOSPACE the leader always hands leadership away when it can: a leader defragmenting stalls
   // every keep-alive, and leases lost then (the spares with them) cannot be granted again.
-  const lastByChoice = c.coordination.leader === 'last' && run.mode !== 'nospace';
+  const lastByChoice = c.coordination.leader === 'last' && state.mode !== 'nospace';
   const leaderGoesLast = isLeader && (lastByChoice || !transferTarget(view));
   if (isLeader && c.coordination.leader === 'transfer' && leaderGoesLast) {
     deps.log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
   }
-  const first = await withTurn(run, view, leaderGoesLast);
+  const first = await withTurn(state, view, leaderGoesLast);
   if (first !== 'leader-goes-last') return first;
   // The transfer failed with the turn in hand: gave it back, now wait as the leader that goes last.
-  const second = await withTurn(run, view, true);
+  const second = await withTurn(state, view, true);
   return second === 'leader-goes-last' ? skip('could not move leadership away', { check: 'leader', member: local.hex, view }) : second;
 }
 
 /** Takes the turn, runs the steps that need it, and always gives it back. */
-async function withTurn(run: Run, view: ClusterView, leaderGoesLast: boolean): Promise<TurnStepsEnd> {
-  const { deps } = run;
+async function withTurn(state: RunState, view: ClusterView, leaderGoesLast: boolean): Promise<TurnStepsEnd> {
+  const { deps } = state;
   const c = deps.config;
   const turn = deps.turn!;
-  const waitUntil = run.started + c.coordination.maxWait;
+  const waitUntil = state.started + c.coordination.maxWait;
   const got = await turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
-    leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, run.decideFor) : undefined);
+    leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, state.decideFor) : undefined);
   if (!got.ok) return skip(`did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`, { check: 'turn', member: view.local.hex, view });
   if (got.waitedMs > 0) deps.log.info({ event: 'turn.acquired', waitedMs: got.waitedMs }, `took the cluster-wide turn after ${formatDuration(got.waitedMs)}`);
   else deps.log.debug({ event: 'turn.acquired', waitedMs: 0 }, 'took the cluster-wide turn');
   try {
-    return await turnSteps(run, view, leaderGoesLast, waitUntil);
+    return await turnSteps(state, view, leaderGoesLast, waitUntil);
   } finally {
     // The halt (if any) is durable in etcd by now, so the turn is always given back.
     await turn.release();
@@ -200,8 +197,8 @@ async function withTurn(run: Run, view: ClusterView, leaderGoesLast: boolean): P
 }
 
 /** With the turn in hand: halt again, busy, look again, decide again, leader, compact, fence, defragment. */
-async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, waitUntil: number): Promise<TurnStepsEnd> {
-  const { deps, opts } = run;
+async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boolean, waitUntil: number): Promise<TurnStepsEnd> {
+  const { deps, opts } = state;
   const c = deps.config;
   const turn = deps.turn!;
   // A halt written while we waited for the turn (by the holder before us), or a pause, stops us too.
@@ -212,13 +209,13 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   // defragmenting, then look again with the turn in hand - the cluster may have changed.
   const busy = await waitNotBusy(deps, view, waitUntil);
   if (busy) return skip(busy, { check: 'busy', member: view.local.hex, view });
-  view = await gateSettled(deps, await run.look(), run.look);
+  view = await gateSettled(deps, await state.inspect(), state.inspect);
   const again = healthGate(view, c);
   if (again) return skip(again.reason, { check: again.check, member: again.member, view });
-  if (view.local.quotaBytes === undefined && (run.mode === 'nospace' || !(opts.force || c.policy.force))) {
+  if (view.local.quotaBytes === undefined && (state.mode === 'nospace' || !(opts.force || c.policy.force))) {
     return skip(view.local.quotaError ?? `the quota of member ${memberLabel(view.local)} is unknown`, { check: 'quota', member: view.local.hex, view });
   }
-  const fresh = run.decideFor(view.local);
+  const fresh = state.decideFor(view.local);
   if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
 
   if (view.local.status!.leader === view.local.id && !leaderGoesLast) {
@@ -227,18 +224,18 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
       deps.log.warn({ event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason }, `could not move leadership away: ${moved.reason}; the leader goes last`);
       return 'leader-goes-last';
     }
-    view = await run.look();
+    view = await state.inspect();
     if (view.local.status!.leader === view.local.id) return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
   }
 
-  if (run.mode === 'nospace' && c.nospace.compact) {
+  if (state.mode === 'nospace' && c.nospace.compact) {
     // Only the holder compacts: make sure we still are one before dropping history.
     const lost = await turn.fence(async () => undefined);
     if (lost) return skip(`not compacting: ${lost}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
     const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
     if (stuck) return skip(stuck, { check: 'compact', member: view.local.hex, view });
     // A compaction can take a while: the cluster must still be healthy before the defragment.
-    view = await run.look();
+    view = await state.inspect();
     const after = healthGate(view, c);
     if (after) return skip(after.reason, { check: after.check, member: after.member, view });
   }
@@ -252,35 +249,8 @@ async function turnSteps(run: Run, view: ClusterView, leaderGoesLast: boolean, w
   return defragmentLocal(deps, view, opts);
 }
 
-export { haltKey };
-/**
- * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
- * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
- * `fuse` key is written once, beside `fuse-armed`; a mismatch under NOSPACE deletes `fuse` (a
- * delete works under NOSPACE), and a blown fuse halts like the halt key. The first daemon that can
- * write again turns a blown fuse into the halt key and restores the fuse, so the operator's
- * `etcdctl del <prefix>halt` stays the one way to resume.
- */
-export const fuseKey = (c: Config) => `${c.coordination.prefix}fuse`;
-const fuseArmedKey = (c: Config) => `${c.coordination.prefix}fuse-armed`;
-
-const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
-const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
-const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
-
-/** Writes the halt fuse once per cluster, while writes work (best effort: a daemon does it when it joins, a run when it looks). */
-export async function armHaltFuse(pool: EtcdPool, c: Config): Promise<void> {
-  await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
-}
-
-/** Is the halt fuse blown (armed, and its key deleted)? */
-export async function fuseBlown(client: EtcdMember, c: Config, hooks: RetryHooks = {}): Promise<{ blown: boolean; armed: boolean }> {
-  const [fuse, armed] = await Promise.all([client.get(fuseKey(c), hooks), client.get(fuseArmedKey(c), hooks)]);
-  return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
-}
-
 /** Why no run may go now: an integrity halt (the key, or a blown fuse), or an operator's pause (src/control.ts). */
-async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
+async function readStop(deps: RunDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
   const hooks = { log: deps.log, signal: deps.signal };
   const client = deps.pool.get(deps.config.etcd.endpoint);
   const { pause, halt } = await readControl(client, deps.config, hooks);
@@ -293,8 +263,7 @@ async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reas
   if (fuse.blown) {
     const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
     if (writes) {
-      await client.txn('record halt', [absent(fuseKey(deps.config)), exists(fuseArmedKey(deps.config))],
-        [putOp(haltKey(deps.config), JSON.stringify({ reason, at: new Date(deps.clock.now()).toISOString() })), putOp(fuseKey(deps.config), 'intact')]).catch(() => undefined);
+      await haltFromBlownFuse(client, deps.config, reason, new Date(deps.clock.now()).toISOString()).catch(() => undefined);
     }
     return { check: 'halt', reason: `defragmentation is halted: ${reason}; ${resume}` };
   }
@@ -303,7 +272,7 @@ async function readStop(deps: PassDeps): Promise<{ check: 'halt' | 'pause'; reas
 }
 
 /** Stops the round on every node: the others find this key (or the blown fuse) and skip until an operator deletes it. */
-async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Promise<boolean> {
+async function writeHalt(deps: RunDeps, view: ClusterView, reason: string): Promise<boolean> {
   const client = deps.pool.get(view.local.endpoint);
   try {
     await client.put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
@@ -313,8 +282,7 @@ async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Pro
   }
   try {
     // A delete works under NOSPACE; a fuse never armed cannot be blown.
-    const res = await client.txn('blow fuse', [exists(fuseArmedKey(deps.config)), exists(fuseKey(deps.config))], [{ request_delete_range: { key: Buffer.from(fuseKey(deps.config)) } }]);
-    if (res.succeeded) return true;
+    if (await blowFuse(client, deps.config)) return true;
     deps.log.error({ event: 'halt.fail' }, 'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)');
   } catch (err) {
     deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
@@ -326,18 +294,18 @@ async function writeHalt(deps: PassDeps, view: ClusterView, reason: string): Pro
  * Leader disagreement and raft lag pass within an election or a burst of writes (a leader transfer
  * by another daemon causes both): look again a few times before calling the cluster unhealthy.
  */
-async function gateSettled(deps: PassDeps, view: ClusterView, look: () => Promise<ClusterView>): Promise<ClusterView> {
+async function gateSettled(deps: RunDeps, view: ClusterView, inspectAgain: () => Promise<ClusterView>): Promise<ClusterView> {
   for (let i = 0; i < 3; i++) {
     const fail = healthGate(view, deps.config);
     if (!fail || (fail.check !== 'leader' && fail.check !== 'raft-lag')) break;
     deps.log.debug({ event: 'gate.retry', check: fail.check, reason: fail.reason }, `looking again in 1s: ${fail.reason}`);
     await deps.clock.sleep(1000, deps.signal);
-    view = await look();
+    view = await inspectAgain();
   }
   return view;
 }
 
-function finish(deps: PassDeps, started: number, r: PassResult): PassResult {
+function finish(deps: RunDeps, started: number, r: RunResult): RunResult {
   const fields = { event: r.outcome === 'skipped' ? 'run.skip' : 'run.done', outcome: r.outcome, reason: r.reason, check: r.check, member: r.member, runMs: deps.clock.now() - started };
   if (r.outcome === 'skipped') deps.log.warn(fields, `run skipped: ${r.reason}`);
   else if (r.outcome === 'failed') deps.log.error(fields, `run failed: ${r.reason}`);
@@ -345,7 +313,7 @@ function finish(deps: PassDeps, started: number, r: PassResult): PassResult {
   return r;
 }
 
-async function diskGuard(deps: PassDeps, s: MemberStatus): Promise<string | undefined> {
+async function diskGuard(deps: RunDeps, s: MemberStatus): Promise<string | undefined> {
   const dir = deps.config.etcd.dataDir;
   if (!dir) return undefined;
   let free: number;
@@ -362,7 +330,7 @@ async function diskGuard(deps: PassDeps, s: MemberStatus): Promise<string | unde
 }
 
 /** Leader-last: keep waiting while another voting member still needs a defragment (until `until`). */
-async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (m: MemberView) => Decision): Promise<string | undefined> {
+async function othersNeedingDefrag(deps: RunDeps, until: number, decideFor: (m: MemberView) => Decision): Promise<string | undefined> {
   if (deps.clock.now() >= until) return undefined;
   const view = await inspect(deps.pool, deps.config.etcd.endpoint, { log: deps.log, signal: deps.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: deps.config.policy.quotaBytes });
   if (view.local.status!.leader !== view.local.id) return undefined; // no longer the leader: go normally
@@ -372,7 +340,7 @@ async function othersNeedingDefrag(deps: PassDeps, until: number, decideFor: (m:
 }
 
 /** Is any voting member defragmenting (or down) right now? One look, short deadline. */
-async function busyNow(deps: PassDeps, view: ClusterView): Promise<{ reason: string; check: string; member: string } | undefined> {
+async function busyNow(deps: RunDeps, view: ClusterView): Promise<{ reason: string; check: string; member: string } | undefined> {
   const busy = await busyMembers(deps.pool, view, Math.min(deps.config.etcd.requestTimeout, 5000));
   const b = busy[0];
   if (!b) return undefined;
@@ -382,7 +350,7 @@ async function busyNow(deps: PassDeps, view: ClusterView): Promise<{ reason: str
 }
 
 /** No voting member may be defragmenting when we start: a dead holder's defrag goes on server-side. */
-async function waitNotBusy(deps: PassDeps, view: ClusterView, until: number): Promise<string | undefined> {
+async function waitNotBusy(deps: RunDeps, view: ClusterView, until: number): Promise<string | undefined> {
   const probe = Math.min(deps.config.etcd.requestTimeout, 5000);
   let logged = false;
   for (;;) {
@@ -402,7 +370,7 @@ async function waitNotBusy(deps: PassDeps, view: ClusterView, until: number): Pr
   }
 }
 
-async function transferLeadership(deps: PassDeps, view: ClusterView): Promise<{ ok: true } | { ok: false; reason: string }> {
+async function transferLeadership(deps: RunDeps, view: ClusterView): Promise<{ ok: true } | { ok: false; reason: string }> {
   const target = transferTarget(view);
   if (!target) return { ok: false, reason: 'no healthy voting follower' };
   const t0 = deps.clock.now();
@@ -419,10 +387,10 @@ async function transferLeadership(deps: PassDeps, view: ClusterView): Promise<{ 
  * Under NOSPACE, history that fills the quota is freed only by a compaction, and the API server's
  * compactor cannot run during the alarm (its first request is a Txn with a Put). Graded: first keep
  * nospace.keepHistory of history (what the API server keeps); when that leaves the member's in-use
- * size over the disarm mark, keep none (what the seed's operator and etcd's maintenance guide do).
+ * size over the disarm mark, keep none (what an operator recovering by hand and etcd's maintenance guide do).
  * Returns why the run must stop here, or undefined to go on to the defragment.
  */
-async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt: number | undefined): Promise<string | undefined> {
+async function compactForNoSpace(deps: RunDeps, view: ClusterView, alarmSeenAt: number | undefined): Promise<string | undefined> {
   const { config: c, log } = deps;
   const local = view.local;
   const client = deps.pool.get(local.endpoint);
@@ -470,7 +438,7 @@ async function compactForNoSpace(deps: PassDeps, view: ClusterView, alarmSeenAt:
  * The revision seen nospace.keepHistory before the alarm (the holders of one alarm find nearly the
  * same one, however long the recovery takes), or the documented fallback.
  */
-function keepHistoryRevision(deps: PassDeps, latest: bigint, alarmSeenAt: number | undefined): { revision?: bigint; what: string } {
+function keepHistoryRevision(deps: RunDeps, latest: bigint, alarmSeenAt: number | undefined): { revision?: bigint; what: string } {
   const keep = deps.config.nospace.keepHistory;
   const now = deps.clock.now();
   const reference = alarmSeenAt ?? now;
@@ -488,12 +456,12 @@ function keepHistoryRevision(deps: PassDeps, latest: bigint, alarmSeenAt: number
 }
 
 /** One physical compaction with its own deadline; returns why the run must stop, if it must. */
-async function compactTo(deps: PassDeps, client: EtcdMember, revision: bigint): Promise<string | undefined> {
+async function compactTo(deps: RunDeps, client: EtcdMember, revision: bigint): Promise<string | undefined> {
   try {
     await client.compact(revision, true, deps.config.nospace.compactTimeout);
     return undefined;
   } catch (err) {
-    const kind = classify((err as DefragdError).cause ?? err);
+    const kind = kindOf(err);
     if (kind === 'compacted') return undefined; // someone compacted this far already
     if (kind === 'timeout') {
       return `compaction to revision ${revision} did not finish within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); it goes on inside etcd, and the defragment waits for the next run`;
@@ -503,7 +471,7 @@ async function compactTo(deps: PassDeps, client: EtcdMember, revision: bigint): 
   }
 }
 
-async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOptions): Promise<PassResult> {
+async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOptions): Promise<RunResult> {
   const { log, config: c } = deps;
   const local = view.local;
   const client = deps.pool.get(local.endpoint);
@@ -525,7 +493,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
   } catch (err) {
     failure = errorMessage(err);
     // A timed-out defragment goes on inside etcd: never send another, wait for the member instead.
-    if (classify((err as DefragdError).cause ?? err) === 'timeout') {
+    if (kindOf(err) === 'timeout') {
       log.warn({ event: 'defrag.timeout', member: local.hex }, `defragment of ${local.hex} passed etcd.defragTimeout; not re-sending, waiting for the member to answer again`);
     }
   }
@@ -569,7 +537,7 @@ async function defragmentLocal(deps: PassDeps, view: ClusterView, opts: PassOpti
  * A member that does not answer may still be defragmenting (a timed-out defrag goes on inside
  * etcd), so we keep the turn and wait for as long as that lasts; only catching up is bounded.
  */
-async function settle(deps: PassDeps, view: ClusterView, catchUpMs: number): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
+async function settle(deps: RunDeps, view: ClusterView, catchUpMs: number): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
   const timeout = deps.config.etcd.requestTimeout;
   const client = deps.pool.get(view.local.endpoint);
   let answeredAt: number | undefined;
@@ -604,7 +572,7 @@ async function settle(deps: PassDeps, view: ClusterView, catchUpMs: number): Pro
 }
 
 /** HashKV at a revision every voting member has applied must agree; the revision must not go backwards. */
-async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: MemberStatus): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
+async function verifyIntegrity(deps: RunDeps, view: ClusterView, before: MemberStatus): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
   const hashKV = deps.hashKV ?? defaultHashKV;
   const members = voting(view);
   // One deadline for the whole check: a full-keyspace hash of a large db is slow, and retries
@@ -630,7 +598,7 @@ async function verifyIntegrity(deps: PassDeps, view: ClusterView, before: Member
     } catch (err) {
       // A compaction racing the check is retried; a member that cannot answer now leaves the
       // defragment unverified rather than failed.
-      if (classify((err as DefragdError).cause ?? err) === 'compacted') continue;
+      if (kindOf(err) === 'compacted') continue;
       deps.log.warn({ event: 'verify.skip', error: errorMessage(err) }, `HashKV not compared: ${errorMessage(err)}`);
       return undefined;
     }
