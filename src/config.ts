@@ -290,7 +290,7 @@ export interface LoadOptions {
   env?: NodeJS.ProcessEnv;
   /** Flag overrides as dotted keys, e.g. { 'log.format': 'json' }. */
   flags?: Record<string, unknown>;
-  /** Check that certificate files are readable and parse (off for `status --offline` style uses). */
+  /** Check that certificate files are readable and parse (off for `stage-tls`, which copies them first, and for tests). */
   checkFiles?: boolean;
 }
 
