@@ -6,7 +6,8 @@ import { dirname, join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
-import type { Cluster, Member } from '../test/harness/cluster.ts';
+import type { Cluster } from '../test/harness/cluster.ts';
+import type { Member } from '../test/harness/member.ts';
 import { events, memberEtcd, type LogLine } from '../test/harness/defragd.ts';
 import { REPO_ROOT, spawnCli, type CliProcess } from '../test/harness/proc.ts';
 

@@ -2,7 +2,7 @@
 // Progress goes to stderr, the Markdown tables to stdout and to --out.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
-import { errorText } from '../test/harness/cluster.ts';
+import { errorText } from '../test/harness/errors.ts';
 import { etcdBinaries } from '../test/harness/etcd-bin.ts';
 import { REPO_ROOT } from '../test/harness/proc.ts';
 import { buildDaemon, buildExecutable, nodeFootprint, unitEnvironment, type Footprint } from './daemons.ts';

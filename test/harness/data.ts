@@ -5,7 +5,10 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Etcd3 } from 'etcd3';
-import { errorText, memberIdHex, type Cluster, type Member } from './cluster.ts';
+import { hexId } from '../../src/policy.ts';
+import type { Cluster } from './cluster.ts';
+import { errorText } from './errors.ts';
+import type { Member } from './member.ts';
 
 export interface MemberStatus {
   member: string;
@@ -28,8 +31,8 @@ export interface MemberStatus {
 /** Maintenance Status of one member (deadline `timeoutMs`, default 5 s). */
 export async function memberStatus(cluster: Cluster, member: Member, opts: { timeoutMs?: number } = {}): Promise<MemberStatus> {
   const s = await cluster.client(member).maintenance.status({ deadline: Date.now() + (opts.timeoutMs ?? 5000) });
-  const id = memberIdHex(s.header.member_id);
-  const leader = s.leader && s.leader !== '0' ? memberIdHex(s.leader) : '0';
+  const id = hexId(s.header.member_id);
+  const leader = s.leader && s.leader !== '0' ? hexId(s.leader) : '0';
   return {
     member: member.name,
     id,
@@ -426,7 +429,7 @@ export interface AlarmInfo {
 export async function listAlarms(cluster: Cluster, member?: Member): Promise<AlarmInfo[]> {
   const c = member ? cluster.client(member) : runningClients(cluster)[0]!;
   const res = await c.maintenance.alarm({ action: 'Get', memberID: 0, alarm: 'None' }, { deadline: Date.now() + 10_000 });
-  return (res.alarms ?? []).map((a) => ({ memberId: memberIdHex(a.memberID), memberIdDec: a.memberID, alarm: String(a.alarm) }));
+  return (res.alarms ?? []).map((a) => ({ memberId: hexId(a.memberID), memberIdDec: a.memberID, alarm: String(a.alarm) }));
 }
 
 /** Disarms every active alarm of the given type (default NOSPACE), one {memberID, alarm} pair at a time. */

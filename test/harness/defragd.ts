@@ -1,7 +1,8 @@
 // Config files and processes of etcd-defragd for a member of a test cluster.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Cluster, Member } from './cluster.ts';
+import type { Cluster } from './cluster.ts';
+import type { Member } from './member.ts';
 import { spawnCli, runCli, type CliProcess, type RunResult } from './proc.ts';
 
 export type Overrides = Record<string, Record<string, unknown>>;

@@ -18,7 +18,10 @@
 import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
 import type { Etcd3 } from 'etcd3';
-import { errorText, memberIdHex, type Cluster, type Member } from './cluster.ts';
+import { hexId } from '../../src/policy.ts';
+import type { Cluster } from './cluster.ts';
+import { errorText } from './errors.ts';
+import type { Member } from './member.ts';
 
 export const now = (): number => performance.timeOrigin + performance.now();
 
@@ -287,7 +290,7 @@ export function startWriteLoad(cluster: Cluster, opts: WriteLoadOptions = {}): R
   } else {
     targets.push({ name: '*', client: cluster.newClient(cluster.members) });
   }
-  const nameById = (idDec: string): string => cluster.memberById(memberIdHex(idDec))?.name ?? memberIdHex(idDec);
+  const nameById = (idDec: string): string => cluster.memberById(hexId(idDec))?.name ?? hexId(idDec);
 
   const records: RequestRecord[] = [];
   const inFlight = new Set<Promise<void>>();

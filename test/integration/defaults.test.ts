@@ -4,7 +4,8 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { after, afterEach, describe, it } from 'node:test';
-import { allDefragEvents, assertNoOverlap, defragEvents, startCluster, type Cluster } from '../harness/cluster.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap, defragEvents } from '../harness/defrag-log.ts';
 import { fill, isNoSpaceError, listAlarms, type Written } from '../harness/data.ts';
 import { writeConfig, writeMinimalConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
