@@ -8,12 +8,13 @@ import type { ICompare } from 'etcd3';
 import { startCluster, type Cluster, type ClusterOptions } from '../test/harness/cluster.ts';
 import { allDefragEvents, assertNoOverlap, type DefragEvent } from '../test/harness/defrag-log.ts';
 import { errorText } from '../test/harness/errors.ts';
-import { DEFAULT_VALUE_BYTES, fill, fmtBytes, isNoSpaceError, listAlarms, type FillResult } from '../test/harness/data.ts';
+import { DEFAULT_VALUE_BYTES, fill, isNoSpaceError, listAlarms, type FillResult } from '../test/harness/data.ts';
 import type { LogLine } from '../test/harness/defragd.ts';
-import { errorKind, now, startReadProbe, startWriteLoad, type LoadReport, type ProbeReport, type RequestRecord } from '../test/harness/load.ts';
+import { errorKind, now, percentile, startReadProbe, startWriteLoad, type LoadReport, type ProbeReport, type RequestRecord } from '../test/harness/load.ts';
 import { REPO_ROOT, type CliProcess } from '../test/harness/proc.ts';
 import { cronAt, daemonEvents, effectiveConfig, NEVER, startDaemonProcess, startDaemons, stopDaemons, writeBenchConfig, type Footprint, type Settings } from './daemons.ts';
 import type { BenchOptions } from './options.ts';
+import { formatBytes } from '../src/units.ts';
 import type { EtcdVersion } from '../test/harness/etcd-bin.ts';
 
 const MiB = 1024 * 1024;
@@ -54,10 +55,10 @@ async function freshCluster(ctx: Ctx, label: string, reclaimBytes: number, extra
   const { opts } = ctx;
   const cluster = await startCluster({ version: ctx.version, ...extra });
   try {
-    ctx.log(`${label}: etcd ${cluster.fullVersion} started in ${cluster.dir}; filling ${fmtBytes(opts.inUseBytes)} in use + ${fmtBytes(reclaimBytes)} reclaimable`);
+    ctx.log(`${label}: etcd ${cluster.fullVersion} started in ${cluster.dir}; filling ${formatBytes(opts.inUseBytes)} in use + ${formatBytes(reclaimBytes)} reclaimable`);
     const f = await fill(cluster, { inUseBytes: opts.inUseBytes, reclaimableBytes: reclaimBytes, settleTimeoutMs: 120_000 });
     const s = summarizeFill(f);
-    ctx.log(`${label}: filled in ${(s.elapsedMs / 1000).toFixed(1)} s: db ${fmtBytes(s.dbSize)}, in use ${fmtBytes(s.inUse)}, reclaimable ${fmtBytes(s.reclaimable)}`);
+    ctx.log(`${label}: filled in ${(s.elapsedMs / 1000).toFixed(1)} s: db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.inUse)}, reclaimable ${formatBytes(s.reclaimable)}`);
     return { cluster, fill: s };
   } catch (err) {
     await cluster.stop();
@@ -104,11 +105,6 @@ export interface Disruption {
   handoverMs?: number;
   /** (c) only: the daemons' coordination.settle. */
   settleMs?: number;
-}
-
-function percentile(sorted: number[], p: number): number {
-  if (sorted.length === 0) return NaN;
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
 }
 
 /**
@@ -375,7 +371,7 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
         ...(Object.keys(nospace).length ? { nospace } : {}),
       };
       checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace.checkInterval;
-      ctx.log(`${label}: starting three daemons (quota ${fmtBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
+      ctx.log(`${label}: starting three daemons (quota ${formatBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
       daemons = await startDaemons(cluster, settings, ctx.cliJs);
     }
     const load = startWriteLoad(cluster, { ratePerSec: opts.ratePerSec, deadlineMs: opts.deadlineMs });
@@ -391,7 +387,7 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
       await sleep(opts.preRollMs);
       // History churn: the same few keys overwritten with 64 KiB values as fast as etcd takes them.
       const keySpace = Math.max(16, Math.round((0.01 * opts.inUseBytes) / DEFAULT_VALUE_BYTES));
-      ctx.log(`${label}: churning ${keySpace} keys until etcd refuses writes (quota ${fmtBytes(quota)})`);
+      ctx.log(`${label}: churning ${keySpace} keys until etcd refuses writes (quota ${formatBytes(quota)})`);
       const churn = startWriteLoad(cluster, { ratePerSec: 400, deadlineMs: 10_000, keyPrefix: 'churn/', keySpace, valueBytes: DEFAULT_VALUE_BYTES, maxInFlight: 16 });
       const firstNoSpace = (rs: readonly RequestRecord[]): number | undefined => {
         let t: number | undefined;
@@ -407,13 +403,13 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
         }
         if (Date.now() > churnDeadline) {
           await churn.stop();
-          throw new Error(`no NOSPACE after 15 minutes of churn (quota ${fmtBytes(quota)})`);
+          throw new Error(`no NOSPACE after 15 minutes of churn (quota ${formatBytes(quota)})`);
         }
         await sleep(50);
       }
       const churnReport = await churn.stop();
       churnWritten = churnReport.okCount * DEFAULT_VALUE_BYTES;
-      ctx.log(`${label}: NOSPACE after ${fmtBytes(churnWritten)} of churn`);
+      ctx.log(`${label}: NOSPACE after ${formatBytes(churnWritten)} of churn`);
 
       // The API server's compactor: a Txn that bumps compact_rev_key, then Compact. During NOSPACE
       // etcd refuses the Txn (it carries a Put), so the API server itself cannot compact.
@@ -682,7 +678,7 @@ export async function idleFootprint(ctx: Ctx, launch: Launch): Promise<IdleResul
       };
       if (/"level":(50|60)/.test(d.output())) throw new Error(`the idle daemon logged errors:\n${d.output()}`);
 
-      ctx.log(`idle: RSS max ${fmtBytes(res.rssMaxBytes)}, CPU ${(res.cpuShare * 100).toFixed(2)}% of one core`);
+      ctx.log(`idle: RSS max ${formatBytes(res.rssMaxBytes)}, CPU ${(res.cpuShare * 100).toFixed(2)}% of one core`);
       return res;
     } finally {
       await d.stop();

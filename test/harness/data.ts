@@ -5,7 +5,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Etcd3 } from 'etcd3';
+import { prefixEnd } from '../../src/etcd.ts';
 import { hexId } from '../../src/policy.ts';
+import { formatBytes } from '../../src/units.ts';
 import type { Cluster } from './cluster.ts';
 import { errorText } from './errors.ts';
 import type { Member } from './member.ts';
@@ -55,13 +57,8 @@ export async function clusterStatus(cluster: Cluster, opts: { timeoutMs?: number
   return Promise.all(ms.map((m) => memberStatus(cluster, m, opts)));
 }
 
-export function fmtBytes(n: number): string {
-  const mib = n / 1024 / 1024;
-  return mib >= 1024 ? `${(mib / 1024).toFixed(2)} GiB` : `${mib.toFixed(1)} MiB`;
-}
-
 export function fmtStatus(s: MemberStatus): string {
-  return `${s.member}: dbSize ${fmtBytes(s.dbSize)}, inUse ${fmtBytes(s.dbSizeInUse)}, reclaimable ${fmtBytes(s.dbSize - s.dbSizeInUse)}`;
+  return `${s.member}: dbSize ${formatBytes(s.dbSize)}, inUse ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(s.dbSize - s.dbSizeInUse)}`;
 }
 
 /** Runs `fn(i)` for i in [0, n) with at most `concurrency` in flight; rejects on the first failure. */
@@ -196,7 +193,7 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
     done++;
     if (Date.now() - lastLog > 5000) {
       lastLog = Date.now();
-      log(`fill: ${done}/${total} puts (${fmtBytes(done * valueBytes)}) after ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      log(`fill: ${done}/${total} puts (${formatBytes(done * valueBytes)}) after ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     }
   });
 
@@ -204,7 +201,7 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
   let compactRevision: string;
   if (garbage > 0) {
     const del = await withRetry('delete garbage', () =>
-      c0.kv.deleteRange({ key: Buffer.from(`${prefix}g/`), range_end: prefixEnd(Buffer.from(`${prefix}g/`)) }, { deadline: Date.now() + 60_000 }),
+      c0.kv.deleteRange({ key: Buffer.from(`${prefix}g/`), range_end: prefixEnd(`${prefix}g/`) }, { deadline: Date.now() + 60_000 }),
     );
     compactRevision = del.header.revision;
   } else {
@@ -253,18 +250,6 @@ async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs
     prev = cur;
     if ((enough && stableRounds >= 1) || stableRounds >= 4 || Date.now() > deadline) return cur;
   }
-}
-
-/** The range_end that covers every key with `prefix`. */
-export function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    if (end[i]! < 0xff) {
-      end[i] = end[i]! + 1;
-      return end.subarray(0, i + 1);
-    }
-  }
-  return Buffer.from([0]);
 }
 
 export interface NoSpaceOptions {
@@ -319,7 +304,7 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
       const i = seq++;
       if (i * valueBytes > maxBytes) {
         stop = true;
-        fatal ??= new Error(`fillUntilNoSpace: wrote ${fmtBytes(i * valueBytes)} without hitting the quota`);
+        fatal ??= new Error(`fillUntilNoSpace: wrote ${formatBytes(i * valueBytes)} without hitting the quota`);
         return;
       }
       const key = `${prefix}${String(i).padStart(8, '0')}`;
@@ -348,7 +333,7 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
   };
   await Promise.all(Array.from({ length: opts.concurrency ?? 4 }, worker));
   if (fatal) throw fatal;
-  log(`fillUntilNoSpace: ${written.digests.size} puts (${fmtBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`);
+  log(`fillUntilNoSpace: ${written.digests.size} puts (${formatBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`);
   return written;
 }
 
@@ -393,7 +378,7 @@ export async function verifyData(cluster: Cluster, written: Written, opts: { mem
 async function verifyOne(cluster: Cluster, member: Member, written: Written): Promise<VerifyResult> {
   const client = cluster.client(member);
   const seen = new Map<string, string>();
-  const end = prefixEnd(Buffer.from(written.prefix));
+  const end = prefixEnd(written.prefix);
   let from = Buffer.from(written.prefix);
   // Page in small batches: grpc-js refuses responses over 4 MiB by default.
   for (;;) {
@@ -430,14 +415,4 @@ export async function listAlarms(cluster: Cluster, member?: Member): Promise<Ala
   const c = member ? cluster.client(member) : runningClients(cluster)[0]!;
   const res = await c.maintenance.alarm({ action: 'Get', memberID: 0, alarm: 'None' }, { deadline: Date.now() + 10_000 });
   return (res.alarms ?? []).map((a) => ({ memberId: hexId(a.memberID), memberIdDec: a.memberID, alarm: String(a.alarm) }));
-}
-
-/** Disarms every active alarm of the given type (default NOSPACE), one {memberID, alarm} pair at a time. */
-export async function disarmAlarms(cluster: Cluster, type: 'Nospace' | 'Corrupt' = 'Nospace'): Promise<AlarmInfo[]> {
-  const c = runningClients(cluster)[0]!;
-  const alarms = (await listAlarms(cluster)).filter((a) => a.alarm.toLowerCase() === type.toLowerCase());
-  for (const a of alarms) {
-    await c.maintenance.alarm({ action: 'Deactivate', memberID: a.memberIdDec, alarm: type }, { deadline: Date.now() + 10_000 });
-  }
-  return alarms;
 }
