@@ -337,6 +337,40 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
   return written;
 }
 
+/**
+ * The seed's incident: the same 24 keys overwritten with 64 KiB values (as the API server's lease and
+ * event updates do) until etcd refuses writes. Nobody compacts: the API server's compactor cannot
+ * run during the alarm. `perSecond` spreads the puts over time (default 0: as fast as etcd takes
+ * them); more than `maxPuts` puts without NOSPACE is an error.
+ */
+export async function historyUntilNoSpace(cluster: Cluster, opts: { maxPuts: number; perSecond?: number }): Promise<Written> {
+  const client = cluster.client();
+  const written: Written = { prefix: 'hot/', digests: new Map(), uncertain: new Map(), bytes: 0, noSpaceError: '' };
+  const perSecond = opts.perSecond ?? 0;
+  const t0 = Date.now();
+  for (let i = 0; !written.noSpaceError; i++) {
+    if (i > opts.maxPuts) throw new Error(`no NOSPACE after ${opts.maxPuts} puts`);
+    if (perSecond > 0) {
+      const due = t0 + (i * 1000) / perSecond;
+      if (due > Date.now()) await sleep(due - Date.now());
+    }
+    const key = `hot/${i % 24}`;
+    const value = randomBytes(64 * 1024);
+    const digest = sha256(value);
+    try {
+      await client.put(key).value(value).exec();
+      written.digests.set(key, digest);
+      written.uncertain.delete(key);
+      written.bytes += value.length;
+    } catch (err) {
+      if (!isNoSpaceError(err)) throw err;
+      written.noSpaceError = String((err as Error).message);
+      written.uncertain.set(key, digest); // the put that crosses the quota may be applied
+    }
+  }
+  return written;
+}
+
 export interface VerifyResult {
   member: string;
   checked: number;
