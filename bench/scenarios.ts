@@ -6,11 +6,12 @@ import { relative } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ICompare } from 'etcd3';
 import { startCluster, type Cluster, type ClusterOptions } from '../test/harness/cluster.ts';
+import type { Member } from '../test/harness/member.ts';
 import { allDefragEvents, assertNoOverlap, type DefragEvent } from '../test/harness/defrag-log.ts';
 import { errorText } from '../test/harness/errors.ts';
 import { DEFAULT_VALUE_BYTES, fill, isNoSpaceError, listAlarms, type FillResult } from '../test/harness/data.ts';
 import type { LogLine } from '../test/harness/defragd.ts';
-import { errorKind, now, percentile, startReadProbe, startWriteLoad, type LoadReport, type ProbeReport, type RequestRecord } from '../test/harness/load.ts';
+import { errorKind, now, percentile, startReadProbe, startWriteLoad, type LoadReport, type ProbeReport, type RequestRecord, type RunningLoad } from '../test/harness/load.ts';
 import { REPO_ROOT, type CliProcess } from '../test/harness/proc.ts';
 import { cronAt, daemonEvents, effectiveConfig, NEVER, startDaemonProcess, startDaemons, stopDaemons, writeBenchConfig, type Footprint, type Settings } from './daemons.ts';
 import type { BenchOptions } from './options.ts';
@@ -181,44 +182,39 @@ function etcdctlNote(what: string, r: { code: number | null; stdout: string; std
 }
 
 /** (a) The cron line on one node: `etcdctl defrag --cluster`. */
-export async function scenarioA(ctx: Ctx): Promise<Disruption> {
-  const title = '(a) `etcdctl defrag --cluster` from one node';
-  const { cluster, fill: f } = await freshCluster(ctx, '(a)', ctx.opts.reclaimBytes);
+export function scenarioA(ctx: Ctx): Promise<Disruption> {
+  return etcdctlDefrag(ctx, 'a', '(a) `etcdctl defrag --cluster` from one node', 'etcdctl defrag --cluster from m0 after the pre-roll', (c) => [c.members[0]!]);
+}
+
+/** (b) The same cron line on all three nodes in the same minute. */
+export function scenarioB(ctx: Ctx): Promise<Disruption> {
+  return etcdctlDefrag(ctx, 'b', '(b) the same command from all three nodes at once', 'three etcdctl defrag --cluster at once, one per node', (c) => c.members);
+}
+
+/** `etcdctl defrag --cluster` on each of the `nodes` at the same instant, measured. */
+async function etcdctlDefrag(ctx: Ctx, id: 'a' | 'b', title: string, what: string, nodes: (c: Cluster) => Member[]): Promise<Disruption> {
+  const label = `(${id})`;
+  const { cluster, fill: f } = await freshCluster(ctx, label, ctx.opts.reclaimBytes);
   try {
-    ctx.log('(a): measuring; etcdctl defrag --cluster from m0 after the pre-roll');
+    ctx.log(`${label}: measuring; ${what}`);
     const m = await measure(ctx, cluster, async () => {
       const t0 = now();
-      const r = await cluster.etcdctl(['defrag', '--cluster'], { member: cluster.members[0], timeoutMs: ETCDCTL_TIMEOUT_MS });
-      return [etcdctlNote('etcdctl on m0', r, now() - t0)];
+      return Promise.all(
+        nodes(cluster).map(async (mem) => {
+          const r = await cluster.etcdctl(['defrag', '--cluster'], { member: mem, timeoutMs: ETCDCTL_TIMEOUT_MS });
+          return etcdctlNote(`etcdctl on ${mem.name}`, r, now() - t0);
+        }),
+      );
     });
-    ctx.log(`(a): window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`);
-    return { id: 'a', title, fill: f, ...m };
+    logWindow(ctx, label, m);
+    return { id, title, fill: f, ...m };
   } finally {
     await cluster.stop();
   }
 }
 
-/** (b) The same cron line on all three nodes in the same minute. */
-export async function scenarioB(ctx: Ctx): Promise<Disruption> {
-  const title = '(b) the same command from all three nodes at once';
-  const { cluster, fill: f } = await freshCluster(ctx, '(b)', ctx.opts.reclaimBytes);
-  try {
-    ctx.log('(b): measuring; three etcdctl defrag --cluster at once, one per node');
-    const m = await measure(ctx, cluster, async () => {
-      const t0 = now();
-      const rs = await Promise.all(
-        cluster.members.map(async (mem) => {
-          const r = await cluster.etcdctl(['defrag', '--cluster'], { member: mem, timeoutMs: ETCDCTL_TIMEOUT_MS });
-          return etcdctlNote(`etcdctl on ${mem.name}`, r, now() - t0);
-        }),
-      );
-      return rs;
-    });
-    ctx.log(`(b): window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`);
-    return { id: 'b', title, fill: f, ...m };
-  } finally {
-    await cluster.stop();
-  }
+function logWindow(ctx: Ctx, label: string, m: { windowMs: number; writesFailed: number; gapMs: number }): void {
+  ctx.log(`${label}: window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`);
 }
 
 /** (c) etcd-defragd on all three nodes, their schedules firing at the same second. */
@@ -267,7 +263,7 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
     let handoverMs = 0;
     for (let i = 1; i < sorted.length; i++) handoverMs += Math.max(0, sorted[i]!.start.getTime() - (sorted[i - 1]!.end ?? sorted[i]!.start).getTime());
     const settleMs = eff.coordination.settle;
-    ctx.log(`(c): window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`);
+    logWindow(ctx, '(c)', m);
     const defragged = m.defrags.map((d) => d.member).sort().join(',');
     if (defragged !== cluster.members.map((x) => x.name).sort().join(',')) m.notes.push(`WARNING: members defragmented: ${defragged || 'none'} (expected each member once)`);
     return { id: 'c', title, fill: f, ...m, handoverMs, settleMs };
@@ -360,152 +356,35 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
   let daemons: CliProcess[] = [];
   let checkIntervalMs = 0;
   try {
-    if (variant !== 'cron') {
-      const nospace: Record<string, unknown> = {};
-      if (opts.nospaceCheckMs !== undefined) nospace.checkInterval = `${opts.nospaceCheckMs}ms`;
-      if (variant === 'daemon-nocompact') nospace.compact = false;
-      // No policy.quotaBytes: the daemons read each member's quota from etcd.
-      const settings: Settings = {
-        schedule: { cron: NEVER },
-        metrics: { listen: '' },
-        ...(Object.keys(nospace).length ? { nospace } : {}),
-      };
-      checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace.checkInterval;
-      ctx.log(`${label}: starting three daemons (quota ${formatBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
-      daemons = await startDaemons(cluster, settings, ctx.cliJs);
-    }
+    if (variant !== 'cron') ({ daemons, checkIntervalMs } = await startNoSpaceDaemons(ctx, cluster, variant, label, quota));
     const load = startWriteLoad(cluster, { ratePerSec: opts.ratePerSec, deadlineMs: opts.deadlineMs });
     let alarmAt = 0;
     let churnWritten = 0;
     let k8sCompactor = '';
     let compactAt = 0;
     const timeline: { at: number; what: string }[] = [];
-    let recoveredAt: number | undefined;
-    let gaveUp: string | undefined;
+    let recovery: Recovery = {};
     let endAt = 0;
     try {
       await sleep(opts.preRollMs);
-      // History churn: the same few keys overwritten with 64 KiB values as fast as etcd takes them.
-      const keySpace = Math.max(16, Math.round((0.01 * opts.inUseBytes) / DEFAULT_VALUE_BYTES));
-      ctx.log(`${label}: churning ${keySpace} keys until etcd refuses writes (quota ${formatBytes(quota)})`);
-      const churn = startWriteLoad(cluster, { ratePerSec: 400, deadlineMs: 10_000, keyPrefix: 'churn/', keySpace, valueBytes: DEFAULT_VALUE_BYTES, maxInFlight: 16 });
-      const firstNoSpace = (rs: readonly RequestRecord[]): number | undefined => {
-        let t: number | undefined;
-        for (const r of rs) if (!r.ok && isNoSpaceError(r.error)) t = t === undefined ? r.t1 : Math.min(t, r.t1);
-        return t;
-      };
-      const churnDeadline = Date.now() + 15 * 60_000;
-      for (;;) {
-        const t = [firstNoSpace(churn.records), firstNoSpace(load.records)].filter((x): x is number => x !== undefined);
-        if (t.length) {
-          alarmAt = Math.min(...t);
-          break;
-        }
-        if (Date.now() > churnDeadline) {
-          await churn.stop();
-          throw new Error(`no NOSPACE after 15 minutes of churn (quota ${formatBytes(quota)})`);
-        }
-        await sleep(50);
-      }
-      const churnReport = await churn.stop();
-      churnWritten = churnReport.okCount * DEFAULT_VALUE_BYTES;
-      ctx.log(`${label}: NOSPACE after ${formatBytes(churnWritten)} of churn`);
-
-      // The API server's compactor: a Txn that bumps compact_rev_key, then Compact. During NOSPACE
-      // etcd refuses the Txn (it carries a Put), so the API server itself cannot compact.
-      const client = cluster.client();
-      const st = await client.maintenance.status({ deadline: Date.now() + 10_000 });
-      try {
-        const res = await client.kv.txn(
-          {
-            compare: [{ key: Buffer.from(K8S_COMPACT_KEY), target: 'Version', result: 'Equal', version: 0 } as ICompare],
-            success: [{ request_put: { key: Buffer.from(K8S_COMPACT_KEY), value: Buffer.from(st.header.revision) } }],
-            failure: [{ request_range: { key: Buffer.from(K8S_COMPACT_KEY) } }],
-          },
-          { deadline: Date.now() + 10_000 },
-        );
-        k8sCompactor = `accepted (succeeded: ${res.succeeded})`;
-      } catch (err) {
-        k8sCompactor = `refused: ${errorKind(errorText(err))}`;
-      }
-      if (externalCompaction) {
-        // What an operator does (or the API server, had its compaction tick come just before the
-        // alarm): compact at the current revision. Compact itself works during NOSPACE.
-        await client.kv.compact({ revision: st.header.revision, physical: true }, { deadline: Date.now() + 120_000 });
-        compactAt = now();
-        timeline.push({ at: compactAt, what: `history compacted at revision ${st.header.revision} (plain Compact RPC)` });
-        ctx.log(`${label}: compacted at revision ${st.header.revision}; API-server-style compaction txn: ${k8sCompactor}`);
-      } else {
-        compactAt = now();
-        ctx.log(`${label}: nobody else compacts; API-server-style compaction txn: ${k8sCompactor}`);
-      }
-
-      const firstOk = (): number | undefined => {
-        let t: number | undefined;
-        for (const r of load.records) if (r.ok && r.t0 > alarmAt) t = t === undefined ? r.t1 : Math.min(t, r.t1);
-        return t;
-      };
-      if (variant === 'cron') {
-        const t0 = now();
-        const r = await cluster.etcdctl(['defrag', '--cluster'], { member: cluster.members[0], timeoutMs: ETCDCTL_TIMEOUT_MS });
-        timeline.push({ at: t0, what: 'cron: `etcdctl defrag --cluster` started' });
-        timeline.push({ at: now(), what: etcdctlNote('cron: etcdctl defrag --cluster ended', r, now() - t0) });
-        ctx.log(`${label}: etcdctl defrag --cluster done; watching writes for ${opts.cronObserveMs / 1000} s`);
-        const until = now() + opts.cronObserveMs;
-        while (now() < until && firstOk() === undefined) await sleep(200);
-        recoveredAt = firstOk();
-        if (recoveredAt === undefined) gaveUp = `writes still refused ${((now() - alarmAt) / 1000).toFixed(0)} s after the alarm, ${(opts.cronObserveMs / 1000).toFixed(0)} s after the cron's defrag ended`;
-      } else {
-        ctx.log(`${label}: waiting for the daemons to recover (at most ${opts.recoveryTimeoutMs / 1000} s)`);
-        const until = now() + opts.recoveryTimeoutMs;
-        for (;;) {
-          recoveredAt = firstOk();
-          if (recoveredAt !== undefined) break;
-          if (now() > until) {
-            gaveUp = `writes still refused ${((now() - alarmAt) / 1000).toFixed(0)} s after the alarm`;
-            break;
-          }
-          // Stuck: one daemon said twice after the compaction (if any) that the alarm cannot be cleared.
-          const blocked = daemonEvents(cluster, daemons, 'nospace.blocked').filter((e) => e.time > compactAt);
-          const byNode = new Map<string, number>();
-          for (const b of blocked) byNode.set(b.node, (byNode.get(b.node) ?? 0) + 1);
-          const stuck = [...byNode.entries()].find(([, n]) => n >= 2);
-          if (stuck) {
-            const last = blocked.filter((b) => b.node === stuck[0]).at(-1)!;
-            gaveUp = `stuck: the daemon on ${stuck[0]} reported twice after the ${externalCompaction ? 'compaction' : 'alarm'}: ${last.msg}`;
-            break;
-          }
-          await sleep(200);
-        }
-      }
-      await sleep(recoveredAt !== undefined ? 2000 : 0);
+      ({ alarmAt, churnWritten } = await churnUntilNoSpace(ctx, cluster, load, label, quota));
+      ({ k8sCompactor, compactAt } = await compactDuringNoSpace(ctx, cluster, label, externalCompaction, timeline));
+      const watch: Watch = { load, alarmAt, label };
+      recovery = variant === 'cron' ? await cronRecovery(ctx, cluster, watch, timeline) : await daemonRecovery(ctx, cluster, daemons, watch, compactAt, externalCompaction);
+      await sleep(recovery.recoveredAt !== undefined ? 2000 : 0);
       endAt = now();
     } finally {
       await load.stop();
     }
+    const { recoveredAt, gaveUp } = recovery;
     const report = await load.stop();
     const until = recoveredAt ?? endAt;
     const after = report.requests.filter((r) => r.t0 >= alarmAt && r.t0 <= until);
     const errors: Record<string, number> = {};
     for (const r of after) if (!r.ok) errors[errorKind(r.error ?? '?')] = (errors[errorKind(r.error ?? '?')] ?? 0) + 1;
 
-    for (const d of await allDefragEvents(cluster)) {
-      if (d.start.getTime() < alarmAt) continue;
-      timeline.push({ at: d.start.getTime(), what: `${d.member} defrag started (etcd log)` });
-      if (d.end) timeline.push({ at: d.end.getTime(), what: `${d.member} defrag finished${d.error ? ` with error ${d.error}` : ''} (etcd log)` });
-    }
-    if (variant !== 'cron') {
-      const interesting = new Set(['alarm.nospace', 'compact', 'compact.fail', 'leader.transfer', 'nospace.blocked', 'nospace.disarm', 'nospace.recovered', 'nospace.unattended', 'run.skip', 'run.fail', 'defrag.fail']);
-      const seenAlarm = new Set<string>();
-      for (const e of daemonEvents(cluster, daemons)) {
-        if (e.time < alarmAt || !e.event || !interesting.has(e.event)) continue;
-        if (e.event === 'alarm.nospace') {
-          if (seenAlarm.has(e.node)) continue;
-          seenAlarm.add(e.node);
-        }
-        timeline.push({ at: e.time, what: `daemon on ${e.node}: ${e.event}${eventDetail(e)}` });
-      }
-    }
+    timeline.push(...(await defragTimeline(cluster, alarmAt)));
+    if (variant !== 'cron') timeline.push(...daemonTimeline(cluster, daemons, alarmAt));
     if (recoveredAt !== undefined) timeline.push({ at: recoveredAt, what: 'first write accepted again' });
     timeline.sort((a, b) => a.at - b.at);
     const alarmsAtEnd = (await listAlarms(cluster).catch(() => [])).map((a) => `${a.alarm} on ${a.memberId}`);
@@ -534,6 +413,185 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
     await stopDaemons(daemons);
     await cluster.stop();
   }
+}
+
+/** (d) Three daemons with the defaults but for `nospace`; their nospace.checkInterval. */
+async function startNoSpaceDaemons(ctx: Ctx, cluster: Cluster, variant: NoSpaceVariant, label: string, quota: number): Promise<{ daemons: CliProcess[]; checkIntervalMs: number }> {
+  const { opts } = ctx;
+  const nospace: Record<string, unknown> = {};
+  if (opts.nospaceCheckMs !== undefined) nospace.checkInterval = `${opts.nospaceCheckMs}ms`;
+  if (variant === 'daemon-nocompact') nospace.compact = false;
+  // No policy.quotaBytes: the daemons read each member's quota from etcd.
+  const settings: Settings = {
+    schedule: { cron: NEVER },
+    metrics: { listen: '' },
+    ...(Object.keys(nospace).length ? { nospace } : {}),
+  };
+  const checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace.checkInterval;
+  ctx.log(`${label}: starting three daemons (quota ${formatBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
+  const daemons = await startDaemons(cluster, settings, ctx.cliJs);
+  return { daemons, checkIntervalMs };
+}
+
+/** The earliest answer (t1) among `records` that `pred` accepts. */
+function firstAnswer(records: readonly RequestRecord[], pred: (r: RequestRecord) => boolean): number | undefined {
+  let t: number | undefined;
+  for (const r of records) if (pred(r)) t = t === undefined ? r.t1 : Math.min(t, r.t1);
+  return t;
+}
+
+const refusedNoSpace = (r: RequestRecord): boolean => !r.ok && isNoSpaceError(r.error);
+
+/**
+ * (d) History churn: the same few keys overwritten with 64 KiB values as fast as etcd takes them,
+ * until a put (the churn's or the load's) is refused with NOSPACE: that is the alarm.
+ */
+async function churnUntilNoSpace(ctx: Ctx, cluster: Cluster, load: RunningLoad<LoadReport>, label: string, quota: number): Promise<{ alarmAt: number; churnWritten: number }> {
+  const keySpace = Math.max(16, Math.round((0.01 * ctx.opts.inUseBytes) / DEFAULT_VALUE_BYTES));
+  ctx.log(`${label}: churning ${keySpace} keys until etcd refuses writes (quota ${formatBytes(quota)})`);
+  const churn = startWriteLoad(cluster, { ratePerSec: 400, deadlineMs: 10_000, keyPrefix: 'churn/', keySpace, valueBytes: DEFAULT_VALUE_BYTES, maxInFlight: 16 });
+  let alarmAt: number;
+  const churnDeadline = Date.now() + 15 * 60_000;
+  for (;;) {
+    const t = [firstAnswer(churn.records, refusedNoSpace), firstAnswer(load.records, refusedNoSpace)].filter((x): x is number => x !== undefined);
+    if (t.length) {
+      alarmAt = Math.min(...t);
+      break;
+    }
+    if (Date.now() > churnDeadline) {
+      await churn.stop();
+      throw new Error(`no NOSPACE after 15 minutes of churn (quota ${formatBytes(quota)})`);
+    }
+    await sleep(50);
+  }
+  const churnReport = await churn.stop();
+  const churnWritten = churnReport.okCount * DEFAULT_VALUE_BYTES;
+  ctx.log(`${label}: NOSPACE after ${formatBytes(churnWritten)} of churn`);
+  return { alarmAt, churnWritten };
+}
+
+/**
+ * (d) The API server's compactor: a Txn that bumps compact_rev_key, then Compact. During NOSPACE
+ * etcd refuses the Txn (it carries a Put), so the API server itself cannot compact. With
+ * `external`, someone else compacts at the current revision with a plain Compact RPC.
+ */
+async function compactDuringNoSpace(
+  ctx: Ctx,
+  cluster: Cluster,
+  label: string,
+  external: boolean,
+  timeline: { at: number; what: string }[],
+): Promise<{ k8sCompactor: string; compactAt: number }> {
+  const client = cluster.client();
+  const st = await client.maintenance.status({ deadline: Date.now() + 10_000 });
+  let k8sCompactor: string;
+  try {
+    const res = await client.kv.txn(
+      {
+        compare: [{ key: Buffer.from(K8S_COMPACT_KEY), target: 'Version', result: 'Equal', version: 0 } as ICompare],
+        success: [{ request_put: { key: Buffer.from(K8S_COMPACT_KEY), value: Buffer.from(st.header.revision) } }],
+        failure: [{ request_range: { key: Buffer.from(K8S_COMPACT_KEY) } }],
+      },
+      { deadline: Date.now() + 10_000 },
+    );
+    k8sCompactor = `accepted (succeeded: ${res.succeeded})`;
+  } catch (err) {
+    k8sCompactor = `refused: ${errorKind(errorText(err))}`;
+  }
+  let compactAt: number;
+  if (external) {
+    // What an operator does (or the API server, had its compaction tick come just before the
+    // alarm): compact at the current revision. Compact itself works during NOSPACE.
+    await client.kv.compact({ revision: st.header.revision, physical: true }, { deadline: Date.now() + 120_000 });
+    compactAt = now();
+    timeline.push({ at: compactAt, what: `history compacted at revision ${st.header.revision} (plain Compact RPC)` });
+    ctx.log(`${label}: compacted at revision ${st.header.revision}; API-server-style compaction txn: ${k8sCompactor}`);
+  } else {
+    compactAt = now();
+    ctx.log(`${label}: nobody else compacts; API-server-style compaction txn: ${k8sCompactor}`);
+  }
+  return { k8sCompactor, compactAt };
+}
+
+/** How (d) ended: the first write accepted after the alarm, or why the observation gave up. */
+interface Recovery {
+  recoveredAt?: number;
+  gaveUp?: string;
+}
+
+/** What every recovery watches: the write load, since the alarm. */
+interface Watch {
+  load: RunningLoad<LoadReport>;
+  alarmAt: number;
+  label: string;
+}
+
+const firstAcceptedAfter = (w: Watch): number | undefined => firstAnswer(w.load.records, (r) => r.ok && r.t0 > w.alarmAt);
+
+/** (d cron) The old cron line, then `cronObserveMs` of watching whether writes are accepted again. */
+async function cronRecovery(ctx: Ctx, cluster: Cluster, w: Watch, timeline: { at: number; what: string }[]): Promise<Recovery> {
+  const { opts } = ctx;
+  const t0 = now();
+  const r = await cluster.etcdctl(['defrag', '--cluster'], { member: cluster.members[0], timeoutMs: ETCDCTL_TIMEOUT_MS });
+  timeline.push({ at: t0, what: 'cron: `etcdctl defrag --cluster` started' });
+  timeline.push({ at: now(), what: etcdctlNote('cron: etcdctl defrag --cluster ended', r, now() - t0) });
+  ctx.log(`${w.label}: etcdctl defrag --cluster done; watching writes for ${opts.cronObserveMs / 1000} s`);
+  const until = now() + opts.cronObserveMs;
+  while (now() < until && firstAcceptedAfter(w) === undefined) await sleep(200);
+  const recoveredAt = firstAcceptedAfter(w);
+  if (recoveredAt !== undefined) return { recoveredAt };
+  return { gaveUp: `writes still refused ${((now() - w.alarmAt) / 1000).toFixed(0)} s after the alarm, ${(opts.cronObserveMs / 1000).toFixed(0)} s after the cron's defrag ended` };
+}
+
+/**
+ * (d daemon) Waits for the daemons to get writes accepted again, at most `recoveryTimeoutMs`; gives
+ * up early when one daemon said twice after the compaction (if any) that the alarm cannot be cleared.
+ */
+async function daemonRecovery(ctx: Ctx, cluster: Cluster, daemons: CliProcess[], w: Watch, compactAt: number, externalCompaction: boolean): Promise<Recovery> {
+  const { opts } = ctx;
+  ctx.log(`${w.label}: waiting for the daemons to recover (at most ${opts.recoveryTimeoutMs / 1000} s)`);
+  const until = now() + opts.recoveryTimeoutMs;
+  for (;;) {
+    const recoveredAt = firstAcceptedAfter(w);
+    if (recoveredAt !== undefined) return { recoveredAt };
+    if (now() > until) return { gaveUp: `writes still refused ${((now() - w.alarmAt) / 1000).toFixed(0)} s after the alarm` };
+    const blocked = daemonEvents(cluster, daemons, 'nospace.blocked').filter((e) => e.time > compactAt);
+    const byNode = new Map<string, number>();
+    for (const b of blocked) byNode.set(b.node, (byNode.get(b.node) ?? 0) + 1);
+    const stuck = [...byNode.entries()].find(([, n]) => n >= 2);
+    if (stuck) {
+      const last = blocked.filter((b) => b.node === stuck[0]).at(-1)!;
+      return { gaveUp: `stuck: the daemon on ${stuck[0]} reported twice after the ${externalCompaction ? 'compaction' : 'alarm'}: ${last.msg}` };
+    }
+    await sleep(200);
+  }
+}
+
+/** (d) The members' defrags since the alarm, from etcd's logs. */
+async function defragTimeline(cluster: Cluster, alarmAt: number): Promise<{ at: number; what: string }[]> {
+  const out: { at: number; what: string }[] = [];
+  for (const d of await allDefragEvents(cluster)) {
+    if (d.start.getTime() < alarmAt) continue;
+    out.push({ at: d.start.getTime(), what: `${d.member} defrag started (etcd log)` });
+    if (d.end) out.push({ at: d.end.getTime(), what: `${d.member} defrag finished${d.error ? ` with error ${d.error}` : ''} (etcd log)` });
+  }
+  return out;
+}
+
+/** (d) What the daemons said since the alarm that matters to the recovery (each node's first alarm.nospace only). */
+function daemonTimeline(cluster: Cluster, daemons: CliProcess[], alarmAt: number): { at: number; what: string }[] {
+  const out: { at: number; what: string }[] = [];
+  const interesting = new Set(['alarm.nospace', 'compact', 'compact.fail', 'leader.transfer', 'nospace.blocked', 'nospace.disarm', 'nospace.recovered', 'nospace.unattended', 'run.skip', 'run.fail', 'defrag.fail']);
+  const seenAlarm = new Set<string>();
+  for (const e of daemonEvents(cluster, daemons)) {
+    if (e.time < alarmAt || !e.event || !interesting.has(e.event)) continue;
+    if (e.event === 'alarm.nospace') {
+      if (seenAlarm.has(e.node)) continue;
+      seenAlarm.add(e.node);
+    }
+    out.push({ at: e.time, what: `daemon on ${e.node}: ${e.event}${eventDetail(e)}` });
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
