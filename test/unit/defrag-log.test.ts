@@ -24,11 +24,12 @@ const v35 = {
 };
 
 describe('parseDefragLog', () => {
-  test('etcd 3.4: one defragment, with the backend\'s sizes and "took" from "defragmenting" / "defragmented"', () => {
-    const evs = parseDefragLog(lines(v34.server, v34.start, v34.before, v34.after, v34.end), 'm0');
-    assert.deepEqual(evs, [
-      {
-        member: 'm0',
+  // The backend's lines differ: "defragmented" (3.4) or "finished defragmenting directory" (3.5).
+  const whole = [
+    {
+      version: '3.4',
+      log: v34,
+      event: {
         start: new Date('2026-11-28T19:21:25.617Z'),
         end: new Date('2026-11-28T19:21:25.626Z'),
         dbSizeBefore: 122880,
@@ -36,14 +37,11 @@ describe('parseDefragLog', () => {
         dbSizeAfter: 122880,
         backendTookMs: 4.589149,
       },
-    ]);
-  });
-
-  test('etcd 3.5: the backend says "finished defragmenting directory"; microsecond timestamps', () => {
-    const evs = parseDefragLog(lines(v35.server, v35.start, v35.before, v35.after, v35.end), 'm2');
-    assert.deepEqual(evs, [
-      {
-        member: 'm2',
+    },
+    {
+      version: '3.5',
+      log: v35,
+      event: {
         start: new Date('2026-11-28T19:21:26.008297Z'),
         end: new Date('2026-11-28T19:21:26.022535Z'),
         dbSizeBefore: 20480,
@@ -51,8 +49,14 @@ describe('parseDefragLog', () => {
         dbSizeAfter: 122880,
         backendTookMs: 14.080856,
       },
-    ]);
-  });
+    },
+  ];
+  for (const { version, log, event } of whole) {
+    test(`etcd ${version}: one defragment, with the backend's sizes and "took"`, () => {
+      const evs = parseDefragLog(lines(log.server, log.start, log.before, log.after, log.end), 'm2');
+      assert.deepEqual(evs, [{ member: 'm2', ...event }]);
+    });
+  }
 
   test('"failed to defragment" ends the interval with etcd\'s error', () => {
     const [ev, ...rest] = parseDefragLog(lines(v35.start, v35.failed), 'm1');
@@ -103,13 +107,16 @@ describe('parseDefragLog', () => {
 
 describe('goDurationMs', () => {
   test('parses Go durations as etcd prints "took"', () => {
-    assert.equal(goDurationMs('4.589149ms'), 4.589149);
-    assert.equal(goDurationMs('5.2s'), 5200);
-    assert.equal(goDurationMs('1m3.5s'), 63_500);
-    assert.equal(goDurationMs('1h0m0s'), 3_600_000);
-    assert.equal(goDurationMs('850µs'), 0.85);
-    assert.equal(goDurationMs('12ns'), 12e-6);
-    assert.equal(goDurationMs('soon'), undefined);
+    const cases: [string, number | undefined][] = [
+      ['4.589149ms', 4.589149],
+      ['5.2s', 5200],
+      ['1m3.5s', 63_500],
+      ['1h0m0s', 3_600_000],
+      ['850µs', 0.85],
+      ['12ns', 12e-6],
+      ['soon', undefined],
+    ];
+    for (const [text, ms] of cases) assert.equal(goDurationMs(text), ms, text);
   });
 });
 
