@@ -5,59 +5,39 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Etcd3 } from 'etcd3';
-import { prefixEnd } from '../../src/etcd.ts';
+import { prefixEnd, toStatus, type MemberStatus } from '../../src/etcd.ts';
 import { hexId } from '../../src/policy.ts';
 import { formatBytes } from '../../src/units.ts';
 import type { Cluster } from './cluster.ts';
 import { errorText } from './errors.ts';
 import type { Member } from './member.ts';
 
-export interface MemberStatus {
+/** The daemon's MemberStatus (src/etcd.ts) of a test member, plus what tests compare: its name and hex IDs. */
+export interface TestMemberStatus extends MemberStatus {
   member: string;
   /** Hex member ID. */
   id: string;
-  dbSize: number;
-  dbSizeInUse: number;
   /** Hex member ID of the leader this member believes in ('0' if none). */
-  leader: string;
+  leaderHex: string;
   isLeader: boolean;
-  raftIndex: string;
-  raftTerm: string;
-  raftAppliedIndex?: string;
-  /** Revision from the response header. */
-  revision: string;
-  version: string;
-  errors: string[];
 }
 
-/** Maintenance Status of one member (deadline `timeoutMs`, default 5 s). */
-export async function memberStatus(cluster: Cluster, member: Member, opts: { timeoutMs?: number } = {}): Promise<MemberStatus> {
+/** Maintenance Status of one member (deadline `timeoutMs`, default 5 s), decoded as the daemon decodes it. */
+export async function memberStatus(cluster: Cluster, member: Member, opts: { timeoutMs?: number } = {}): Promise<TestMemberStatus> {
   const s = await cluster.client(member).maintenance.status({ deadline: Date.now() + (opts.timeoutMs ?? 5000) });
-  const id = hexId(s.header.member_id);
-  const leader = s.leader && s.leader !== '0' ? hexId(s.leader) : '0';
-  return {
-    member: member.name,
-    id,
-    dbSize: Number(s.dbSize),
-    dbSizeInUse: Number(s.dbSizeInUse),
-    leader,
-    isLeader: leader === id,
-    raftIndex: s.raftIndex,
-    raftTerm: s.raftTerm,
-    ...(s.raftAppliedIndex ? { raftAppliedIndex: s.raftAppliedIndex } : {}),
-    revision: s.header.revision,
-    version: s.version,
-    errors: s.errors ?? [],
-  };
+  const status = toStatus(member.clientUrl, s);
+  const id = hexId(status.memberId);
+  const leaderHex = s.leader && s.leader !== '0' ? hexId(s.leader) : '0';
+  return { ...status, member: member.name, id, leaderHex, isLeader: leaderHex === id };
 }
 
 /** Status of every running, unpaused member. */
-export async function clusterStatus(cluster: Cluster, opts: { timeoutMs?: number } = {}): Promise<MemberStatus[]> {
+export async function clusterStatus(cluster: Cluster, opts: { timeoutMs?: number } = {}): Promise<TestMemberStatus[]> {
   const ms = cluster.members.filter((m) => m.isRunning() && !m.isPaused);
   return Promise.all(ms.map((m) => memberStatus(cluster, m, opts)));
 }
 
-export function fmtStatus(s: MemberStatus): string {
+export function fmtStatus(s: TestMemberStatus): string {
   return `${s.member}: dbSize ${formatBytes(s.dbSize)}, inUse ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(s.dbSize - s.dbSizeInUse)}`;
 }
 
@@ -139,7 +119,7 @@ export interface FillResult {
   compactRevision: string;
   elapsedMs: number;
   /** Status of each member after the free pages settled. */
-  members: MemberStatus[];
+  members: TestMemberStatus[];
 }
 
 /**
@@ -231,9 +211,9 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
   return result;
 }
 
-async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs: number, expectReclaimable: number): Promise<MemberStatus[]> {
+async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs: number, expectReclaimable: number): Promise<TestMemberStatus[]> {
   const deadline = Date.now() + timeoutMs;
-  let prev: MemberStatus[] | undefined;
+  let prev: TestMemberStatus[] | undefined;
   let stableRounds = 0;
   for (let round = 0; ; round++) {
     await client.put(`${prefix}sync`).value(String(round)).options({ deadline: Date.now() + 10_000 }).exec();

@@ -40,7 +40,7 @@ for (const version of versionsUnderTest()) {
       assert.ok(cluster.endpoints().every((e) => e.startsWith('https://127.0.0.1:')));
       const statuses = await clusterStatus(cluster);
       assert.equal(statuses.length, 3);
-      const leaders = new Set(statuses.map((s) => s.leader));
+      const leaders = new Set(statuses.map((s) => s.leaderHex));
       assert.equal(leaders.size, 1, `members disagree on the leader: ${[...leaders].join(', ')}`);
       assert.equal(statuses.filter((s) => s.isLeader).length, 1);
       for (const [i, s] of statuses.entries()) {
