@@ -2,7 +2,9 @@
 import { cpus, freemem, loadavg, release, totalmem, availableParallelism } from 'node:os';
 import { formatBytes } from '../src/units.ts';
 import type { BenchOptions } from './options.ts';
-import type { Disruption, DisruptionId, IdleResult, NoSpaceRun } from './scenarios.ts';
+import type { Disruption, DisruptionId } from './disruption.ts';
+import type { IdleResult } from './idle.ts';
+import type { NoSpaceRun } from './nospace.ts';
 
 export interface VersionResults {
   version: string;

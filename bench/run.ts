@@ -9,7 +9,10 @@ import { buildDaemon, buildExecutable, nodeFootprint, unitEnvironment, type Foot
 import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
 import { header, versionSection, type VersionResults } from './report.ts';
 import { writeTimelines } from './timeline.ts';
-import { idleFootprint, nodeLaunch, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
+import { scenarioA, scenarioB, scenarioC } from './disruption.ts';
+import { idleFootprint, nodeLaunch } from './idle.ts';
+import { scenarioD } from './nospace.ts';
+import type { Ctx } from './scenarios.ts';
 import { muteIpServernameWarning } from '../src/warnings.ts';
 
 const t0 = Date.now();

@@ -61,8 +61,10 @@ export interface ClusterOptions {
   metricsListener?: boolean;
 }
 
-
-/** A client that never retries and has no circuit breaker (see etcd-facts.md). */
+/**
+ * Fault handling for a client that never retries and has no circuit breaker (cockatiel's no-op
+ * policies): a test sees every failure as it happens and passes its own deadlines.
+ */
 export function noRetryFaultHandling(): NonNullable<IOptions['faultHandling']> {
   return { global: noop, host: () => noop };
 }
@@ -409,7 +411,6 @@ export class Cluster {
     }
   }
 }
-
 
 /** `p`, or a rejection as soon as `signal` aborts. */
 function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
