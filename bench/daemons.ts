@@ -5,12 +5,12 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
-import { stringify } from 'yaml';
-import type { Cluster, Member } from '../test/harness/cluster.ts';
-import { events, memberEtcd, type LogLine } from '../test/harness/defragd.ts';
+import type { Cluster } from '../test/harness/cluster.ts';
+import type { Member } from '../test/harness/member.ts';
+import { events, memberEtcd, writeConfigFile, type LogLine, type Overrides } from '../test/harness/defragd.ts';
 import { REPO_ROOT, spawnCli, type CliProcess } from '../test/harness/proc.ts';
 
-export type Settings = Record<string, Record<string, unknown>>;
+export type Settings = Overrides;
 
 /** A schedule that never fires within a benchmark (1 January, midnight). */
 export const NEVER = '0 0 1 1 *';
@@ -26,11 +26,7 @@ export function cronAt(at: number): string {
  * logs (the benchmark reads them), and `settings`; everything else is the daemon's default.
  */
 export function writeBenchConfig(cluster: Cluster, member: Member, settings: Settings, name = `bench-defragd-${member.name}.yaml`): string {
-  const doc: Settings = { etcd: memberEtcd(cluster, member), log: { format: 'json' } };
-  for (const [section, keys] of Object.entries(settings)) doc[section] = { ...(doc[section] ?? {}), ...keys };
-  const path = join(cluster.dir, name);
-  writeFileSync(path, stringify(doc));
-  return path;
+  return writeConfigFile(cluster, name, { etcd: memberEtcd(cluster, member), log: { format: 'json' } }, settings);
 }
 
 /**
@@ -208,11 +204,6 @@ export interface BuiltDaemon {
   firstLineMs: Promise<number>;
   stop(): Promise<void>;
   output(): string;
-}
-
-/** Runs `node <built cli.js> run --config FILE` without any loader, as the systemd unit does (NODE_ENV=production). */
-export function startBuiltDaemon(cliJs: string, config: string, nodeArgs: string[] = []): BuiltDaemon {
-  return startDaemonProcess(process.execPath, [...nodeArgs, cliJs], config, { NODE_ENV: 'production' });
 }
 
 /** Runs `file ...args run --config FILE`, e.g. the packaged executable with the unit's environment. */

@@ -1,8 +1,10 @@
 // Markdown tables of the benchmark.
 import { cpus, freemem, loadavg, release, totalmem, availableParallelism } from 'node:os';
-import { fmtBytes } from '../test/harness/data.ts';
+import { formatBytes } from '../src/units.ts';
 import type { BenchOptions } from './options.ts';
-import type { Disruption, DisruptionId, IdleResult, NoSpaceRun } from './scenarios.ts';
+import type { Disruption, DisruptionId } from './disruption.ts';
+import type { IdleResult } from './idle.ts';
+import type { NoSpaceRun } from './nospace.ts';
 
 export interface VersionResults {
   version: string;
@@ -23,7 +25,7 @@ export function machineInfo(): string[] {
   const cpu = cpus()[0]?.model ?? 'unknown CPU';
   return [
     `CPU: ${cpu}, ${availableParallelism()} cores (nproc)`,
-    `memory: ${fmtBytes(totalmem())} (${fmtBytes(freemem())} free at the start)`,
+    `memory: ${formatBytes(totalmem())} (${formatBytes(freemem())} free at the start)`,
     `kernel: Linux ${release()}; Node ${process.version}`,
     `load average at the start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (the machine is shared; other jobs ran at the same time)`,
   ];
@@ -63,7 +65,7 @@ export function header(opts: BenchOptions, startedAt: Date, versions: string, so
     ...machineInfo().map((l) => `- ${l}`),
     `- etcd-defragd: ${source}, compiled once at the start with tsconfig.build.json; every daemon of the run is that build`,
     `- etcd: ${versions}; 3 members on loopback, client mTLS, \`--snapshot-count 5000\`; a fresh cluster for every scenario, filled to the same state`,
-    `- data: ${fmtBytes(opts.inUseBytes)} in use + ${fmtBytes(opts.reclaimBytes)} reclaimable (64 KiB values, free pages scattered between live ones)`,
+    `- data: ${formatBytes(opts.inUseBytes)} in use + ${formatBytes(opts.reclaimBytes)} reclaimable (64 KiB values, free pages scattered between live ones)`,
     `- load: ${opts.ratePerSec} puts/s (128 B values) round-robin over the 3 members, one client per member, ${opts.deadlineMs / 1000} s deadline, no client retries; ` +
       `read probe ${opts.probeRatePerSec}/s per member (serializable range); ${opts.preRollMs / 1000} s of load before the trigger, ${opts.tailMs / 1000} s after the maintenance ended`,
     '',
@@ -116,7 +118,7 @@ function disruptionDetail(d: Disruption, a: Disruption | undefined): string {
     '',
     table(['figure', 'value', 'ratio to (a)'], rows),
     '',
-    `- start state: db ${fmtBytes(d.fill.dbSize)}, ${fmtBytes(d.fill.inUse)} in use, ${fmtBytes(d.fill.reclaimable)} reclaimable (etcd ${d.fullVersion})`,
+    `- start state: db ${formatBytes(d.fill.dbSize)}, ${formatBytes(d.fill.inUse)} in use, ${formatBytes(d.fill.reclaimable)} reclaimable (etcd ${d.fullVersion})`,
     `- defrags (etcd log, seconds after the trigger): ${defrags || 'none'}${d.overlapped ? ' - members overlapped' : ' - never two members at once'}`,
     `- longest write gap from ${rel(d.gapFrom, d.triggerAt)} s; ${d.writesSent} puts sent in all${d.load.skipped ? `, ${d.load.skipped} slots skipped by the load generator` : ''}${errs ? `; errors: ${errs}` : ''}`,
     ...d.notes.map((n) => `- ${n}`),
@@ -142,9 +144,9 @@ function nospaceSection(runs: NoSpaceRun[]): string {
   rows.push(['API server\'s compaction (Txn with a Put, then Compact) during the alarm', ...runs.map((r) => r.k8sCompactor)]);
   rows.push(['nospace.checkInterval', ...runs.map((r) => (r.variant === 'cron' ? '-' : s(r.checkIntervalMs)))]);
   const out = [
-    `### (d) NOSPACE: quota ${fmtBytes(first.quotaBytes)}, history churn until etcd refuses writes`,
+    `### (d) NOSPACE: quota ${formatBytes(first.quotaBytes)}, history churn until etcd refuses writes`,
     '',
-    `Each run: a fresh cluster with \`--quota-backend-bytes ${first.quotaBytes}\` (${fmtBytes(first.quotaBytes)}), ${fmtBytes(first.fill.inUse)} of live data, ` +
+    `Each run: a fresh cluster with \`--quota-backend-bytes ${first.quotaBytes}\` (${formatBytes(first.quotaBytes)}), ${formatBytes(first.fill.inUse)} of live data, ` +
       `the same write load, then a few keys overwritten with 64 KiB values as fast as etcd takes them until a put is refused with "database space exceeded" (the alarm). ` +
       'Then the history is compacted at the current revision with a plain Compact RPC (except where noted), and the recovery is timed from the first refused put to the first accepted one.',
     '',
@@ -152,7 +154,7 @@ function nospaceSection(runs: NoSpaceRun[]): string {
     '',
   ];
   for (const r of runs) {
-    out.push(`Timeline of "${r.title}" (seconds after the first refused put; ${fmtBytes(r.churnWritten)} of churn raised the alarm):`, '');
+    out.push(`Timeline of "${r.title}" (seconds after the first refused put; ${formatBytes(r.churnWritten)} of churn raised the alarm):`, '');
     for (const t of r.timeline) out.push(`- ${rel(t.at, r.alarmAt)}: ${t.what}`);
     const errs = Object.entries(r.errors).map(([k, n]) => `${n}x ${k}`).join('; ');
     if (errs) out.push(`- put errors meanwhile: ${errs}`);
@@ -180,9 +182,9 @@ function idleSection(runs: IdleResult[]): string {
       ['command', 'size on disk', 'start to first log line', 'RSS', 'CPU', 'warning lines', 'vs node: size / start / RSS max / CPU'],
       runs.map((i) => [
         `\`${i.command}\``,
-        `${fmtBytes(i.footprint.bytes)} (${i.footprint.what})`,
+        `${formatBytes(i.footprint.bytes)} (${i.footprint.what})`,
         `${Math.round(i.firstLineMs)} ms`,
-        `${fmtBytes(i.rssMaxBytes)} max (${fmtBytes(i.rssAnonMaxBytes)} private), ${fmtBytes(i.rssMeanBytes)} mean`,
+        `${formatBytes(i.rssMaxBytes)} max (${formatBytes(i.rssAnonMaxBytes)} private), ${formatBytes(i.rssMeanBytes)} mean`,
         `${(i.cpuShare * 100).toFixed(2)}% (${Math.round(i.cpuMs)} ms CPU in ${s(i.sampleMs)})`,
         i.strayLines.length ? `${i.strayLines.length}: \`${i.strayLines[0]}\`` : 'none',
         i === base ? 'baseline' : `${x(i.footprint.bytes, base?.footprint.bytes)} / ${x(i.firstLineMs, base?.firstLineMs)} / ${x(i.rssMaxBytes, base?.rssMaxBytes)} / ${x(i.cpuShare, base?.cpuShare)}`,
@@ -202,13 +204,13 @@ function targets(r: VersionResults, opts: BenchOptions): string {
   }
   if (b && c) rows.push(['(c) vs (b): longest write gap at least 10x shorter', `${s(c.gapMs)} vs ${s(b.gapMs)} (${ratio(b.gapMs, c.gapMs)} shorter)`, verdict(c.gapMs * 10 <= b.gapMs)]);
   for (const n of r.nospace.filter((x) => x.variant !== 'cron')) {
-    const size = opts.inUseBytes >= 1024 ** 3 ? '' : ` (this run: ${fmtBytes(opts.inUseBytes)} db, the target is for 1 GiB)`;
+    const size = opts.inUseBytes >= 1024 ** 3 ? '' : ` (this run: ${formatBytes(opts.inUseBytes)} db, the target is for 1 GiB)`;
     const ms = n.recoveredAt !== undefined ? n.recoveredAt - n.alarmAt : undefined;
     rows.push([`(d) ${n.title}: writes accepted within 60 s of the alarm${size}`, ms !== undefined ? s(ms) : `not recovered (${n.gaveUp ?? '?'})`, verdict(ms !== undefined && ms <= NOSPACE_TARGET_MS)]);
   }
   const idle = r.idle[0];
   if (idle) {
-    rows.push([`idle: under 80 MiB RSS (\`${idle.command}\`)`, fmtBytes(idle.rssMaxBytes), verdict(idle.rssMaxBytes < IDLE_RSS_TARGET)]);
+    rows.push([`idle: under 80 MiB RSS (\`${idle.command}\`)`, formatBytes(idle.rssMaxBytes), verdict(idle.rssMaxBytes < IDLE_RSS_TARGET)]);
     rows.push(['idle: under 0.5% of one core', `${(idle.cpuShare * 100).toFixed(2)}%`, verdict(idle.cpuShare < IDLE_CPU_TARGET)]);
     rows.push([`idle: a normal start writes nothing journald stores at warning (\`${idle.command}\`)`, idle.strayLines.length ? idle.strayLines[0]! : 'nothing', verdict(idle.strayLines.length === 0)]);
   }

@@ -2,14 +2,17 @@
 // Progress goes to stderr, the Markdown tables to stdout and to --out.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
-import { errorText } from '../test/harness/cluster.ts';
+import { errorText } from '../test/harness/errors.ts';
 import { etcdBinaries } from '../test/harness/etcd-bin.ts';
 import { REPO_ROOT } from '../test/harness/proc.ts';
 import { buildDaemon, buildExecutable, nodeFootprint, unitEnvironment, type Footprint } from './daemons.ts';
 import { parseOptions, USAGE, UsageError, type BenchOptions } from './options.ts';
 import { header, versionSection, type VersionResults } from './report.ts';
 import { writeTimelines } from './timeline.ts';
-import { idleFootprint, nodeLaunch, scenarioA, scenarioB, scenarioC, scenarioD, type Ctx } from './scenarios.ts';
+import { scenarioA, scenarioB, scenarioC } from './disruption.ts';
+import { idleFootprint, nodeLaunch } from './idle.ts';
+import { scenarioD } from './nospace.ts';
+import type { Ctx } from './scenarios.ts';
 import { muteIpServernameWarning } from '../src/warnings.ts';
 
 const t0 = Date.now();

@@ -5,7 +5,7 @@ import { writeFileSync } from 'node:fs';
 import * as vega from 'vega';
 import { compile, type TopLevelSpec } from 'vega-lite';
 import type { VersionResults } from './report.ts';
-import type { Disruption, DisruptionId } from './scenarios.ts';
+import type { Disruption, DisruptionId } from './disruption.ts';
 
 export const BIN_MS = 100;
 

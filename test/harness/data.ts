@@ -5,60 +5,41 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Etcd3 } from 'etcd3';
-import { errorText, memberIdHex, type Cluster, type Member } from './cluster.ts';
+import { prefixEnd, toStatus } from '../../src/etcd.ts';
+import type { MemberStatus } from '../../src/view.ts';
+import { hexId } from '../../src/view.ts';
+import { formatBytes } from '../../src/units.ts';
+import type { Cluster } from './cluster.ts';
+import { errorText } from './errors.ts';
+import type { Member } from './member.ts';
 
-export interface MemberStatus {
+/** The daemon's MemberStatus (src/view.ts) of a test member, plus what tests compare: its name and hex IDs. */
+export interface TestMemberStatus extends MemberStatus {
   member: string;
   /** Hex member ID. */
   id: string;
-  dbSize: number;
-  dbSizeInUse: number;
   /** Hex member ID of the leader this member believes in ('0' if none). */
-  leader: string;
+  leaderHex: string;
   isLeader: boolean;
-  raftIndex: string;
-  raftTerm: string;
-  raftAppliedIndex?: string;
-  /** Revision from the response header. */
-  revision: string;
-  version: string;
-  errors: string[];
 }
 
-/** Maintenance Status of one member (deadline `timeoutMs`, default 5 s). */
-export async function memberStatus(cluster: Cluster, member: Member, opts: { timeoutMs?: number } = {}): Promise<MemberStatus> {
+/** Maintenance Status of one member (deadline `timeoutMs`, default 5 s), decoded as the daemon decodes it. */
+export async function memberStatus(cluster: Cluster, member: Member, opts: { timeoutMs?: number } = {}): Promise<TestMemberStatus> {
   const s = await cluster.client(member).maintenance.status({ deadline: Date.now() + (opts.timeoutMs ?? 5000) });
-  const id = memberIdHex(s.header.member_id);
-  const leader = s.leader && s.leader !== '0' ? memberIdHex(s.leader) : '0';
-  return {
-    member: member.name,
-    id,
-    dbSize: Number(s.dbSize),
-    dbSizeInUse: Number(s.dbSizeInUse),
-    leader,
-    isLeader: leader === id,
-    raftIndex: s.raftIndex,
-    raftTerm: s.raftTerm,
-    ...(s.raftAppliedIndex ? { raftAppliedIndex: s.raftAppliedIndex } : {}),
-    revision: s.header.revision,
-    version: s.version,
-    errors: s.errors ?? [],
-  };
+  const status = toStatus(member.clientUrl, s);
+  const id = hexId(status.memberId);
+  const leaderHex = s.leader && s.leader !== '0' ? hexId(s.leader) : '0';
+  return { ...status, member: member.name, id, leaderHex, isLeader: leaderHex === id };
 }
 
 /** Status of every running, unpaused member. */
-export async function clusterStatus(cluster: Cluster, opts: { timeoutMs?: number } = {}): Promise<MemberStatus[]> {
+export async function clusterStatus(cluster: Cluster, opts: { timeoutMs?: number } = {}): Promise<TestMemberStatus[]> {
   const ms = cluster.members.filter((m) => m.isRunning() && !m.isPaused);
   return Promise.all(ms.map((m) => memberStatus(cluster, m, opts)));
 }
 
-export function fmtBytes(n: number): string {
-  const mib = n / 1024 / 1024;
-  return mib >= 1024 ? `${(mib / 1024).toFixed(2)} GiB` : `${mib.toFixed(1)} MiB`;
-}
-
-export function fmtStatus(s: MemberStatus): string {
-  return `${s.member}: dbSize ${fmtBytes(s.dbSize)}, inUse ${fmtBytes(s.dbSizeInUse)}, reclaimable ${fmtBytes(s.dbSize - s.dbSizeInUse)}`;
+export function fmtStatus(s: TestMemberStatus): string {
+  return `${s.member}: dbSize ${formatBytes(s.dbSize)}, inUse ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(s.dbSize - s.dbSizeInUse)}`;
 }
 
 /** Runs `fn(i)` for i in [0, n) with at most `concurrency` in flight; rejects on the first failure. */
@@ -139,7 +120,7 @@ export interface FillResult {
   compactRevision: string;
   elapsedMs: number;
   /** Status of each member after the free pages settled. */
-  members: MemberStatus[];
+  members: TestMemberStatus[];
 }
 
 /**
@@ -193,7 +174,7 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
     done++;
     if (Date.now() - lastLog > 5000) {
       lastLog = Date.now();
-      log(`fill: ${done}/${total} puts (${fmtBytes(done * valueBytes)}) after ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      log(`fill: ${done}/${total} puts (${formatBytes(done * valueBytes)}) after ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     }
   });
 
@@ -201,7 +182,7 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
   let compactRevision: string;
   if (garbage > 0) {
     const del = await withRetry('delete garbage', () =>
-      c0.kv.deleteRange({ key: Buffer.from(`${prefix}g/`), range_end: prefixEnd(Buffer.from(`${prefix}g/`)) }, { deadline: Date.now() + 60_000 }),
+      c0.kv.deleteRange({ key: Buffer.from(`${prefix}g/`), range_end: prefixEnd(`${prefix}g/`) }, { deadline: Date.now() + 60_000 }),
     );
     compactRevision = del.header.revision;
   } else {
@@ -231,9 +212,9 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
   return result;
 }
 
-async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs: number, expectReclaimable: number): Promise<MemberStatus[]> {
+async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs: number, expectReclaimable: number): Promise<TestMemberStatus[]> {
   const deadline = Date.now() + timeoutMs;
-  let prev: MemberStatus[] | undefined;
+  let prev: TestMemberStatus[] | undefined;
   let stableRounds = 0;
   for (let round = 0; ; round++) {
     await client.put(`${prefix}sync`).value(String(round)).options({ deadline: Date.now() + 10_000 }).exec();
@@ -250,18 +231,6 @@ async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs
     prev = cur;
     if ((enough && stableRounds >= 1) || stableRounds >= 4 || Date.now() > deadline) return cur;
   }
-}
-
-/** The range_end that covers every key with `prefix`. */
-export function prefixEnd(prefix: Buffer): Buffer {
-  const end = Buffer.from(prefix);
-  for (let i = end.length - 1; i >= 0; i--) {
-    if (end[i]! < 0xff) {
-      end[i] = end[i]! + 1;
-      return end.subarray(0, i + 1);
-    }
-  }
-  return Buffer.from([0]);
 }
 
 export interface NoSpaceOptions {
@@ -316,7 +285,7 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
       const i = seq++;
       if (i * valueBytes > maxBytes) {
         stop = true;
-        fatal ??= new Error(`fillUntilNoSpace: wrote ${fmtBytes(i * valueBytes)} without hitting the quota`);
+        fatal ??= new Error(`fillUntilNoSpace: wrote ${formatBytes(i * valueBytes)} without hitting the quota`);
         return;
       }
       const key = `${prefix}${String(i).padStart(8, '0')}`;
@@ -345,7 +314,41 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
   };
   await Promise.all(Array.from({ length: opts.concurrency ?? 4 }, worker));
   if (fatal) throw fatal;
-  log(`fillUntilNoSpace: ${written.digests.size} puts (${fmtBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`);
+  log(`fillUntilNoSpace: ${written.digests.size} puts (${formatBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`);
+  return written;
+}
+
+/**
+ * The seed's incident: the same 24 keys overwritten with 64 KiB values (as the API server's lease and
+ * event updates do) until etcd refuses writes. Nobody compacts: the API server's compactor cannot
+ * run during the alarm. `perSecond` spreads the puts over time (default 0: as fast as etcd takes
+ * them); more than `maxPuts` puts without NOSPACE is an error.
+ */
+export async function historyUntilNoSpace(cluster: Cluster, opts: { maxPuts: number; perSecond?: number }): Promise<Written> {
+  const client = cluster.client();
+  const written: Written = { prefix: 'hot/', digests: new Map(), uncertain: new Map(), bytes: 0, noSpaceError: '' };
+  const perSecond = opts.perSecond ?? 0;
+  const t0 = Date.now();
+  for (let i = 0; !written.noSpaceError; i++) {
+    if (i > opts.maxPuts) throw new Error(`no NOSPACE after ${opts.maxPuts} puts`);
+    if (perSecond > 0) {
+      const due = t0 + (i * 1000) / perSecond;
+      if (due > Date.now()) await sleep(due - Date.now());
+    }
+    const key = `hot/${i % 24}`;
+    const value = randomBytes(64 * 1024);
+    const digest = sha256(value);
+    try {
+      await client.put(key).value(value).exec();
+      written.digests.set(key, digest);
+      written.uncertain.delete(key);
+      written.bytes += value.length;
+    } catch (err) {
+      if (!isNoSpaceError(err)) throw err;
+      written.noSpaceError = String((err as Error).message);
+      written.uncertain.set(key, digest); // the put that crosses the quota may be applied
+    }
+  }
   return written;
 }
 
@@ -390,7 +393,7 @@ export async function verifyData(cluster: Cluster, written: Written, opts: { mem
 async function verifyOne(cluster: Cluster, member: Member, written: Written): Promise<VerifyResult> {
   const client = cluster.client(member);
   const seen = new Map<string, string>();
-  const end = prefixEnd(Buffer.from(written.prefix));
+  const end = prefixEnd(written.prefix);
   let from = Buffer.from(written.prefix);
   // Page in small batches: grpc-js refuses responses over 4 MiB by default.
   for (;;) {
@@ -426,15 +429,5 @@ export interface AlarmInfo {
 export async function listAlarms(cluster: Cluster, member?: Member): Promise<AlarmInfo[]> {
   const c = member ? cluster.client(member) : runningClients(cluster)[0]!;
   const res = await c.maintenance.alarm({ action: 'Get', memberID: 0, alarm: 'None' }, { deadline: Date.now() + 10_000 });
-  return (res.alarms ?? []).map((a) => ({ memberId: memberIdHex(a.memberID), memberIdDec: a.memberID, alarm: String(a.alarm) }));
-}
-
-/** Disarms every active alarm of the given type (default NOSPACE), one {memberID, alarm} pair at a time. */
-export async function disarmAlarms(cluster: Cluster, type: 'Nospace' | 'Corrupt' = 'Nospace'): Promise<AlarmInfo[]> {
-  const c = runningClients(cluster)[0]!;
-  const alarms = (await listAlarms(cluster)).filter((a) => a.alarm.toLowerCase() === type.toLowerCase());
-  for (const a of alarms) {
-    await c.maintenance.alarm({ action: 'Deactivate', memberID: a.memberIdDec, alarm: type }, { deadline: Date.now() + 10_000 });
-  }
-  return alarms;
+  return (res.alarms ?? []).map((a) => ({ memberId: hexId(a.memberID), memberIdDec: a.memberID, alarm: String(a.alarm) }));
 }

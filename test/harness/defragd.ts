@@ -1,7 +1,9 @@
 // Config files and processes of etcd-defragd for a member of a test cluster.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Cluster, Member } from './cluster.ts';
+import { stringify } from 'yaml';
+import type { Cluster } from './cluster.ts';
+import type { Member } from './member.ts';
 import { spawnCli, runCli, type CliProcess, type RunResult } from './proc.ts';
 
 export type Overrides = Record<string, Record<string, unknown>>;
@@ -27,14 +29,7 @@ export function writeConfig(cluster: Cluster, member: Member, overrides: Overrid
     metrics: { listen: '' },
     log: { format: 'json', level: 'info' },
   };
-  const merged: Overrides = { ...base };
-  for (const [section, keys] of Object.entries(overrides)) merged[section] = { ...(merged[section] ?? {}), ...keys };
-  const text = Object.entries(merged)
-    .map(([section, keys]) => `${section}:\n${Object.entries(keys).map(([k, v]) => `  ${k}: ${JSON.stringify(v)}`).join('\n')}`)
-    .join('\n');
-  const path = join(cluster.dir, name);
-  writeFileSync(path, `${text}\n`);
-  return path;
+  return writeConfigFile(cluster, name, base, overrides);
 }
 
 /**
@@ -42,12 +37,15 @@ export function writeConfig(cluster: Cluster, member: Member, overrides: Overrid
  * else but what a test must set (no metrics port clash, JSON logs to parse, extra sections given).
  */
 export function writeMinimalConfig(cluster: Cluster, member: Member, extra: Overrides = {}, name = `minimal-${member.name}.yaml`): string {
-  const sections: Overrides = { etcd: memberEtcd(cluster, member), metrics: { listen: '' }, log: { format: 'json' }, ...extra };
-  const text = Object.entries(sections)
-    .map(([section, keys]) => `${section}:\n${Object.entries(keys).map(([k, v]) => `  ${k}: ${JSON.stringify(v)}`).join('\n')}`)
-    .join('\n');
+  return writeConfigFile(cluster, name, { etcd: memberEtcd(cluster, member), metrics: { listen: '' }, log: { format: 'json' } }, extra);
+}
+
+/** Writes `base` with `overrides` merged in section by section as the YAML config file `name` in the cluster dir. */
+export function writeConfigFile(cluster: Cluster, name: string, base: Overrides, overrides: Overrides = {}): string {
+  const merged: Overrides = { ...base };
+  for (const [section, keys] of Object.entries(overrides)) merged[section] = { ...(merged[section] ?? {}), ...keys };
   const path = join(cluster.dir, name);
-  writeFileSync(path, `${text}\n`);
+  writeFileSync(path, stringify(merged));
   return path;
 }
 

@@ -18,7 +18,10 @@
 import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
 import type { Etcd3 } from 'etcd3';
-import { errorText, memberIdHex, type Cluster, type Member } from './cluster.ts';
+import { hexId } from '../../src/view.ts';
+import type { Cluster } from './cluster.ts';
+import { errorText } from './errors.ts';
+import type { Member } from './member.ts';
 
 export const now = (): number => performance.timeOrigin + performance.now();
 
@@ -56,7 +59,8 @@ export interface Gap {
   to: number;
 }
 
-function percentile(sorted: number[], p: number): number {
+/** The `p`th percentile (nearest rank) of ascending `sorted`; NaN when empty. */
+export function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
   const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
   return sorted[idx]!;
@@ -241,6 +245,24 @@ function pace(ratePerSec: number, fire: (seq: number) => boolean): Pacer {
   };
 }
 
+/**
+ * The running load around `pacer`: the first stop() stops the pacer and hands the stop time to
+ * `finish` (wait for what is in flight, close clients, report); every stop() returns that report.
+ */
+function running<R>(records: readonly RequestRecord[], pacer: Pacer, finish: (stoppedAt: number) => Promise<R>): RunningLoad<R> {
+  let stopping: Promise<R> | undefined;
+  return {
+    records,
+    stop() {
+      stopping ??= (async () => {
+        pacer.stop();
+        return finish(now());
+      })();
+      return stopping;
+    },
+  };
+}
+
 export interface WriteLoadOptions {
   /** Puts per second over the whole cluster (default 100). */
   ratePerSec?: number;
@@ -287,7 +309,7 @@ export function startWriteLoad(cluster: Cluster, opts: WriteLoadOptions = {}): R
   } else {
     targets.push({ name: '*', client: cluster.newClient(cluster.members) });
   }
-  const nameById = (idDec: string): string => cluster.memberById(memberIdHex(idDec))?.name ?? memberIdHex(idDec);
+  const nameById = (idDec: string): string => cluster.memberById(hexId(idDec))?.name ?? hexId(idDec);
 
   const records: RequestRecord[] = [];
   const inFlight = new Set<Promise<void>>();
@@ -313,21 +335,12 @@ export function startWriteLoad(cluster: Cluster, opts: WriteLoadOptions = {}): R
     return true;
   });
 
-  let stopping: Promise<LoadReport> | undefined;
-  return {
-    records,
-    stop() {
-      stopping ??= (async () => {
-        pacer.stop();
-        const stoppedAt = now();
-        await Promise.all([...inFlight]);
-        for (const t of targets) t.client.close();
-        records.sort((a, b) => a.seq - b.seq);
-        return new LoadReport(records, startedAt, stoppedAt, pacer.skipped(), rate);
-      })();
-      return stopping;
-    },
-  };
+  return running(records, pacer, async (stoppedAt) => {
+    await Promise.all([...inFlight]);
+    for (const t of targets) t.client.close();
+    records.sort((a, b) => a.seq - b.seq);
+    return new LoadReport(records, startedAt, stoppedAt, pacer.skipped(), rate);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,29 +481,20 @@ export function startReadProbe(cluster: Cluster, opts: ReadProbeOptions = {}): R
     return true;
   });
 
-  let stopping: Promise<ProbeReport> | undefined;
-  return {
-    records,
-    stop() {
-      stopping ??= (async () => {
-        pacer.stop();
-        const stoppedAt = now();
-        const pending = targets.flatMap((t) => [...t.inFlight.values()].map((x) => x.p));
-        const grace = opts.stopGraceMs ?? 2000;
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([Promise.all(pending), new Promise<void>((r) => (timer = setTimeout(r, grace)))]);
-        if (timer) clearTimeout(timer);
-        closed = true;
-        for (const t of targets) {
-          for (const [s, x] of t.inFlight) {
-            records.push({ seq: s, t0: x.t0, t1: stoppedAt, ok: false, member: t.name, error: 'unanswered when the probe stopped' });
-          }
-          t.client.close();
-        }
-        records.sort((a, b) => a.seq - b.seq);
-        return new ProbeReport(records, startedAt, stoppedAt, skipped + pacer.skipped());
-      })();
-      return stopping;
-    },
-  };
+  return running(records, pacer, async (stoppedAt) => {
+    const pending = targets.flatMap((t) => [...t.inFlight.values()].map((x) => x.p));
+    const grace = opts.stopGraceMs ?? 2000;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.all(pending), new Promise<void>((r) => (timer = setTimeout(r, grace)))]);
+    if (timer) clearTimeout(timer);
+    closed = true;
+    for (const t of targets) {
+      for (const [s, x] of t.inFlight) {
+        records.push({ seq: s, t0: x.t0, t1: stoppedAt, ok: false, member: t.name, error: 'unanswered when the probe stopped' });
+      }
+      t.client.close();
+    }
+    records.sort((a, b) => a.seq - b.seq);
+    return new ProbeReport(records, startedAt, stoppedAt, skipped + pacer.skipped());
+  });
 }

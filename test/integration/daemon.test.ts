@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { allDefragEvents, assertNoOverlap, defragEvents, startCluster, type Cluster } from '../harness/cluster.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap, defragEvents } from '../harness/defrag-log.ts';
 import { fill } from '../harness/data.ts';
 import { startDaemon, writeConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';

@@ -2,10 +2,11 @@
 // nobody compacting) recovered by three daemons whose config sets only the etcd section; the
 // quota and "is defragmenting" taken from etcd; one voting member; a holder killed mid-defragment.
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { after, afterEach, describe, it } from 'node:test';
-import { allDefragEvents, assertNoOverlap, defragEvents, startCluster, type Cluster } from '../harness/cluster.ts';
-import { fill, isNoSpaceError, listAlarms, type Written } from '../harness/data.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap, defragEvents } from '../harness/defrag-log.ts';
+import { fill, historyUntilNoSpace, listAlarms, type Written } from '../harness/data.ts';
 import { writeConfig, writeMinimalConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
 import { runCli, spawnCli, type CliProcess } from '../harness/proc.ts';
@@ -13,38 +14,6 @@ import { runCli, spawnCli, type CliProcess } from '../harness/proc.ts';
 const MiB = 1024 * 1024;
 const QUOTA = 64 * MiB;
 const versions = versionsUnderTest();
-
-/**
- * The seed's incident: the same keys updated over and over (as the API server's lease and event
- * updates do) until etcd refuses writes. Nobody compacts: the API server's compactor cannot run
- * during the alarm. `perSecond` spreads the fill over time (0: as fast as etcd takes it).
- */
-async function historyUntilNoSpace(cluster: Cluster, perSecond = 0): Promise<Written> {
-  const client = cluster.client();
-  const written: Written = { prefix: 'hot/', digests: new Map(), uncertain: new Map(), bytes: 0, noSpaceError: '' };
-  const t0 = Date.now();
-  for (let i = 0; !written.noSpaceError; i++) {
-    if (i > 8000) throw new Error('no NOSPACE after 8000 puts');
-    if (perSecond > 0) {
-      const due = t0 + (i * 1000) / perSecond;
-      if (due > Date.now()) await new Promise((r) => setTimeout(r, due - Date.now()));
-    }
-    const key = `hot/${i % 24}`;
-    const value = randomBytes(64 * 1024);
-    const digest = createHash('sha256').update(value).digest('hex');
-    try {
-      await client.put(key).value(value).exec();
-      written.digests.set(key, digest);
-      written.uncertain.delete(key);
-      written.bytes += value.length;
-    } catch (err) {
-      if (!isNoSpaceError(err)) throw err;
-      written.noSpaceError = String((err as Error).message);
-      written.uncertain.set(key, digest); // the put that crosses the quota may be applied
-    }
-  }
-  return written;
-}
 
 /** Every hot key holds its last acknowledged value, or the value of the put that hit the quota. */
 async function assertLiveDataIntact(cluster: Cluster, written: Written): Promise<void> {
@@ -106,7 +75,7 @@ describe('the seed incident with the shipped defaults', () => {
         assert.equal(q.quotaBytes, QUOTA, 'quota read from etcd, not the old 2 GiB default');
         assert.equal(q.source, 'metrics');
       }
-      const written = await historyUntilNoSpace(cluster);
+      const written = await historyUntilNoSpace(cluster, { maxPuts: 8000 });
       const alarmAt = Date.now();
       t.diagnostic(`NOSPACE after ${(written.bytes / MiB).toFixed(0)} MiB of updates to 24 keys`);
       const tookMs = await waitWritable(cluster, 180_000);
@@ -129,7 +98,7 @@ describe('the seed incident with the shipped defaults', () => {
     daemons = startMinimal(cluster, { nospace: { keepHistory: '15s', checkInterval: '2s' } });
     await Promise.all(daemons.map((d) => d.waitForJson<LogLine>((l) => l.event === 'turn.register', 60_000)));
     // About 40 s of updates: 15 s of history is well under the disarm mark (90% of 64 MiB).
-    const written = await historyUntilNoSpace(cluster, 22);
+    const written = await historyUntilNoSpace(cluster, { maxPuts: 8000, perSecond: 22 });
     await waitWritable(cluster, 180_000);
     await assertLiveDataIntact(cluster, written);
     assertNoOverlap(await allDefragEvents(cluster));
@@ -163,7 +132,7 @@ describe('one voting member', () => {
     const d = spawnCli(['run', '--config', writeMinimalConfig(cluster, m)]);
     try {
       await d.waitForJson<LogLine>((l) => l.event === 'turn.register', 60_000);
-      const written = await historyUntilNoSpace(cluster);
+      const written = await historyUntilNoSpace(cluster, { maxPuts: 8000 });
       await waitWritable(cluster, 120_000).catch((err: Error) => {
         throw new Error(`${err.message}\n${d.output()}`);
       });

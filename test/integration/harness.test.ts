@@ -9,51 +9,15 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { Etcd3, type IOptions } from 'etcd3';
-import {
-  allDefragEvents,
-  assertNoOverlap,
-  defragEvents,
-  errorText,
-  noRetryFaultHandling,
-  pidAlive,
-  pidsMentioning,
-  startCluster,
-  type Cluster,
-  type DefragEvent,
-} from '../harness/cluster.ts';
+import { noRetryFaultHandling, startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap, defragEvents } from '../harness/defrag-log.ts';
+import { errorText } from '../harness/errors.ts';
+import { pidAlive, pidsMentioning } from '../harness/reaper.ts';
 import { clusterStatus, fill, fmtStatus, memberStatus } from '../harness/data.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
 import { startReadProbe, startWriteLoad } from '../harness/load.ts';
 
 const MiB = 1024 * 1024;
-
-describe('assertNoOverlap', () => {
-  const at = (s: number): Date => new Date(Date.UTC(2025, 0, 1, 0, 0, s));
-  test('accepts sequential and same-member intervals', () => {
-    const evs: DefragEvent[] = [
-      { member: 'm0', start: at(0), end: at(2) },
-      { member: 'm1', start: at(2), end: at(3) },
-      { member: 'm1', start: at(2), end: at(4) },
-      { member: 'm2', start: at(5), end: at(6) },
-    ];
-    assertNoOverlap(evs);
-  });
-  test('rejects overlapping intervals of different members, naming them', () => {
-    const evs: DefragEvent[] = [
-      { member: 'm0', start: at(0), end: at(3) },
-      { member: 'm1', start: at(2), end: at(4) },
-    ];
-    assert.throws(() => assertNoOverlap(evs), /m0 .* overlaps m1 .*\n\s+by 1000 ms/s);
-  });
-  test('an unfinished interval is open until now', () => {
-    const evs: DefragEvent[] = [
-      { member: 'm0', start: at(0) },
-      { member: 'm1', start: at(10), end: at(11) },
-    ];
-    assert.throws(() => assertNoOverlap(evs, at(20)), /still running/);
-    assertNoOverlap(evs, at(5));
-  });
-});
 
 for (const version of versionsUnderTest()) {
   describe(`etcd ${version} harness`, { timeout: 180_000 }, () => {
@@ -76,7 +40,7 @@ for (const version of versionsUnderTest()) {
       assert.ok(cluster.endpoints().every((e) => e.startsWith('https://127.0.0.1:')));
       const statuses = await clusterStatus(cluster);
       assert.equal(statuses.length, 3);
-      const leaders = new Set(statuses.map((s) => s.leader));
+      const leaders = new Set(statuses.map((s) => s.leaderHex));
       assert.equal(leaders.size, 1, `members disagree on the leader: ${[...leaders].join(', ')}`);
       assert.equal(statuses.filter((s) => s.isLeader).length, 1);
       for (const [i, s] of statuses.entries()) {

@@ -1,7 +1,7 @@
 // Issue 4 acceptance: the seed incident ("mvcc: database space exceeded") on real clusters,
 // recovered by three daemons without anyone disarming, on etcd 3.4 and 3.5.
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { after, afterEach, describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
 import { accessFromConfig, ClientPool } from '../../src/etcd.ts';
@@ -9,8 +9,9 @@ import { silentLogger } from '../../src/log.ts';
 import { realClock } from '../../src/clock.ts';
 import { exitCodeFor, run } from '../../src/run.ts';
 import { Turn } from '../../src/turn.ts';
-import { allDefragEvents, assertNoOverlap, startCluster, type Cluster } from '../harness/cluster.ts';
-import { fill, fillUntilNoSpace, isNoSpaceError, listAlarms, verifyData, type Written } from '../harness/data.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap } from '../harness/defrag-log.ts';
+import { fill, fillUntilNoSpace, historyUntilNoSpace, isNoSpaceError, listAlarms, verifyData, type Written } from '../harness/data.ts';
 import { startDaemon, writeConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
 import type { CliProcess } from '../harness/proc.ts';
@@ -30,23 +31,8 @@ const daemonConfig: Overrides = {
  * history, but the quota counts the file, so writes stay refused until defrag and disarm.
  */
 async function incident(cluster: Cluster): Promise<{ written: Written; alarmAt: number }> {
+  const written = await historyUntilNoSpace(cluster, { maxPuts: 4000 });
   const client = cluster.client();
-  const written: Written = { prefix: 'hot/', digests: new Map(), uncertain: new Map(), bytes: 0, noSpaceError: '' };
-  for (let i = 0; !written.noSpaceError; i++) {
-    if (i > 4000) throw new Error('no NOSPACE after 4000 puts');
-    const key = `hot/${i % 24}`;
-    const value = randomBytes(64 * 1024);
-    const digest = createHash('sha256').update(value).digest('hex');
-    try {
-      await client.put(key).value(value).exec();
-      written.digests.set(key, digest);
-      written.uncertain.delete(key);
-    } catch (err) {
-      if (!isNoSpaceError(err)) throw err;
-      written.noSpaceError = String((err as Error).message);
-      written.uncertain.set(key, digest); // the put that crosses the quota may be applied
-    }
-  }
   const alarmAt = Date.now();
   const status = await client.maintenance.status();
   await client.kv.compact({ revision: status.header.revision, physical: true }); // the API server's compaction

@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
-import { allDefragEvents, defragEvents, startCluster, type Cluster } from '../harness/cluster.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, defragEvents } from '../harness/defrag-log.ts';
 import { fill, memberStatus } from '../harness/data.ts';
 import { events, once, writeConfig } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';

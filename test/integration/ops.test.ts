@@ -3,7 +3,8 @@
 // during NOSPACE, and NOSPACE disarmed by hand after the automatic checks refused.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { allDefragEvents, assertNoOverlap, startCluster, type Cluster } from '../harness/cluster.ts';
+import { startCluster, type Cluster } from '../harness/cluster.ts';
+import { allDefragEvents, assertNoOverlap } from '../harness/defrag-log.ts';
 import { fill, fillUntilNoSpace, listAlarms } from '../harness/data.ts';
 import { startDaemon, writeConfig, type LogLine } from '../harness/defragd.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';

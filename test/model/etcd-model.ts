@@ -8,7 +8,7 @@
 // per member is reachability (up, frozen, killed), its own defragment, its db sizes, its applied
 // index and the routing of its endpoint.
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
-import { toDefragdError, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import { prefixEnd, toDefragdError, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
 import type { Alarm, MemberStatus } from '../../src/view.ts';
 import type { FakeClock, Owner } from './clock.ts';
 
@@ -797,17 +797,6 @@ export class ModelClient implements EtcdMember {
   }
 
   close(): void { /* nothing held */ }
-}
-
-function prefixEnd(prefix: string): Buffer {
-  const b = Buffer.from(prefix);
-  for (let i = b.length - 1; i >= 0; i--) {
-    if (b[i]! < 0xff) {
-      b[i]!++;
-      return b.subarray(0, i + 1);
-    }
-  }
-  return Buffer.from([0]);
 }
 
 /** The key space: a map, plus its keys in order for range reads (etcd's keys are byte strings; ours are ASCII). */

@@ -1,7 +1,7 @@
 // The benchmark's timeline: binning of successful writes and the rendered SVG (bench/timeline.ts).
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import type { Disruption } from '../../bench/scenarios.ts';
+import type { Disruption } from '../../bench/disruption.ts';
 import { renderSvg, timeline, timelineSpec } from '../../bench/timeline.ts';
 
 const T = 1_700_000_000_000;
