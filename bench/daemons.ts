@@ -37,7 +37,9 @@ export function writeBenchConfig(cluster: Cluster, member: Member, settings: Set
  */
 export async function startDaemons(cluster: Cluster, settings: Settings, cliJs: string, timeoutMs = 60_000): Promise<CliProcess[]> {
   const paths = cluster.members.map((m) => writeBenchConfig(cluster, m, settings));
-  const daemons = paths.map((p) => spawnCli(['run', '--config', p], { script: cliJs, nodeArgs: unitNodeFlags(), env: { NODE_ENV: 'production' } }));
+  const daemons = paths.map((p) =>
+    spawnCli(['run', '--config', p], { script: cliJs, nodeArgs: unitNodeFlags(), env: { NODE_ENV: 'production' } }),
+  );
   try {
     await Promise.all(daemons.map((d) => d.waitForJson<LogLine>((l) => l.event === 'turn.register', timeoutMs)));
   } catch (err) {
@@ -60,9 +62,7 @@ export async function stopDaemons(daemons: CliProcess[]): Promise<void> {
 
 /** Log lines of every daemon, tagged with the member name, in time order. */
 export function daemonEvents(cluster: Cluster, daemons: CliProcess[], event?: string): (LogLine & { node: string })[] {
-  return daemons
-    .flatMap((d, i) => events(d, event).map((l) => ({ ...l, node: cluster.members[i]!.name })))
-    .sort((a, b) => a.time - b.time);
+  return daemons.flatMap((d, i) => events(d, event).map((l) => ({ ...l, node: cluster.members[i]!.name }))).sort((a, b) => a.time - b.time);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,10 +81,14 @@ export interface Build {
 
 function sourceRevision(): string {
   try {
-    const git = (args: string[]): string => execFileSync('git', args, { cwd: REPO_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    const git = (args: string[]): string =>
+      execFileSync('git', args, { cwd: REPO_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
     const head = git(['rev-parse', '--short=12', 'HEAD']).trim();
     // porcelain lines are "XY path": keep the leading status columns intact
-    const dirty = git(['status', '--porcelain', '--', 'src', 'config', 'package.json']).split('\n').filter(Boolean).map((l) => l.slice(3));
+    const dirty = git(['status', '--porcelain', '--', 'src', 'config', 'package.json'])
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.slice(3));
     return dirty.length ? `commit ${head} plus uncommitted changes in ${dirty.join(', ')}` : `commit ${head}`;
   } catch {
     return 'unknown (not a git checkout)';
@@ -100,10 +104,17 @@ export async function buildDaemon(): Promise<Build> {
   const source = sourceRevision();
   const outDir = join(BUILD_ROOT, 'dist');
   rmSync(BUILD_ROOT, { recursive: true, force: true });
-  await execFileP(join(REPO_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', join(REPO_ROOT, 'tsconfig.build.json'), '--outDir', outDir, '--sourceMap', 'false'], { cwd: REPO_ROOT });
+  await execFileP(
+    join(REPO_ROOT, 'node_modules', '.bin', 'tsc'),
+    ['-p', join(REPO_ROOT, 'tsconfig.build.json'), '--outDir', outDir, '--sourceMap', 'false'],
+    { cwd: REPO_ROOT },
+  );
   // Node does not look for "type": "module" above a node_modules dir: say it here (cli.js also reads the version from ../package.json).
   const pkg = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { name: string; version: string; type: string };
-  writeFileSync(join(BUILD_ROOT, 'package.json'), `${JSON.stringify({ name: pkg.name, version: pkg.version, type: pkg.type, private: true })}\n`);
+  writeFileSync(
+    join(BUILD_ROOT, 'package.json'),
+    `${JSON.stringify({ name: pkg.name, version: pkg.version, type: pkg.type, private: true })}\n`,
+  );
   return { cliJs: join(outDir, 'cli.js'), source };
 }
 
@@ -127,7 +138,10 @@ function unitLines(key: string): string[] {
   } catch {
     return [];
   }
-  return text.split('\n').filter((l) => l.startsWith(`${key}=`)).map((l) => l.slice(key.length + 1));
+  return text
+    .split('\n')
+    .filter((l) => l.startsWith(`${key}=`))
+    .map((l) => l.slice(key.length + 1));
 }
 
 /** The unit's Environment= assignments (e.g. NODE_ENV=production), as the service gets them. */
@@ -158,7 +172,8 @@ export function nodeFootprint(cliJs: string): Footprint {
   const nodeBytes = treeBytes(process.execPath);
   const distBytes = treeBytes(dirname(cliJs));
   const listed = execFileSync('npm', ['ls', '--omit=dev', '--all', '--parseable'], { cwd: REPO_ROOT, encoding: 'utf8' })
-    .split('\n').filter((p) => p.includes('/node_modules/'));
+    .split('\n')
+    .filter((p) => p.includes('/node_modules/'));
   const dirs = [...new Set(listed)].sort();
   const top = dirs.filter((d, i) => !dirs.slice(0, i).some((p) => d.startsWith(`${p}/`)));
   const depsBytes = top.reduce((sum, d) => sum + treeBytes(d), 0);
@@ -178,7 +193,9 @@ function fmtMiB(n: number): string {
  */
 export async function buildExecutable(): Promise<{ exe: string; footprint: Footprint }> {
   const out = join(BUILD_ROOT, 'pkg');
-  await execFileP(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'scripts', 'package.ts'), '--exe-only', '--out', out], { cwd: REPO_ROOT });
+  await execFileP(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'scripts', 'package.ts'), '--exe-only', '--out', out], {
+    cwd: REPO_ROOT,
+  });
   const exe = join(out, 'etcd-defragd');
   const bytes = treeBytes(exe);
   return { exe, footprint: { bytes, what: `one file, ${fmtMiB(bytes)}` } };

@@ -117,12 +117,24 @@ async function measure(
 
 /** (a) The cron line on one node: `etcdctl defrag --cluster`. */
 export function scenarioA(ctx: Ctx): Promise<Disruption> {
-  return etcdctlDefrag(ctx, 'a', '(a) `etcdctl defrag --cluster` from one node', 'etcdctl defrag --cluster from m0 after the pre-roll', (c) => [c.members[0]!]);
+  return etcdctlDefrag(
+    ctx,
+    'a',
+    '(a) `etcdctl defrag --cluster` from one node',
+    'etcdctl defrag --cluster from m0 after the pre-roll',
+    (c) => [c.members[0]!],
+  );
 }
 
 /** (b) The same cron line on all three nodes in the same minute. */
 export function scenarioB(ctx: Ctx): Promise<Disruption> {
-  return etcdctlDefrag(ctx, 'b', '(b) the same command from all three nodes at once', 'three etcdctl defrag --cluster at once, one per node', (c) => c.members);
+  return etcdctlDefrag(
+    ctx,
+    'b',
+    '(b) the same command from all three nodes at once',
+    'three etcdctl defrag --cluster at once, one per node',
+    (c) => c.members,
+  );
 }
 
 /** `etcdctl defrag --cluster` on each of the `nodes` at the same instant, measured. */
@@ -148,7 +160,9 @@ async function etcdctlDefrag(ctx: Ctx, id: 'a' | 'b', title: string, what: strin
 }
 
 function logWindow(ctx: Ctx, label: string, m: { windowMs: number; writesFailed: number; gapMs: number }): void {
-  ctx.log(`${label}: window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`);
+  ctx.log(
+    `${label}: window ${(m.windowMs / 1000).toFixed(1)} s, ${m.writesFailed} writes failed, longest gap ${(m.gapMs / 1000).toFixed(2)} s`,
+  );
 }
 
 /** (c) etcd-defragd on all three nodes, their schedules firing at the same second. */
@@ -171,7 +185,10 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
     ctx.log(`(c): daemons ready ${((T - Date.now()) / 1000).toFixed(1)} s before the scheduled instant`);
     const starts = daemonEvents(cluster, daemons, 'daemon.start');
     const wrong = starts.filter((s) => s.nextRun !== new Date(T).toISOString());
-    if (wrong.length) throw new Error(`daemon's next run is not the scheduled instant ${new Date(T).toISOString()}: ${wrong.map((w) => String(w.nextRun)).join(', ')}`);
+    if (wrong.length)
+      throw new Error(
+        `daemon's next run is not the scheduled instant ${new Date(T).toISOString()}: ${wrong.map((w) => String(w.nextRun)).join(', ')}`,
+      );
     if (Date.now() > T - 1000) throw new Error('the daemons took too long to start: less than 1 s left before the scheduled instant');
     const preRoll = Math.min(ctx.opts.preRollMs, T - Date.now());
     await sleepUntil(T - preRoll);
@@ -180,8 +197,15 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
       ctx,
       cluster,
       async () => {
-        const results = await Promise.all(daemons.map((d) => d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', ETCDCTL_TIMEOUT_MS)));
-        return results.map((r, i) => `daemon on ${cluster.members[i]!.name}: ${r.event} (${String(r.outcome ?? '')}) ${((r.time - T) / 1000).toFixed(1)} s after the trigger: ${r.msg}`);
+        const results = await Promise.all(
+          daemons.map((d) =>
+            d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', ETCDCTL_TIMEOUT_MS),
+          ),
+        );
+        return results.map(
+          (r, i) =>
+            `daemon on ${cluster.members[i]!.name}: ${r.event} (${String(r.outcome ?? '')}) ${((r.time - T) / 1000).toFixed(1)} s after the trigger: ${r.msg}`,
+        );
       },
       T,
     );
@@ -190,16 +214,30 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
       m.notes.unshift(`runs started ${runStarts.map((r) => `${r.node} +${r.time - T} ms`).join(', ')} after the scheduled instant`);
     }
     const transfers = daemonEvents(cluster, daemons, 'leader.transfer');
-    for (const t of transfers) m.notes.push(`${t.node}: moved leadership ${String(t.from)} -> ${String(t.to)} in ${String(t.tookMs)} ms, ${((t.time - T) / 1000).toFixed(1)} s after the trigger`);
+    for (const t of transfers)
+      m.notes.push(
+        `${t.node}: moved leadership ${String(t.from)} -> ${String(t.to)} in ${String(t.tookMs)} ms, ${((t.time - T) / 1000).toFixed(1)} s after the trigger`,
+      );
     // Hand-overs: from one member's defrag end to the next one's start (settle pause, turn poll,
     // the next daemon's checks and leader transfer).
     const sorted = [...m.defrags].sort((x, y) => x.start.getTime() - y.start.getTime());
     let handoverMs = 0;
-    for (let i = 1; i < sorted.length; i++) handoverMs += Math.max(0, sorted[i]!.start.getTime() - (sorted[i - 1]!.end ?? sorted[i]!.start).getTime());
+    for (let i = 1; i < sorted.length; i++)
+      handoverMs += Math.max(0, sorted[i]!.start.getTime() - (sorted[i - 1]!.end ?? sorted[i]!.start).getTime());
     const settleMs = eff.coordination.settle;
     logWindow(ctx, '(c)', m);
-    const defragged = m.defrags.map((d) => d.member).sort().join(',');
-    if (defragged !== cluster.members.map((x) => x.name).sort().join(',')) m.notes.push(`WARNING: members defragmented: ${defragged || 'none'} (expected each member once)`);
+    const defragged = m.defrags
+      .map((d) => d.member)
+      .sort()
+      .join(',');
+    if (
+      defragged !==
+      cluster.members
+        .map((x) => x.name)
+        .sort()
+        .join(',')
+    )
+      m.notes.push(`WARNING: members defragmented: ${defragged || 'none'} (expected each member once)`);
     return { id: 'c', title, fill: f, ...m, handoverMs, settleMs };
   } finally {
     await stopDaemons(daemons);

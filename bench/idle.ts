@@ -102,7 +102,10 @@ export interface Launch {
 export function nodeLaunch(cliJs: string, nodeFlags: string[], footprint: Footprint): Launch {
   return {
     command: ['node', ...nodeFlags, relative(REPO_ROOT, cliJs), 'run', '--config', 'FILE'].join(' '),
-    file: process.execPath, args: [...nodeFlags, cliJs], env: { NODE_ENV: 'production' }, footprint,
+    file: process.execPath,
+    args: [...nodeFlags, cliJs],
+    env: { NODE_ENV: 'production' },
+    footprint,
   };
 }
 
@@ -111,13 +114,20 @@ export async function idleFootprint(ctx: Ctx, launch: Launch): Promise<IdleResul
   const { opts } = ctx;
   const cluster = await startCluster({ version: ctx.version });
   try {
-    const config = writeBenchConfig(cluster, cluster.members[0]!, { schedule: { cron: NEVER }, metrics: { listen: '127.0.0.1:0' } }, 'bench-idle.yaml');
+    const config = writeBenchConfig(
+      cluster,
+      cluster.members[0]!,
+      { schedule: { cron: NEVER }, metrics: { listen: '127.0.0.1:0' } },
+      'bench-idle.yaml',
+    );
     const d = startDaemonProcess(launch.file, launch.args, config, launch.env);
     const command = launch.command;
     try {
       await d.started;
       const firstLineMs = await d.firstLineMs;
-      ctx.log(`idle: \`${command}\` (pid ${d.pid}) started; warm-up ${opts.idleWarmupMs / 1000} s, then sampling ${opts.idleSampleMs / 1000} s`);
+      ctx.log(
+        `idle: \`${command}\` (pid ${d.pid}) started; warm-up ${opts.idleWarmupMs / 1000} s, then sampling ${opts.idleSampleMs / 1000} s`,
+      );
       await sleep(opts.idleWarmupMs);
       const hz = clockTicks();
       const tree0 = processTree(d.pid);
@@ -134,7 +144,10 @@ export async function idleFootprint(ctx: Ctx, launch: Launch): Promise<IdleResul
       const cpu1 = cpuTicks(processTree(d.pid));
       const elapsed = now() - t0;
       const cpuMs = ((cpu1 - cpu0) / hz) * 1000;
-      const strayLines = d.output().split('\n').filter((l) => l && !l.startsWith('{'));
+      const strayLines = d
+        .output()
+        .split('\n')
+        .filter((l) => l && !l.startsWith('{'));
       const res: IdleResult = {
         fullVersion: cluster.fullVersion,
         firstLineMs,

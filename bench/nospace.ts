@@ -109,7 +109,10 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
       ({ alarmAt, churnWritten } = await churnUntilNoSpace(ctx, cluster, load, label, quota));
       ({ k8sCompactor, compactAt } = await compactDuringNoSpace(ctx, cluster, label, externalCompaction, timeline));
       const watch: Watch = { load, alarmAt, label };
-      recovery = variant === 'cron' ? await cronRecovery(ctx, cluster, watch, timeline) : await daemonRecovery(ctx, cluster, daemons, watch, compactAt, externalCompaction);
+      recovery =
+        variant === 'cron'
+          ? await cronRecovery(ctx, cluster, watch, timeline)
+          : await daemonRecovery(ctx, cluster, daemons, watch, compactAt, externalCompaction);
       await sleep(recovery.recoveredAt !== undefined ? 2000 : 0);
       endAt = now();
     } finally {
@@ -127,7 +130,9 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
     if (recoveredAt !== undefined) timeline.push({ at: recoveredAt, what: 'first write accepted again' });
     timeline.sort((a, b) => a.at - b.at);
     const alarmsAtEnd = (await listAlarms(cluster).catch(() => [])).map((a) => `${a.alarm} on ${a.memberId}`);
-    ctx.log(`${label}: ${recoveredAt !== undefined ? `writes accepted ${((recoveredAt - alarmAt) / 1000).toFixed(1)} s after the alarm` : gaveUp}`);
+    ctx.log(
+      `${label}: ${recoveredAt !== undefined ? `writes accepted ${((recoveredAt - alarmAt) / 1000).toFixed(1)} s after the alarm` : gaveUp}`,
+    );
     return {
       variant,
       title,
@@ -155,7 +160,13 @@ export async function scenarioD(ctx: Ctx, variant: NoSpaceVariant): Promise<NoSp
 }
 
 /** (d) Three daemons with the defaults but for `nospace`; their nospace.checkInterval. */
-async function startNoSpaceDaemons(ctx: Ctx, cluster: Cluster, variant: NoSpaceVariant, label: string, quota: number): Promise<{ daemons: CliProcess[]; checkIntervalMs: number }> {
+async function startNoSpaceDaemons(
+  ctx: Ctx,
+  cluster: Cluster,
+  variant: NoSpaceVariant,
+  label: string,
+  quota: number,
+): Promise<{ daemons: CliProcess[]; checkIntervalMs: number }> {
   const { opts } = ctx;
   const nospace: Record<string, unknown> = {};
   if (opts.nospaceCheckMs !== undefined) nospace.checkInterval = `${opts.nospaceCheckMs}ms`;
@@ -166,8 +177,11 @@ async function startNoSpaceDaemons(ctx: Ctx, cluster: Cluster, variant: NoSpaceV
     metrics: { listen: '' },
     ...(Object.keys(nospace).length ? { nospace } : {}),
   };
-  const checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace.checkInterval;
-  ctx.log(`${label}: starting three daemons (quota ${formatBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`);
+  const checkIntervalMs = (await effectiveConfig(ctx.cliJs, writeBenchConfig(cluster, cluster.members[0]!, settings))).nospace
+    .checkInterval;
+  ctx.log(
+    `${label}: starting three daemons (quota ${formatBytes(quota)} read from etcd, nospace.checkInterval ${checkIntervalMs / 1000} s)`,
+  );
   const daemons = await startDaemons(cluster, settings, ctx.cliJs);
   return { daemons, checkIntervalMs };
 }
@@ -185,14 +199,29 @@ const refusedNoSpace = (r: RequestRecord): boolean => !r.ok && isNoSpaceError(r.
  * (d) History churn: the same few keys overwritten with 64 KiB values as fast as etcd takes them,
  * until a put (the churn's or the load's) is refused with NOSPACE: that is the alarm.
  */
-async function churnUntilNoSpace(ctx: Ctx, cluster: Cluster, load: RunningLoad<LoadReport>, label: string, quota: number): Promise<{ alarmAt: number; churnWritten: number }> {
+async function churnUntilNoSpace(
+  ctx: Ctx,
+  cluster: Cluster,
+  load: RunningLoad<LoadReport>,
+  label: string,
+  quota: number,
+): Promise<{ alarmAt: number; churnWritten: number }> {
   const keySpace = Math.max(16, Math.round((0.01 * ctx.opts.inUseBytes) / DEFAULT_VALUE_BYTES));
   ctx.log(`${label}: churning ${keySpace} keys until etcd refuses writes (quota ${formatBytes(quota)})`);
-  const churn = startWriteLoad(cluster, { ratePerSec: 400, deadlineMs: 10_000, keyPrefix: 'churn/', keySpace, valueBytes: DEFAULT_VALUE_BYTES, maxInFlight: 16 });
+  const churn = startWriteLoad(cluster, {
+    ratePerSec: 400,
+    deadlineMs: 10_000,
+    keyPrefix: 'churn/',
+    keySpace,
+    valueBytes: DEFAULT_VALUE_BYTES,
+    maxInFlight: 16,
+  });
   let alarmAt: number;
   const churnDeadline = Date.now() + 15 * 60_000;
   for (;;) {
-    const t = [firstAnswer(churn.records, refusedNoSpace), firstAnswer(load.records, refusedNoSpace)].filter((x): x is number => x !== undefined);
+    const t = [firstAnswer(churn.records, refusedNoSpace), firstAnswer(load.records, refusedNoSpace)].filter(
+      (x): x is number => x !== undefined,
+    );
     if (t.length) {
       alarmAt = Math.min(...t);
       break;
@@ -279,14 +308,23 @@ async function cronRecovery(ctx: Ctx, cluster: Cluster, w: Watch, timeline: { at
   while (now() < until && firstAcceptedAfter(w) === undefined) await sleep(200);
   const recoveredAt = firstAcceptedAfter(w);
   if (recoveredAt !== undefined) return { recoveredAt };
-  return { gaveUp: `writes still refused ${((now() - w.alarmAt) / 1000).toFixed(0)} s after the alarm, ${(opts.cronObserveMs / 1000).toFixed(0)} s after the cron's defrag ended` };
+  return {
+    gaveUp: `writes still refused ${((now() - w.alarmAt) / 1000).toFixed(0)} s after the alarm, ${(opts.cronObserveMs / 1000).toFixed(0)} s after the cron's defrag ended`,
+  };
 }
 
 /**
  * (d daemon) Waits for the daemons to get writes accepted again, at most `recoveryTimeoutMs`; gives
  * up early when one daemon said twice after the compaction (if any) that the alarm cannot be cleared.
  */
-async function daemonRecovery(ctx: Ctx, cluster: Cluster, daemons: CliProcess[], w: Watch, compactAt: number, externalCompaction: boolean): Promise<Recovery> {
+async function daemonRecovery(
+  ctx: Ctx,
+  cluster: Cluster,
+  daemons: CliProcess[],
+  w: Watch,
+  compactAt: number,
+  externalCompaction: boolean,
+): Promise<Recovery> {
   const { opts } = ctx;
   ctx.log(`${w.label}: waiting for the daemons to recover (at most ${opts.recoveryTimeoutMs / 1000} s)`);
   const until = now() + opts.recoveryTimeoutMs;
@@ -300,7 +338,9 @@ async function daemonRecovery(ctx: Ctx, cluster: Cluster, daemons: CliProcess[],
     const stuck = [...byNode.entries()].find(([, n]) => n >= 2);
     if (stuck) {
       const last = blocked.filter((b) => b.node === stuck[0]).at(-1)!;
-      return { gaveUp: `stuck: the daemon on ${stuck[0]} reported twice after the ${externalCompaction ? 'compaction' : 'alarm'}: ${last.msg}` };
+      return {
+        gaveUp: `stuck: the daemon on ${stuck[0]} reported twice after the ${externalCompaction ? 'compaction' : 'alarm'}: ${last.msg}`,
+      };
     }
     await sleep(200);
   }
@@ -320,7 +360,19 @@ async function defragTimeline(cluster: Cluster, alarmAt: number): Promise<{ at: 
 /** (d) What the daemons said since the alarm that matters to the recovery (each node's first alarm.nospace only). */
 function daemonTimeline(cluster: Cluster, daemons: CliProcess[], alarmAt: number): { at: number; what: string }[] {
   const out: { at: number; what: string }[] = [];
-  const interesting = new Set(['alarm.nospace', 'compact', 'compact.fail', 'leader.transfer', 'nospace.blocked', 'nospace.disarm', 'nospace.recovered', 'nospace.unattended', 'run.skip', 'run.fail', 'defrag.fail']);
+  const interesting = new Set([
+    'alarm.nospace',
+    'compact',
+    'compact.fail',
+    'leader.transfer',
+    'nospace.blocked',
+    'nospace.disarm',
+    'nospace.recovered',
+    'nospace.unattended',
+    'run.skip',
+    'run.fail',
+    'defrag.fail',
+  ]);
   const seenAlarm = new Set<string>();
   for (const e of daemonEvents(cluster, daemons)) {
     if (e.time < alarmAt || !e.event || !interesting.has(e.event)) continue;

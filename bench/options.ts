@@ -99,11 +99,16 @@ export function parseOptions(argv: string[]): BenchOptions | 'help' {
   let nospaceCheckMs: number | undefined;
   if (v['nospace-check'] !== undefined) {
     nospaceCheckMs = parseDuration(v['nospace-check']);
-    if (nospaceCheckMs === undefined || nospaceCheckMs < 1000) throw new UsageError(`--nospace-check ${v['nospace-check']}: expected a duration of at least 1s`);
+    if (nospaceCheckMs === undefined || nospaceCheckMs < 1000)
+      throw new UsageError(`--nospace-check ${v['nospace-check']}: expected a duration of at least 1s`);
   }
   const scenarios = new Set<ScenarioId>();
-  for (const s of (v.only ?? SCENARIOS.join(',')).split(',').map((x) => x.trim()).filter(Boolean)) {
-    if (!(SCENARIOS as readonly string[]).includes(s)) throw new UsageError(`--only ${v.only}: unknown scenario "${s}" (known: ${SCENARIOS.join(', ')})`);
+  for (const s of (v.only ?? SCENARIOS.join(','))
+    .split(',')
+    .map((x) => x.trim())
+    .filter(Boolean)) {
+    if (!(SCENARIOS as readonly string[]).includes(s))
+      throw new UsageError(`--only ${v.only}: unknown scenario "${s}" (known: ${SCENARIOS.join(', ')})`);
     scenarios.add(s as ScenarioId);
   }
   return {

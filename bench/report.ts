@@ -27,7 +27,9 @@ export function machineInfo(): string[] {
     `CPU: ${cpu}, ${availableParallelism()} cores (nproc)`,
     `memory: ${formatBytes(totalmem())} (${formatBytes(freemem())} free at the start)`,
     `kernel: Linux ${release()}; Node ${process.version}`,
-    `load average at the start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (the machine is shared; other jobs ran at the same time)`,
+    `load average at the start: ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(' ')} (the machine is shared; other jobs ran at the same time)`,
   ];
 }
 
@@ -43,7 +45,11 @@ function ratio(x: number, base: number | undefined): string {
 
 function table(header: string[], rows: string[][]): string {
   const esc = (c: string): string => c.replace(/\|/g, '\\|').replace(/\n/g, ' ');
-  return [`| ${header.map(esc).join(' | ')} |`, `|${header.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.map(esc).join(' | ')} |`)].join('\n');
+  return [
+    `| ${header.map(esc).join(' | ')} |`,
+    `|${header.map(() => '---').join('|')}|`,
+    ...rows.map((r) => `| ${r.map(esc).join(' | ')} |`),
+  ].join('\n');
 }
 
 function rel(at: number, base: number): string {
@@ -69,7 +75,7 @@ export function header(opts: BenchOptions, startedAt: Date, versions: string, so
     `- load: ${opts.ratePerSec} puts/s (128 B values) round-robin over the 3 members, one client per member, ${opts.deadlineMs / 1000} s deadline, no client retries; ` +
       `read probe ${opts.probeRatePerSec}/s per member (serializable range); ${opts.preRollMs / 1000} s of load before the trigger, ${opts.tailMs / 1000} s after the maintenance ended`,
     '',
-    'Definitions: *maintenance window* = trigger to the end of the last member\'s defrag (etcd\'s own log); ' +
+    "Definitions: *maintenance window* = trigger to the end of the last member's defrag (etcd's own log); " +
       '*writes failed* = failed puts over the whole measured run, with their share of the puts sent in the window; ' +
       '*longest write gap* = longest time without any successful put; *p50/p99* = time until the answer of the puts sent in the window, a failed put counting with its time to failure (at most the deadline); ' +
       '*longest blocked* = longest time a member did not answer the read probe. Ratios are against (a) of the same etcd version in the same run.',
@@ -96,21 +102,31 @@ function disruptionSummary(r: VersionResults): string {
   }
   if (!rows.length) return '';
   const names = Object.values(r.disruptions)[0]!.members.join(' / ');
-  return table(['scenario', 'maintenance window', 'writes failed', 'longest write gap', 'write p50 / p99', `longest blocked ${names}`], rows);
+  return table(
+    ['scenario', 'maintenance window', 'writes failed', 'longest write gap', 'write p50 / p99', `longest blocked ${names}`],
+    rows,
+  );
 }
 
 function disruptionDetail(d: Disruption, a: Disruption | undefined): string {
   const base = d.id === 'a' ? d : a;
   const rows: string[][] = [
-    ['maintenance window (trigger to the last defrag\'s end)', s(d.windowMs), ratio(d.windowMs, base?.windowMs)],
+    ["maintenance window (trigger to the last defrag's end)", s(d.windowMs), ratio(d.windowMs, base?.windowMs)],
     ['writes failed', failedText(d), ratio(d.writesFailed, base?.writesFailed)],
     ['longest gap between successful writes', s(d.gapMs), ratio(d.gapMs, base?.gapMs)],
     ['write latency p50', msText(d.p50Ms), ratio(d.p50Ms, base?.p50Ms)],
     ['write latency p99', msText(d.p99Ms), ratio(d.p99Ms, base?.p99Ms)],
-    ...d.members.map((m) => [`longest blocked, ${m}${m === d.leaderBefore ? ' (leader before the trigger)' : ''}`, s(d.blockedMs[m] ?? NaN), ratio(d.blockedMs[m] ?? NaN, base?.blockedMs[m])]),
+    ...d.members.map((m) => [
+      `longest blocked, ${m}${m === d.leaderBefore ? ' (leader before the trigger)' : ''}`,
+      s(d.blockedMs[m] ?? NaN),
+      ratio(d.blockedMs[m] ?? NaN, base?.blockedMs[m]),
+    ]),
   ];
   const defrags = d.defrags
-    .map((e) => `${e.member} ${rel(e.start.getTime(), d.triggerAt)}..${e.end ? rel(e.end.getTime(), d.triggerAt) : 'unfinished'}${e.error ? ` (failed: ${e.error})` : ''}`)
+    .map(
+      (e) =>
+        `${e.member} ${rel(e.start.getTime(), d.triggerAt)}..${e.end ? rel(e.end.getTime(), d.triggerAt) : 'unfinished'}${e.error ? ` (failed: ${e.error})` : ''}`,
+    )
     .join(', ');
   const errs = [...d.load.errors().entries()].map(([k, n]) => `${n}x ${k}`).join('; ');
   const lines = [
@@ -137,11 +153,12 @@ function nospaceSection(runs: NoSpaceRun[]): string {
   if (!runs.length) return '';
   const first = runs[0]!;
   const rows: string[][] = [];
-  const cell = (r: NoSpaceRun): string => (r.recoveredAt !== undefined ? `**${s(r.recoveredAt - r.alarmAt)}**` : `not recovered: ${r.gaveUp ?? 'unknown'}`);
+  const cell = (r: NoSpaceRun): string =>
+    r.recoveredAt !== undefined ? `**${s(r.recoveredAt - r.alarmAt)}**` : `not recovered: ${r.gaveUp ?? 'unknown'}`;
   rows.push(['first refused write to the first accepted write', ...runs.map(cell)]);
   rows.push(['puts refused or failed meanwhile', ...runs.map((r) => `${r.writesFailed} of ${r.writesSent}`)]);
   rows.push(['alarms armed at the end', ...runs.map((r) => (r.alarmsAtEnd.length ? r.alarmsAtEnd.join(', ') : 'none'))]);
-  rows.push(['API server\'s compaction (Txn with a Put, then Compact) during the alarm', ...runs.map((r) => r.k8sCompactor)]);
+  rows.push(["API server's compaction (Txn with a Put, then Compact) during the alarm", ...runs.map((r) => r.k8sCompactor)]);
   rows.push(['nospace.checkInterval', ...runs.map((r) => (r.variant === 'cron' ? '-' : s(r.checkIntervalMs)))]);
   const out = [
     `### (d) NOSPACE: quota ${formatBytes(first.quotaBytes)}, history churn until etcd refuses writes`,
@@ -154,9 +171,14 @@ function nospaceSection(runs: NoSpaceRun[]): string {
     '',
   ];
   for (const r of runs) {
-    out.push(`Timeline of "${r.title}" (seconds after the first refused put; ${formatBytes(r.churnWritten)} of churn raised the alarm):`, '');
+    out.push(
+      `Timeline of "${r.title}" (seconds after the first refused put; ${formatBytes(r.churnWritten)} of churn raised the alarm):`,
+      '',
+    );
     for (const t of r.timeline) out.push(`- ${rel(t.at, r.alarmAt)}: ${t.what}`);
-    const errs = Object.entries(r.errors).map(([k, n]) => `${n}x ${k}`).join('; ');
+    const errs = Object.entries(r.errors)
+      .map(([k, n]) => `${n}x ${k}`)
+      .join('; ');
     if (errs) out.push(`- put errors meanwhile: ${errs}`);
     out.push('');
   }
@@ -172,7 +194,7 @@ function idleSection(runs: IdleResult[]): string {
     '### Idle footprint: the packaged executable against `node dist/cli.js`',
     '',
     'One daemon against a healthy cluster with nothing to do: default config (metrics served on 127.0.0.1:0), schedule not firing, no loader. ' +
-      'The executable runs with the unit\'s environment; the node rows run the same source compiled by tsc (NODE_ENV=production). ' +
+      "The executable runs with the unit's environment; the node rows run the same source compiled by tsc (NODE_ENV=production). " +
       'Size: what a node needs on disk to run it. Start: spawn to the first log line. ' +
       `RSS sampled every second from /proc/PID/status, CPU from /proc/PID/stat (utime + stime), over ${s(first.sampleMs)} after the warm-up. ` +
       'RSS counts the pages of the executable (node, or etcd-defragd) read from disk, which the kernel shares and can drop; *private* is the anonymous part (heap, stacks). ' +
@@ -187,7 +209,9 @@ function idleSection(runs: IdleResult[]): string {
         `${formatBytes(i.rssMaxBytes)} max (${formatBytes(i.rssAnonMaxBytes)} private), ${formatBytes(i.rssMeanBytes)} mean`,
         `${(i.cpuShare * 100).toFixed(2)}% (${Math.round(i.cpuMs)} ms CPU in ${s(i.sampleMs)})`,
         i.strayLines.length ? `${i.strayLines.length}: \`${i.strayLines[0]}\`` : 'none',
-        i === base ? 'baseline' : `${x(i.footprint.bytes, base?.footprint.bytes)} / ${x(i.firstLineMs, base?.firstLineMs)} / ${x(i.rssMaxBytes, base?.rssMaxBytes)} / ${x(i.cpuShare, base?.cpuShare)}`,
+        i === base
+          ? 'baseline'
+          : `${x(i.footprint.bytes, base?.footprint.bytes)} / ${x(i.firstLineMs, base?.firstLineMs)} / ${x(i.rssMaxBytes, base?.rssMaxBytes)} / ${x(i.cpuShare, base?.cpuShare)}`,
       ]),
     ),
   ].join('\n');
@@ -198,21 +222,46 @@ function targets(r: VersionResults, opts: BenchOptions): string {
   const rows: string[][] = [];
   const verdict = (ok: boolean): string => (ok ? 'met' : '**missed**');
   if (a && c) {
-    rows.push(['(c) vs (a): longest write gap no worse', `${s(c.gapMs)} vs ${s(a.gapMs)} (${ratio(c.gapMs, a.gapMs)})`, verdict(c.gapMs <= a.gapMs)]);
-    rows.push(['(c) vs (a): failed writes no worse', `${c.writesFailed} vs ${a.writesFailed} (${ratio(c.writesFailed, a.writesFailed)})`, verdict(c.writesFailed <= a.writesFailed)]);
-    rows.push(['(c) vs (a): window at most 1.5x', `${s(c.windowMs)} vs ${s(a.windowMs)} (${ratio(c.windowMs, a.windowMs)})`, verdict(c.windowMs <= 1.5 * a.windowMs)]);
+    rows.push([
+      '(c) vs (a): longest write gap no worse',
+      `${s(c.gapMs)} vs ${s(a.gapMs)} (${ratio(c.gapMs, a.gapMs)})`,
+      verdict(c.gapMs <= a.gapMs),
+    ]);
+    rows.push([
+      '(c) vs (a): failed writes no worse',
+      `${c.writesFailed} vs ${a.writesFailed} (${ratio(c.writesFailed, a.writesFailed)})`,
+      verdict(c.writesFailed <= a.writesFailed),
+    ]);
+    rows.push([
+      '(c) vs (a): window at most 1.5x',
+      `${s(c.windowMs)} vs ${s(a.windowMs)} (${ratio(c.windowMs, a.windowMs)})`,
+      verdict(c.windowMs <= 1.5 * a.windowMs),
+    ]);
   }
-  if (b && c) rows.push(['(c) vs (b): longest write gap at least 10x shorter', `${s(c.gapMs)} vs ${s(b.gapMs)} (${ratio(b.gapMs, c.gapMs)} shorter)`, verdict(c.gapMs * 10 <= b.gapMs)]);
+  if (b && c)
+    rows.push([
+      '(c) vs (b): longest write gap at least 10x shorter',
+      `${s(c.gapMs)} vs ${s(b.gapMs)} (${ratio(b.gapMs, c.gapMs)} shorter)`,
+      verdict(c.gapMs * 10 <= b.gapMs),
+    ]);
   for (const n of r.nospace.filter((x) => x.variant !== 'cron')) {
     const size = opts.inUseBytes >= 1024 ** 3 ? '' : ` (this run: ${formatBytes(opts.inUseBytes)} db, the target is for 1 GiB)`;
     const ms = n.recoveredAt !== undefined ? n.recoveredAt - n.alarmAt : undefined;
-    rows.push([`(d) ${n.title}: writes accepted within 60 s of the alarm${size}`, ms !== undefined ? s(ms) : `not recovered (${n.gaveUp ?? '?'})`, verdict(ms !== undefined && ms <= NOSPACE_TARGET_MS)]);
+    rows.push([
+      `(d) ${n.title}: writes accepted within 60 s of the alarm${size}`,
+      ms !== undefined ? s(ms) : `not recovered (${n.gaveUp ?? '?'})`,
+      verdict(ms !== undefined && ms <= NOSPACE_TARGET_MS),
+    ]);
   }
   const idle = r.idle[0];
   if (idle) {
     rows.push([`idle: under 80 MiB RSS (\`${idle.command}\`)`, formatBytes(idle.rssMaxBytes), verdict(idle.rssMaxBytes < IDLE_RSS_TARGET)]);
     rows.push(['idle: under 0.5% of one core', `${(idle.cpuShare * 100).toFixed(2)}%`, verdict(idle.cpuShare < IDLE_CPU_TARGET)]);
-    rows.push([`idle: a normal start writes nothing journald stores at warning (\`${idle.command}\`)`, idle.strayLines.length ? idle.strayLines[0]! : 'nothing', verdict(idle.strayLines.length === 0)]);
+    rows.push([
+      `idle: a normal start writes nothing journald stores at warning (\`${idle.command}\`)`,
+      idle.strayLines.length ? idle.strayLines[0]! : 'nothing',
+      verdict(idle.strayLines.length === 0),
+    ]);
   }
   if (!rows.length) return '';
   return ['### Targets', '', table(['target', 'measured', ''], rows)].join('\n');

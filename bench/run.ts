@@ -50,7 +50,10 @@ async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', builds: Bu
   if (sc.has('d')) {
     await step('(d) daemon', async () => void r.nospace.push(await scenarioD(ctx, 'daemon')));
     if (opts.nospaceCompact) {
-      await step('(d) daemon, nospace.compact: false, compacted by hand', async () => void r.nospace.push(await scenarioD(ctx, 'daemon-nocompact')));
+      await step(
+        '(d) daemon, nospace.compact: false, compacted by hand',
+        async () => void r.nospace.push(await scenarioD(ctx, 'daemon-nocompact')),
+      );
     }
     await step('(d) cron', async () => void r.nospace.push(await scenarioD(ctx, 'cron')));
   }
@@ -58,10 +61,19 @@ async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', builds: Bu
     // The packaged executable as the systemd unit starts it (its Environment=), then the same
     // source under plain node (the baseline of the ratios), then node --lite-mode as the previous
     // unit ran it (its flag made V8 print a warning at every start).
-    const exeLaunch = { command: 'etcd-defragd run --config FILE', file: builds.exe, args: [], env: unitEnvironment(), footprint: builds.exeFootprint };
+    const exeLaunch = {
+      command: 'etcd-defragd run --config FILE',
+      file: builds.exe,
+      args: [],
+      env: unitEnvironment(),
+      footprint: builds.exeFootprint,
+    };
     await step('idle, executable', async () => void r.idle.push(await idleFootprint(ctx, exeLaunch)));
     await step('idle, node', async () => void r.idle.push(await idleFootprint(ctx, nodeLaunch(cliJs, [], builds.node))));
-    await step('idle, node --lite-mode', async () => void r.idle.push(await idleFootprint(ctx, nodeLaunch(cliJs, ['--lite-mode'], builds.node))));
+    await step(
+      'idle, node --lite-mode',
+      async () => void r.idle.push(await idleFootprint(ctx, nodeLaunch(cliJs, ['--lite-mode'], builds.node))),
+    );
   }
   r.elapsedMs = Date.now() - started;
   return r;
@@ -109,7 +121,8 @@ async function main(argv: string[]): Promise<number> {
     try {
       mkdirSync(dirname(out), { recursive: true });
       const svg = await writeTimelines(r, opts.preRollMs, opts.tailMs, `${out.replace(/\.md$/, '')}-etcd${r.version}-timeline`);
-      if (svg) text += `\n![etcd ${r.fullVersion ?? r.version}: writes per 100 ms and each member's defragment, scenarios (a), (b), (c)](${basename(svg)})\n\nData: [${basename(svg).replace(/\.svg$/, '.json')}](${basename(svg).replace(/\.svg$/, '.json')}).\n`;
+      if (svg)
+        text += `\n![etcd ${r.fullVersion ?? r.version}: writes per 100 ms and each member's defragment, scenarios (a), (b), (c)](${basename(svg)})\n\nData: [${basename(svg).replace(/\.svg$/, '.json')}](${basename(svg).replace(/\.svg$/, '.json')}).\n`;
     } catch (err) {
       progress(`timeline not drawn: ${errorText(err)}`);
     }

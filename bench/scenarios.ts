@@ -43,14 +43,23 @@ export async function sleepUntil(t: number): Promise<void> {
 }
 
 /** A fresh cluster filled to the same state as every other scenario's: the same start for all. */
-export async function freshCluster(ctx: Ctx, label: string, reclaimBytes: number, extra: Partial<ClusterOptions> = {}): Promise<{ cluster: Cluster; fill: FillSummary }> {
+export async function freshCluster(
+  ctx: Ctx,
+  label: string,
+  reclaimBytes: number,
+  extra: Partial<ClusterOptions> = {},
+): Promise<{ cluster: Cluster; fill: FillSummary }> {
   const { opts } = ctx;
   const cluster = await startCluster({ version: ctx.version, ...extra });
   try {
-    ctx.log(`${label}: etcd ${cluster.fullVersion} started in ${cluster.dir}; filling ${formatBytes(opts.inUseBytes)} in use + ${formatBytes(reclaimBytes)} reclaimable`);
+    ctx.log(
+      `${label}: etcd ${cluster.fullVersion} started in ${cluster.dir}; filling ${formatBytes(opts.inUseBytes)} in use + ${formatBytes(reclaimBytes)} reclaimable`,
+    );
     const f = await fill(cluster, { inUseBytes: opts.inUseBytes, reclaimableBytes: reclaimBytes, settleTimeoutMs: 120_000 });
     const s = summarizeFill(f);
-    ctx.log(`${label}: filled in ${(s.elapsedMs / 1000).toFixed(1)} s: db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.inUse)}, reclaimable ${formatBytes(s.reclaimable)}`);
+    ctx.log(
+      `${label}: filled in ${(s.elapsedMs / 1000).toFixed(1)} s: db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.inUse)}, reclaimable ${formatBytes(s.reclaimable)}`,
+    );
     return { cluster, fill: s };
   } catch (err) {
     await cluster.stop();

@@ -33,7 +33,12 @@ export function timeline(d: Disruption, preRollMs: number, tailMs: number): Time
     id: d.id,
     title: d.title.replace(/`/g, ''),
     writes: bins.map((n, i) => ({ t: sec(from + i * BIN_MS), n })),
-    defrags: d.defrags.map((e) => ({ member: e.member, start: sec(e.start.getTime()), end: sec((e.end ?? new Date(to)).getTime()), failed: Boolean(e.error) })),
+    defrags: d.defrags.map((e) => ({
+      member: e.member,
+      start: sec(e.start.getTime()),
+      end: sec((e.end ?? new Date(to)).getTime()),
+      failed: Boolean(e.error),
+    })),
     members: d.members,
   };
 }

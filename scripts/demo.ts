@@ -14,7 +14,7 @@ const cluster = await startCluster({ version, tls: true });
 try {
   say('writing 24 MiB of live data and 40 MiB of garbage, then compacting: the db file keeps the space');
   await fill(cluster, { inUseBytes: 24 * MiB, reclaimableBytes: 40 * MiB });
-  const [m0, m1, m2] = cluster.members as [typeof cluster.members[0], typeof cluster.members[0], typeof cluster.members[0]];
+  const [m0, m1, m2] = cluster.members as [(typeof cluster.members)[0], (typeof cluster.members)[0], (typeof cluster.members)[0]];
   const demoConfig = { log: { format: 'pretty', level: 'info' } };
   const cfg = writeConfig(cluster, m0, demoConfig);
   process.stdout.write(`config for ${m0.name}: ${cfg}\n`);

@@ -27,7 +27,12 @@ const require = createRequire(import.meta.url);
 const SEA_FUSE = 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2';
 
 function sh(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): string {
-  return execFileSync(cmd, args, { cwd: opts.cwd ?? root, env: opts.env ?? process.env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim();
+  return execFileSync(cmd, args, {
+    cwd: opts.cwd ?? root,
+    env: opts.env ?? process.env,
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+  }).trim();
 }
 
 function step(what: string): void {
@@ -62,17 +67,22 @@ function etcd3ProtoPlugin(): Plugin {
   // Same definition both ways, or the bundle would speak a different protocol than etcd3 does.
   const fromDisk = loader.loadSync(protoFile, options);
   const fromJson = loader.fromJSON(json, options);
-  const shape = (d: Record<string, unknown>) => JSON.stringify(d, (k, v: unknown) => (k === 'fileDescriptorProtos' || Buffer.isBuffer(v) ? undefined : typeof v === 'function' ? `fn:${(v as { name?: string }).name}` : v));
+  const shape = (d: Record<string, unknown>) =>
+    JSON.stringify(d, (k, v: unknown) =>
+      k === 'fileDescriptorProtos' || Buffer.isBuffer(v) ? undefined : typeof v === 'function' ? `fn:${(v as { name?: string }).name}` : v,
+    );
   const services = Object.keys(fromDisk).filter((k) => k.startsWith('etcdserverpb.'));
   if (services.length < 5) throw new Error(`expected the etcd services in ${protoFile}, found ${services.join(', ')}`);
-  if (shape(fromDisk) !== shape(fromJson)) throw new Error(`the JSON form of ${protoFile} does not give the same package definition as the file`);
+  if (shape(fromDisk) !== shape(fromJson))
+    throw new Error(`the JSON form of ${protoFile} does not give the same package definition as the file`);
   return {
     name: 'etcd3-proto',
     setup(b) {
       b.onLoad({ filter: /[\\/]etcd3[\\/]lib[\\/]connection-pool\.js$/ }, (args) => {
         const src = readFileSync(args.path, 'utf8');
         const call = '(0, proto_loader_1.loadSync)(`${__dirname}/../proto/rpc.proto`, {';
-        if (!src.includes(call)) throw new Error(`${args.path}: the loadSync call of rpc.proto was not found; update scripts/package.ts for this etcd3 version`);
+        if (!src.includes(call))
+          throw new Error(`${args.path}: the loadSync call of rpc.proto was not found; update scripts/package.ts for this etcd3 version`);
         return { contents: src.replace(call, `(0, proto_loader_1.fromJSON)(${JSON.stringify(json)}, {`), loader: 'js' };
       });
     },
@@ -113,8 +123,14 @@ function licenses(inputs: string[]): string {
   const parts: string[] = ['Packages bundled into /usr/bin/etcd-defragd, with their licenses.', ''];
   for (const dir of [...pkgDirs].sort()) {
     const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name: string; version: string; license?: string };
-    const file = ['LICENSE', 'LICENSE.md', 'LICENSE.txt', 'license', 'LICENCE', 'LICENSE-MIT'].map((f) => join(dir, f)).find((f) => existsSync(f));
-    parts.push(`=== ${pkg.name} ${pkg.version} (${pkg.license ?? 'see text'})`, file ? readFileSync(file, 'utf8').trim() : `(no license file in the package; package.json says ${pkg.license ?? 'nothing'})`, '');
+    const file = ['LICENSE', 'LICENSE.md', 'LICENSE.txt', 'license', 'LICENCE', 'LICENSE-MIT']
+      .map((f) => join(dir, f))
+      .find((f) => existsSync(f));
+    parts.push(
+      `=== ${pkg.name} ${pkg.version} (${pkg.license ?? 'see text'})`,
+      file ? readFileSync(file, 'utf8').trim() : `(no license file in the package; package.json says ${pkg.license ?? 'nothing'})`,
+      '',
+    );
   }
   return parts.join('\n');
 }
@@ -124,13 +140,19 @@ function sea(bundleFile: string): string {
   const node = process.execPath;
   const binary = readFileSync(node);
   const at = binary.indexOf(`${SEA_FUSE}:`);
-  if (at < 0) throw new Error(`${node} (Node ${process.version}) has no single-executable fuse; build with a Node that supports SEA (20.x from nodejs.org or Debian/NodeSource packages)`);
+  if (at < 0)
+    throw new Error(
+      `${node} (Node ${process.version}) has no single-executable fuse; build with a Node that supports SEA (20.x from nodejs.org or Debian/NodeSource packages)`,
+    );
   if (binary.indexOf(`${SEA_FUSE}:`, at + 1) >= 0) throw new Error(`${node} carries the SEA fuse twice`);
   if (binary[at + SEA_FUSE.length + 1] !== 0x30) throw new Error(`${node} already has a blob injected (fuse is set)`);
 
   const blob = join(work, 'sea-prep.blob');
   const config = join(work, 'sea-config.json');
-  writeFileSync(config, JSON.stringify({ main: bundleFile, output: blob, disableExperimentalSEAWarning: true, useCodeCache: false }, null, 2));
+  writeFileSync(
+    config,
+    JSON.stringify({ main: bundleFile, output: blob, disableExperimentalSEAWarning: true, useCodeCache: false }, null, 2),
+  );
   sh(node, ['--experimental-sea-config', config]);
 
   const exe = join(out, 'etcd-defragd');
@@ -175,7 +197,10 @@ async function main(): Promise<void> {
   process.stdout.write(`${relative(root, exe)}: ${(statSync(exe).size / 2 ** 20).toFixed(1)} MiB\n`);
   if (exeOnly) return;
   step('.deb and .rpm (packaging/build.sh)');
-  execFileSync('bash', [join(root, 'packaging', 'build.sh'), exe, pkg.version, commit, join(work, 'third-party-licenses.txt')], { cwd: root, stdio: 'inherit' });
+  execFileSync('bash', [join(root, 'packaging', 'build.sh'), exe, pkg.version, commit, join(work, 'third-party-licenses.txt')], {
+    cwd: root,
+    stdio: 'inherit',
+  });
 }
 
 main().catch((err: unknown) => {

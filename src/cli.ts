@@ -59,7 +59,21 @@ type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
   command: Command;
-  values: { config?: string; 'runtime-dir'?: string; endpoint?: string; 'log-format'?: string; 'log-level'?: string; set?: string[]; 'dry-run'?: boolean; force?: boolean; json?: boolean; help?: boolean; version?: boolean; reason?: string; 'integrity-checked'?: boolean };
+  values: {
+    config?: string;
+    'runtime-dir'?: string;
+    endpoint?: string;
+    'log-format'?: string;
+    'log-level'?: string;
+    set?: string[];
+    'dry-run'?: boolean;
+    force?: boolean;
+    json?: boolean;
+    help?: boolean;
+    version?: boolean;
+    reason?: string;
+    'integrity-checked'?: boolean;
+  };
 }
 
 function parse(argv: string[]): Parsed {
@@ -88,15 +102,18 @@ function parse(argv: string[]): Parsed {
     throw new UsageError(`${errorMessage(err)} (see etcd-defragd --help)`);
   }
   const [cmd = 'run', ...extra] = parsed.positionals;
-  if (!COMMANDS.includes(cmd as Command)) throw new UsageError(`unknown command "${cmd}"; commands: ${COMMANDS.join(', ')} (see etcd-defragd --help)`);
+  if (!COMMANDS.includes(cmd as Command))
+    throw new UsageError(`unknown command "${cmd}"; commands: ${COMMANDS.join(', ')} (see etcd-defragd --help)`);
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}" (see etcd-defragd --help)`);
   const command = cmd as Command;
   if (parsed.values['dry-run'] && command !== 'once') throw new UsageError('--dry-run goes with the once command');
-  if (parsed.values.force && command !== 'once' && command !== 'disarm') throw new UsageError('--force goes with the once and disarm commands');
+  if (parsed.values.force && command !== 'once' && command !== 'disarm')
+    throw new UsageError('--force goes with the once and disarm commands');
   if (parsed.values.reason !== undefined && command !== 'pause') throw new UsageError('--reason goes with the pause command');
   if (parsed.values['integrity-checked'] && command !== 'resume') throw new UsageError('--integrity-checked goes with the resume command');
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
-  if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls') throw new UsageError('--runtime-dir goes with the stage-tls command');
+  if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls')
+    throw new UsageError('--runtime-dir goes with the stage-tls command');
   return { command, values: parsed.values };
 }
 
@@ -117,19 +134,29 @@ function loadOptions(p: Parsed, env: NodeJS.ProcessEnv): LoadOptions {
 async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> {
   const c = loaded.config;
   const pool = new ClientPool(accessFromConfig(c));
-  const turn = p.values['dry-run'] ? undefined : new Turn(
-    { prefix: c.coordination.prefix, leaseTTL: c.coordination.leaseTTL, command: 'etcd-defragd once' },
-    { pool, endpoint: c.etcd.endpoint, log, clock: realClock },
-  );
+  const turn = p.values['dry-run']
+    ? undefined
+    : new Turn(
+        { prefix: c.coordination.prefix, leaseTTL: c.coordination.leaseTTL, command: 'etcd-defragd once' },
+        { pool, endpoint: c.etcd.endpoint, log, clock: realClock },
+      );
   const abort = new AbortController();
   const onSignal = () => abort.abort();
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const r = await run({
-      config: c, pool, log, clock: realClock, turn, signal: abort.signal,
-      onInspected: (v) => turn?.identify(v.local.id),
-    }, { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' });
+    const r = await run(
+      {
+        config: c,
+        pool,
+        log,
+        clock: realClock,
+        turn,
+        signal: abort.signal,
+        onInspected: (v) => turn?.identify(v.local.id),
+      },
+      { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' },
+    );
     return exitCodeFor(r);
   } finally {
     await turn?.close();
@@ -157,21 +184,35 @@ function decisionOf(m: MemberView, c: LoadedConfig['config']): Decision | undefi
 
 function statusTable(view: ClusterView, loaded: LoadedConfig): string {
   const c = loaded.config;
-  const rows = [['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'QUOTA USE', 'DEFRAGMENTING', 'APPLIED', 'DECISION']];
+  const rows = [
+    ['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'QUOTA USE', 'DEFRAGMENTING', 'APPLIED', 'DECISION'],
+  ];
   for (const m of view.members) {
     const s = m.status;
     const role = m.isLearner ? 'learner' : s ? (s.leader === m.id ? 'leader' : 'follower') : '?';
     const d = decisionOf(m, c);
     rows.push([
-      `${m.hex}${m.isLocal ? ' *' : ''}`, m.name || '-', m.endpoint, role,
-      s ? formatBytes(s.dbSize) : '-', s ? formatBytes(s.dbSizeInUse) : '-',
-      d ? formatPercent(d.fragmentation) : '-', quotaCell(m), d && m.quotaBytes ? formatPercent(d.quotaUsage) : '-', defragCell(m),
+      `${m.hex}${m.isLocal ? ' *' : ''}`,
+      m.name || '-',
+      m.endpoint,
+      role,
+      s ? formatBytes(s.dbSize) : '-',
+      s ? formatBytes(s.dbSizeInUse) : '-',
+      d ? formatPercent(d.fragmentation) : '-',
+      quotaCell(m),
+      d && m.quotaBytes ? formatPercent(d.quotaUsage) : '-',
+      defragCell(m),
       s ? s.raftAppliedIndex.toString() : `unreachable: ${m.error ?? ''}`.slice(0, 60),
       m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
     ]);
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  const lines = rows.map((r) => r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
+  const lines = rows.map((r) =>
+    r
+      .map((cell, i) => cell.padEnd(widths[i]!))
+      .join('  ')
+      .trimEnd(),
+  );
   lines.push('', `alarms: ${view.alarms.length ? view.alarms.map((a) => `${a.alarm} on ${hexId(a.memberId)}`).join(', ') : 'none'}`);
   const gate = healthGate(view, c);
   lines.push(`health: ${gate ? `not safe to defragment: ${gate.reason}` : 'ok'}`);
@@ -179,8 +220,10 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
     const warning = quotaMismatch(m) ?? (m.quotaBytes === undefined && m.status ? m.quotaError : undefined);
     if (warning) lines.push(`warning: ${warning}`);
   }
-  lines.push('(* = the local member, from etcd.endpoint; QUOTA: etcd = the member\'s own --quota-backend-bytes, config = policy.quotaBytes;',
-    ' DEFRAGMENTING: etcd_disk_defrag_inflight from the member\'s /metrics, ? = could not be read)');
+  lines.push(
+    "(* = the local member, from etcd.endpoint; QUOTA: etcd = the member's own --quota-backend-bytes, config = policy.quotaBytes;",
+    " DEFRAGMENTING: etcd_disk_defrag_inflight from the member's /metrics, ? = could not be read)",
+  );
   return lines.join('\n');
 }
 
@@ -190,17 +233,32 @@ function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
     alarms: view.alarms.map((a) => ({ member: hexId(a.memberId), alarm: a.alarm })),
     health: healthGate(view, loaded.config) ?? null,
     members: view.members.map((m) => ({
-      id: m.hex, name: m.name, endpoint: m.endpoint, local: m.isLocal, learner: m.isLearner, error: m.error ?? null,
+      id: m.hex,
+      name: m.name,
+      endpoint: m.endpoint,
+      local: m.isLocal,
+      learner: m.isLearner,
+      error: m.error ?? null,
       quota: {
         bytes: m.quotaBytes ?? null,
         source: m.quotaSource ?? null,
         sourceDetail: m.quotaSource ? QUOTA_FROM[m.quotaSource] : null,
         etcdBytes: m.etcdQuotaBytes ?? null,
-        warning: quotaMismatch(m) ?? (m.quotaBytes === undefined ? m.quotaError ?? null : null),
+        warning: quotaMismatch(m) ?? (m.quotaBytes === undefined ? (m.quotaError ?? null) : null),
       },
       defragmenting: m.defragmenting ?? null,
       metricsError: m.metricsError ?? null,
-      status: m.status ? { ...m.status, raftIndex: m.status.raftIndex.toString(), raftAppliedIndex: m.status.raftAppliedIndex.toString(), raftTerm: m.status.raftTerm.toString(), revision: m.status.revision.toString(), leader: hexId(m.status.leader), memberId: m.hex } : null,
+      status: m.status
+        ? {
+            ...m.status,
+            raftIndex: m.status.raftIndex.toString(),
+            raftAppliedIndex: m.status.raftAppliedIndex.toString(),
+            raftTerm: m.status.raftTerm.toString(),
+            revision: m.status.revision.toString(),
+            leader: hexId(m.status.leader),
+            memberId: m.hex,
+          }
+        : null,
       decision: decisionOf(m, loaded.config) ?? null,
     })),
   };
@@ -211,7 +269,12 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
   try {
     let view: ClusterView;
     try {
-      view = await inspect(pool, loaded.config.etcd.endpoint, { log }, { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health`, quotaBytes: loaded.config.policy.quotaBytes });
+      view = await inspect(
+        pool,
+        loaded.config.etcd.endpoint,
+        { log },
+        { memberAttempts: 1, readKey: `${loaded.config.coordination.prefix}health`, quotaBytes: loaded.config.policy.quotaBytes },
+      );
     } catch (err) {
       // `status --json | jq` must still parse: the failure as JSON on stdout, the log line on stderr.
       if (p.values.json) {
@@ -222,7 +285,13 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
     }
     const cc = await clusterControl({ config: loaded.config, pool, log });
     if (p.values.json) {
-      const control = { nextRun: cc.nextRun ?? null, turn: { holder: cc.holder ?? null, participants: cc.participants }, pause: cc.pause ?? null, halt: cc.halt ?? null, readErrors: cc.errors };
+      const control = {
+        nextRun: cc.nextRun ?? null,
+        turn: { holder: cc.holder ?? null, participants: cc.participants },
+        pause: cc.pause ?? null,
+        halt: cc.halt ?? null,
+        readErrors: cc.errors,
+      };
       writeOut(`${JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2)}\n`);
     } else {
       writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
@@ -238,9 +307,12 @@ async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<numbe
   const pool = new ClientPool(accessFromConfig(loaded.config));
   try {
     const deps = { config: loaded.config, pool, log };
-    const r = p.command === 'pause' ? await pause(deps, p.values.reason ?? '')
-      : p.command === 'resume' ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
-        : await disarm(deps, { force: Boolean(p.values.force) });
+    const r =
+      p.command === 'pause'
+        ? await pause(deps, p.values.reason ?? '')
+        : p.command === 'resume'
+          ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
+          : await disarm(deps, { force: Boolean(p.values.force) });
     writeOut(r.out);
     return r.code;
   } finally {
@@ -257,7 +329,10 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   try {
     const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
     if (r.written.length || r.removed.length) {
-      log.info({ event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') }, `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`);
+      log.info(
+        { event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') },
+        `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`,
+      );
     }
     return EXIT.ok;
   } catch (err) {
@@ -292,9 +367,11 @@ async function runDaemon(loaded: LoadedConfig, log: Log, p: Parsed, env: NodeJS.
   // A documented debug trigger (docs/operations.md): crash exactly as a bug would, through the same
   // uncaught-exception path, to check that a crash reaches the journal with its stack and that
   // systemd restarts the unit. Node's default for SIGQUIT would end the process without a word.
-  process.on('SIGQUIT', () => setImmediate(() => {
-    throw new Error('SIGQUIT received: crashing on purpose to test crash reporting (docs/operations.md)');
-  }));
+  process.on('SIGQUIT', () =>
+    setImmediate(() => {
+      throw new Error('SIGQUIT received: crashing on purpose to test crash reporting (docs/operations.md)');
+    }),
+  );
   await daemon.start();
   await stopped;
   return EXIT.ok;
@@ -314,7 +391,10 @@ let processLog: Log | undefined;
 /** A bug must not leave a process running half-broken: log it with its stack, exit 1 (systemd restarts a daemon). */
 function crash(err: unknown): never {
   if (processLog) processLog.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
-  else process.stderr.write(consoleText(process.env, PRIORITY.crit, `etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}`));
+  else
+    process.stderr.write(
+      consoleText(process.env, PRIORITY.crit, `etcd-defragd: unexpected error: ${err instanceof Error ? err.stack : String(err)}`),
+    );
   process.exit(EXIT.failed);
 }
 
@@ -376,7 +456,8 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   // stage-tls runs right before `run` at every start: the warnings are run's to tell.
   if (p.command !== 'stage-tls') for (const w of loaded.warnings) log.warn({ event: 'config.warning' }, `config: ${w}`);
   try {
-    if (p.command === 'stage-tls') return stageTls(loaded, log, p.values['runtime-dir'] ?? env.RUNTIME_DIRECTORY?.split(':')[0] ?? '/run/etcd-defragd');
+    if (p.command === 'stage-tls')
+      return stageTls(loaded, log, p.values['runtime-dir'] ?? env.RUNTIME_DIRECTORY?.split(':')[0] ?? '/run/etcd-defragd');
     if (p.command === 'once') return await once(loaded, log, p);
     if (p.command === 'status') return await status(loaded, log, p);
     if (p.command === 'pause' || p.command === 'resume' || p.command === 'disarm') return await operate(loaded, log, p);

@@ -16,9 +16,10 @@ export interface Clock {
 
 export const realClock: Clock = {
   now: () => Date.now(),
-  sleep: (ms, signal) => delay(ms, undefined, { signal }).catch((err: unknown) => {
-    if (!signal?.aborted) throw err;
-  }),
+  sleep: (ms, signal) =>
+    delay(ms, undefined, { signal }).catch((err: unknown) => {
+      if (!signal?.aborted) throw err;
+    }),
   every: (ms, fn) => {
     const t = setInterval(fn, ms);
     t.unref();

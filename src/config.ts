@@ -157,7 +157,8 @@ const endpointUrl = text((s) => {
 
 const cron = text((s) => {
   const fields = s.trim().split(/\s+/);
-  if (fields.length !== 5 && fields.length !== 6) return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week, or 6 with seconds first; got ${fields.length})`;
+  if (fields.length !== 5 && fields.length !== 6)
+    return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week, or 6 with seconds first; got ${fields.length})`;
   const detail = validateDetailed(s);
   if (!detail.valid) {
     const first = detail.errors[0];
@@ -182,8 +183,10 @@ const listen = text((s) => {
   return undefined;
 }, 'host:port such as 127.0.0.1:9479, or "" to disable');
 
-const prefix = text((s) => (s.startsWith('/') && s.endsWith('/') && s.length > 2 ? undefined : 'must start and end with /'),
-  'a key prefix that starts and ends with /, e.g. /etcd-defragd/');
+const prefix = text(
+  (s) => (s.startsWith('/') && s.endsWith('/') && s.length > 2 ? undefined : 'must start and end with /'),
+  'a key prefix that starts and ends with /, e.g. /etcd-defragd/',
+);
 
 const path = text(undefined, 'a file path, or "" for none');
 
@@ -222,7 +225,11 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     force: { default: false, kind: boolean, doc: 'defragment on every run, as the old cron did' },
     minFragmentation: { default: 0.3, kind: ratio({ zero: true }), doc: '(dbSize - dbSizeInUse) / dbSize needed to defragment' },
     minReclaimable: { default: '64MiB', kind: size(), doc: 'and at least this much to reclaim' },
-    quotaBytes: { default: 'auto', kind: sizeOrAuto(1), doc: "auto: each member's --quota-backend-bytes, read from etcd; a size overrides it" },
+    quotaBytes: {
+      default: 'auto',
+      kind: sizeOrAuto(1),
+      doc: "auto: each member's --quota-backend-bytes, read from etcd; a size overrides it",
+    },
     quotaUsageTrigger: { default: 0.8, kind: ratio({ zero: false }), doc: 'defragment anyway when dbSize / quotaBytes reaches this' },
     freeDiskMargin: { default: '256MiB', kind: size(), doc: 'free disk needed beyond the in-use size before defragmenting' },
     singleMember: { default: false, kind: boolean, doc: "defragment a cluster's only voting member (the API server stops meanwhile)" },
@@ -235,7 +242,11 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     leaseTTL: { default: '30s', kind: duration(2000), doc: 'a dead holder of the turn blocks the others this long at most' },
     maxWait: { default: '30m', kind: duration(), doc: 'how long a run waits for the turn before skipping' },
     settle: { default: '2s', kind: duration(0), doc: 'pause after a member caught up, before handing over the turn' },
-    leader: { default: 'transfer', kind: oneOf(['transfer', 'last']), doc: 'transfer: move leadership away first; last: defragment the leader after the others' },
+    leader: {
+      default: 'transfer',
+      kind: oneOf(['transfer', 'last']),
+      doc: 'transfer: move leadership away first; last: defragment the leader after the others',
+    },
   },
   retry: {
     attempts: { default: 5, kind: integer(1, 100), doc: 'tries of a retryable request (reads, status)' },
@@ -255,7 +266,11 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   },
   metrics: {
     listen: { default: '127.0.0.1:9479', kind: listen, doc: 'Prometheus /metrics and /healthz ("" disables)' },
-    textfile: { default: '', kind: promFile, doc: "node_exporter textfile collector file (*.prom), rewritten after each run and alarm check (\"\" disables)" },
+    textfile: {
+      default: '',
+      kind: promFile,
+      doc: 'node_exporter textfile collector file (*.prom), rewritten after each run and alarm check ("" disables)',
+    },
   },
   log: {
     level: { default: 'info', kind: oneOf(LOG_LEVELS), doc: LOG_LEVELS.join(', ') },
@@ -307,21 +322,27 @@ export interface LoadedConfig {
  * and named in a warning that says what replaced them.
  */
 export const RETIRED: Record<string, string> = {
-  'nospace.keepRevisions': 'replaced by nospace.keepHistory (a duration, default 5m): the first NOSPACE compaction keeps that much history, the second keeps none',
+  'nospace.keepRevisions':
+    'replaced by nospace.keepHistory (a duration, default 5m): the first NOSPACE compaction keeps that much history, the second keeps none',
 };
 
 function describeSource(key: string, s: { source: Source; detail?: string }, path: string | undefined): string {
   switch (s.source) {
-    case 'file': return `in ${path}`;
-    case 'env': return `from environment variable ${s.detail}`;
-    case 'flag': return `from flag ${s.detail}`;
-    case 'credential': return `from ${s.detail}`;
-    default: return `(default of ${key})`;
+    case 'file':
+      return `in ${path}`;
+    case 'env':
+      return `from environment variable ${s.detail}`;
+    case 'flag':
+      return `from flag ${s.detail}`;
+    case 'credential':
+      return `from ${s.detail}`;
+    default:
+      return `(default of ${key})`;
   }
 }
 
 function show(raw: unknown): string {
-  return typeof raw === 'string' ? JSON.stringify(raw) : JSON.stringify(raw) ?? String(raw);
+  return typeof raw === 'string' ? JSON.stringify(raw) : (JSON.stringify(raw) ?? String(raw));
 }
 
 function readYaml(path: string, explicit: boolean, warnings: string[]): Record<string, unknown> | undefined {
@@ -331,7 +352,9 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !explicit) return undefined;
-    throw new ConfigError(`cannot read config file ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (err as Error).message}`);
+    throw new ConfigError(
+      `cannot read config file ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (err as Error).message}`,
+    );
   }
   let doc: unknown;
   try {
@@ -342,7 +365,8 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
     throw new ConfigError(`${path}${where}: not valid YAML: ${msg}`);
   }
   if (doc === null || doc === undefined) return {};
-  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: the top level must be a mapping of sections (${Object.keys(SCHEMA).join(', ')})`);
+  if (typeof doc !== 'object' || Array.isArray(doc))
+    throw new ConfigError(`${path}: the top level must be a mapping of sections (${Object.keys(SCHEMA).join(', ')})`);
   for (const [section, value] of Object.entries(doc as Record<string, unknown>)) {
     const spec = Object.hasOwn(SCHEMA, section) ? SCHEMA[section] : undefined;
     if (!spec) throw new ConfigError(`${section}: unknown section in ${path}; accepted: ${Object.keys(SCHEMA).join(', ')}`);
@@ -351,19 +375,27 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
       delete (doc as Record<string, unknown>)[section];
       continue;
     }
-    if (typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(`${section}: must be a mapping of keys in ${path}; accepted keys: ${Object.keys(spec).join(', ')}`);
+    if (typeof value !== 'object' || Array.isArray(value))
+      throw new ConfigError(`${section}: must be a mapping of keys in ${path}; accepted keys: ${Object.keys(spec).join(', ')}`);
     for (const key of Object.keys(value as object)) {
       const retired = RETIRED[`${section}.${key}`];
       if (retired) {
         warnings.push(`${section}.${key} in ${path} is no longer used and is ignored: ${retired}; remove it`);
         // A file written by v0.1 lists every v0.1 default; this one changed for a reason.
         if ((value as Record<string, unknown>).compact === false || (value as Record<string, unknown>).compact === 'false') {
-          warnings.push(`nospace.compact: false in ${path} looks like v0.1's default written out: with it, history that fills the quota is never freed during NOSPACE and the cluster stays read-only (the API server cannot compact during the alarm); delete the line to get the default (true)`);
+          warnings.push(
+            `nospace.compact: false in ${path} looks like v0.1's default written out: with it, history that fills the quota is never freed during NOSPACE and the cluster stays read-only (the API server cannot compact during the alarm); delete the line to get the default (true)`,
+          );
         }
         delete (value as Record<string, unknown>)[key];
         continue;
       }
-      if (!Object.hasOwn(spec, key)) throw new ConfigError(`${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec).map((k) => `${section}.${k}`).join(', ')}`);
+      if (!Object.hasOwn(spec, key))
+        throw new ConfigError(
+          `${section}.${key}: unknown key in ${path}; accepted: ${Object.keys(spec)
+            .map((k) => `${section}.${k}`)
+            .join(', ')}`,
+        );
     }
   }
   return doc as Record<string, unknown>;
@@ -407,7 +439,10 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
   // made of the configured file in the service's runtime directory (src/tls-files.ts).
   const credDirs: [string | undefined, string][] = [
     [env.CREDENTIALS_DIRECTORY, 'systemd credential'],
-    [env.RUNTIME_DIRECTORY ? join(env.RUNTIME_DIRECTORY.split(':')[0]!, STAGED_SUBDIR) : undefined, 'copy staged by etcd-defragd stage-tls:'],
+    [
+      env.RUNTIME_DIRECTORY ? join(env.RUNTIME_DIRECTORY.split(':')[0]!, STAGED_SUBDIR) : undefined,
+      'copy staged by etcd-defragd stage-tls:',
+    ],
   ];
   for (const [cred, key] of Object.entries(CREDENTIALS)) {
     for (const [dir, what] of credDirs) {
@@ -430,7 +465,9 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
       const full = `${section}.${key}`;
       const result = spec.kind.parse(raw[full]);
       if ('error' in result) {
-        throw new ConfigError(`${full}: ${show(raw[full])} ${result.error} ${describeSource(full, sources[full]!, path)}; accepted: ${spec.kind.accepted}`);
+        throw new ConfigError(
+          `${full}: ${show(raw[full])} ${result.error} ${describeSource(full, sources[full]!, path)}; accepted: ${spec.kind.accepted}`,
+        );
       }
       out[section][key] = result.value;
     }
@@ -442,7 +479,10 @@ export function loadConfig(opts: LoadOptions = {}): LoadedConfig {
 
 function flagName(full: string): string {
   const direct: Record<string, string> = {
-    'log.format': '--log-format', 'log.level': '--log-level', 'etcd.endpoint': '--endpoint', 'policy.force': '--force',
+    'log.format': '--log-format',
+    'log.level': '--log-level',
+    'etcd.endpoint': '--endpoint',
+    'policy.force': '--force',
   };
   return direct[full] ?? `--set ${full}=...`;
 }
@@ -452,10 +492,14 @@ function crossCheck(c: Config, sources: LoadedConfig['sources'], path: string, c
   const tls = c.etcd.endpoint.startsWith('https:');
   if (Boolean(c.etcd.certFile) !== Boolean(c.etcd.keyFile)) {
     const missing = c.etcd.certFile ? 'etcd.keyFile' : 'etcd.certFile';
-    throw new ConfigError(`${missing}: "" ${where(missing)} but ${missing === 'etcd.keyFile' ? 'etcd.certFile' : 'etcd.keyFile'} is set; accepted: both a client certificate and its key, or neither`);
+    throw new ConfigError(
+      `${missing}: "" ${where(missing)} but ${missing === 'etcd.keyFile' ? 'etcd.certFile' : 'etcd.keyFile'} is set; accepted: both a client certificate and its key, or neither`,
+    );
   }
   if (c.etcd.username && !c.etcd.passwordFile) {
-    throw new ConfigError(`etcd.passwordFile: "" ${where('etcd.passwordFile')} but etcd.username is ${show(c.etcd.username)}; accepted: a file holding the password`);
+    throw new ConfigError(
+      `etcd.passwordFile: "" ${where('etcd.passwordFile')} but etcd.username is ${show(c.etcd.username)}; accepted: a file holding the password`,
+    );
   }
   if (!checkFiles) return;
   if (tls) {
@@ -471,7 +515,14 @@ function readable(key: string, file: string, where: (k: string) => string): Buff
     return readFileSync(file);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    const why = code === 'ENOENT' ? 'does not exist' : code === 'EACCES' ? 'is not readable (permission denied)' : code === 'EISDIR' ? 'is a directory' : `cannot be read (${code})`;
+    const why =
+      code === 'ENOENT'
+        ? 'does not exist'
+        : code === 'EACCES'
+          ? 'is not readable (permission denied)'
+          : code === 'EISDIR'
+            ? 'is a directory'
+            : `cannot be read (${code})`;
     throw new ConfigError(`${key}: ${show(file)} ${why} ${where(key)}; accepted: a readable file`);
   }
 }
@@ -530,7 +581,12 @@ export function renderDefaultConfig(): string {
     lines.push('', `${section}:`);
     const rendered = Object.entries(keys).map(([key, spec]) => {
       const v = spec.default;
-      const value = typeof v === 'string' ? (v === '' || /[:#*{}[\],&!|>'"%@`\s]/.test(v) || /^\d/.test(v) && !/^\d+[a-zA-Z]+$/.test(v) ? JSON.stringify(v) : v) : String(v);
+      const value =
+        typeof v === 'string'
+          ? v === '' || /[:#*{}[\],&!|>'"%@`\s]/.test(v) || (/^\d/.test(v) && !/^\d+[a-zA-Z]+$/.test(v))
+            ? JSON.stringify(v)
+            : v
+          : String(v);
       return { left: `  ${live ? '' : '# '}${key}: ${value}`, doc: spec.doc };
     });
     const width = Math.max(...rendered.map((r) => r.left.length)) + 2;

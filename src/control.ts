@@ -42,7 +42,12 @@ const str = (v: unknown): string | undefined => (typeof v === 'string' && v !== 
 export function parsePause(value: string | undefined): PauseRecord | undefined {
   if (value === undefined) return undefined;
   const o = parseObject(value);
-  return { by: str(o?.by) ?? 'unknown', host: str(o?.host) ?? 'unknown', at: str(o?.at) ?? 'unknown time', reason: o ? (str(o.reason) ?? '') : value };
+  return {
+    by: str(o?.by) ?? 'unknown',
+    host: str(o?.host) ?? 'unknown',
+    at: str(o?.at) ?? 'unknown time',
+    reason: o ? (str(o.reason) ?? '') : value,
+  };
 }
 
 export function parseHalt(value: string | undefined): HaltRecord | undefined {
@@ -87,9 +92,13 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
     await client.put(pauseKey(c), JSON.stringify(record));
   } catch (err) {
     if (kindOf(err) === 'nospace') {
-      throw new DefragdError('EDD_ETCD', `cannot pause: etcd refuses every write while the NOSPACE alarm is raised, and a pause is a key written to etcd (${pauseKey(c)}). ` +
-        'To stop defragmentation now, stop the service on every control-plane node (systemctl stop etcd-defragd); ' +
-        'or let the NOSPACE recovery finish, then pause', { cause: err, permanent: false });
+      throw new DefragdError(
+        'EDD_ETCD',
+        `cannot pause: etcd refuses every write while the NOSPACE alarm is raised, and a pause is a key written to etcd (${pauseKey(c)}). ` +
+          'To stop defragmentation now, stop the service on every control-plane node (systemctl stop etcd-defragd); ' +
+          'or let the NOSPACE recovery finish, then pause',
+        { cause: err, permanent: false },
+      );
     }
     throw err;
   }
@@ -118,7 +127,10 @@ const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key:
 
 /** Writes the halt fuse once per cluster, while writes work (best effort: a daemon does it when it joins, a run when it looks). */
 export async function armHaltFuse(pool: EtcdPool, c: Pick<Config, 'coordination' | 'etcd'>): Promise<void> {
-  await pool.get(c.etcd.endpoint).txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')]).catch(() => undefined);
+  await pool
+    .get(c.etcd.endpoint)
+    .txn('arm fuse', [absent(fuseArmedKey(c))], [putOp(fuseArmedKey(c), 'delete fuse = halt'), putOp(fuseKey(c), 'intact')])
+    .catch(() => undefined);
 }
 
 /** Is the halt fuse blown (armed, and its key deleted)? */
@@ -129,11 +141,19 @@ export async function fuseBlown(client: EtcdMember, c: Prefixed, hooks: RetryHoo
 
 /** A blown fuse becomes the halt key again, and the fuse is restored (needs writes). */
 export async function haltFromBlownFuse(client: EtcdMember, c: Prefixed, reason: string, at: string): Promise<void> {
-  await client.txn('record halt', [absent(fuseKey(c)), exists(fuseArmedKey(c))], [putOp(haltKey(c), JSON.stringify({ reason, at })), putOp(fuseKey(c), 'intact')]);
+  await client.txn(
+    'record halt',
+    [absent(fuseKey(c)), exists(fuseArmedKey(c))],
+    [putOp(haltKey(c), JSON.stringify({ reason, at })), putOp(fuseKey(c), 'intact')],
+  );
 }
 
 /** Records a halt where the halt key cannot be written (NOSPACE): deletes the fuse; false when it was never armed. */
 export async function blowFuse(client: EtcdMember, c: Prefixed): Promise<boolean> {
-  const res = await client.txn('blow fuse', [exists(fuseArmedKey(c)), exists(fuseKey(c))], [{ request_delete_range: { key: Buffer.from(fuseKey(c)) } }]);
+  const res = await client.txn(
+    'blow fuse',
+    [exists(fuseArmedKey(c)), exists(fuseKey(c))],
+    [{ request_delete_range: { key: Buffer.from(fuseKey(c)) } }],
+  );
   return res.succeeded;
 }

@@ -84,7 +84,10 @@ export class Daemon {
   private revisions: RevisionLog;
   metricsAddress: string | undefined;
 
-  constructor(config: Config, private readonly deps: DaemonDeps) {
+  constructor(
+    config: Config,
+    private readonly deps: DaemonDeps,
+  ) {
     this.config = config;
     this.metrics = deps.metrics ?? new Metrics(version());
     this.pool = this.newPool();
@@ -108,7 +111,13 @@ export class Daemon {
 
   private newTurn(): Turn {
     return new Turn(
-      { prefix: this.config.coordination.prefix, leaseTTL: this.config.coordination.leaseTTL, command: 'etcd-defragd run', keepSpares: true, tickets: this.deps.tickets },
+      {
+        prefix: this.config.coordination.prefix,
+        leaseTTL: this.config.coordination.leaseTTL,
+        command: 'etcd-defragd run',
+        keepSpares: true,
+        tickets: this.deps.tickets,
+      },
       { pool: this.pool, endpoint: this.config.etcd.endpoint, log: this.deps.log, clock: this.deps.clock },
     );
   }
@@ -125,12 +134,24 @@ export class Daemon {
       try {
         this.metricsAddress = await this.metrics.listen(c.metrics.listen);
       } catch (err) {
-        log.error({ event: 'metrics.fail', listen: c.metrics.listen, error: errorMessage(err) }, `cannot serve metrics on ${c.metrics.listen}: ${errorMessage(err)}`);
+        log.error(
+          { event: 'metrics.fail', listen: c.metrics.listen, error: errorMessage(err) },
+          `cannot serve metrics on ${c.metrics.listen}: ${errorMessage(err)}`,
+        );
       }
     }
     this.schedule();
-    log.info({ event: 'daemon.start', endpoint: c.etcd.endpoint, cron: c.schedule.cron, timezone: c.schedule.timezone, metrics: this.metricsAddress ?? '', nextRun: this.task?.nextRuns(1)[0]?.toISOString() },
-      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`);
+    log.info(
+      {
+        event: 'daemon.start',
+        endpoint: c.etcd.endpoint,
+        cron: c.schedule.cron,
+        timezone: c.schedule.timezone,
+        metrics: this.metricsAddress ?? '',
+        nextRun: this.task?.nextRuns(1)[0]?.toISOString(),
+      },
+      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`,
+    );
     void this.join();
     void this.checkQuota();
     this.nospaceTimer = this.deps.clock.every(c.nospace.checkInterval, () => void this.checkAlarms());
@@ -146,7 +167,10 @@ export class Daemon {
       await this.turn.register();
       await armHaltFuse(this.pool, this.config);
     } catch (err) {
-      this.deps.log.warn({ event: 'turn.register.fail', error: errorMessage(err) }, `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`);
+      this.deps.log.warn(
+        { event: 'turn.register.fail', error: errorMessage(err) },
+        `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`,
+      );
     }
   }
 
@@ -154,12 +178,26 @@ export class Daemon {
   private async checkQuota(): Promise<void> {
     const c = this.config;
     try {
-      const view = await inspect(this.pool, c.etcd.endpoint, { log: this.deps.log, signal: this.abort.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
+      const view = await inspect(
+        this.pool,
+        c.etcd.endpoint,
+        { log: this.deps.log, signal: this.abort.signal },
+        { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes },
+      );
       const local = view.local;
       const mismatch = quotaMismatch(local);
-      if (mismatch) this.deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
-      else if (local.quotaBytes === undefined) this.deps.log.warn({ event: 'quota.unknown', member: local.hex }, local.quotaError ?? 'the quota of the local member is unknown');
-      else this.deps.log.info({ event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource }, `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`);
+      if (mismatch)
+        this.deps.log.warn(
+          { event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes },
+          mismatch,
+        );
+      else if (local.quotaBytes === undefined)
+        this.deps.log.warn({ event: 'quota.unknown', member: local.hex }, local.quotaError ?? 'the quota of the local member is unknown');
+      else
+        this.deps.log.info(
+          { event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource },
+          `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`,
+        );
     } catch (err) {
       this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }
@@ -188,7 +226,8 @@ export class Daemon {
     } catch (err) {
       const why = errorMessage(err);
       // Once per kind of trouble, not every alarm check.
-      if (why !== this.textfileTrouble) this.deps.log.warn({ event: 'metrics.textfile.fail', path, error: why }, `cannot write metrics.textfile ${path}: ${why}`);
+      if (why !== this.textfileTrouble)
+        this.deps.log.warn({ event: 'metrics.textfile.fail', path, error: why }, `cannot write metrics.textfile ${path}: ${why}`);
       this.textfileTrouble = why;
     }
   }
@@ -221,32 +260,46 @@ export class Daemon {
     const log = this.deps.log.child({ runId });
     let result: RunResult | undefined;
     if (this.halted) {
-      const how = this.haltRecorded ? 'etcd-defragd resume --integrity-checked' : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
-      log.error({ event: 'run.skip', check: 'halt', mode }, `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`);
+      const how = this.haltRecorded
+        ? 'etcd-defragd resume --integrity-checked'
+        : 'restart etcd-defragd on this node (the halt could not be written to etcd)';
+      log.error(
+        { event: 'run.skip', check: 'halt', mode },
+        `run skipped: halted after an integrity mismatch (${this.halted}); check the members, then ${how}`,
+      );
       this.metrics.recordRun('skipped', mode, 'halt');
       return;
     }
     try {
       if (!this.turn.joined()) await this.join();
-      result = await run({
-        config: this.config, pool: this.pool, log, clock: this.deps.clock, turn: this.turn, signal: this.abort.signal, hashKV: this.deps.hashKV,
-        revisions: this.revisions,
-        onInspected: (v) => {
-          if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
-          this.metrics.recordView(v);
-          this.metrics.recordAlarms(v.alarms);
-          this.turn.identify(v.local.id);
+      result = await run(
+        {
+          config: this.config,
+          pool: this.pool,
+          log,
+          clock: this.deps.clock,
+          turn: this.turn,
+          signal: this.abort.signal,
+          hashKV: this.deps.hashKV,
+          revisions: this.revisions,
+          onInspected: (v) => {
+            if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
+            this.metrics.recordView(v);
+            this.metrics.recordAlarms(v.alarms);
+            this.turn.identify(v.local.id);
+          },
+          onDefragStart: (member) => this.metrics.defragStarted(member),
+          onDefrag: (d) => {
+            this.metrics.defragEnded(d.member);
+            this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
+            if (d.ok) {
+              this.metrics.reclaimed.inc(d.reclaimed);
+              this.metrics.duration.observe(d.tookMs / 1000);
+            }
+          },
         },
-        onDefragStart: (member) => this.metrics.defragStarted(member),
-        onDefrag: (d) => {
-          this.metrics.defragEnded(d.member);
-          this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
-          if (d.ok) {
-            this.metrics.reclaimed.inc(d.reclaimed);
-            this.metrics.duration.observe(d.tookMs / 1000);
-          }
-        },
-      }, { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since });
+        { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since },
+      );
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defraggedSinceAlarm = true;
       if (result.check === 'integrity') {
@@ -260,7 +313,11 @@ export class Daemon {
     if (mode === 'nospace' && !this.stopping && !this.halted) {
       try {
         await checkAndDisarm({
-          config: this.config, pool: this.pool, log, onDisarm: () => this.metrics.disarms.inc(), defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
+          config: this.config,
+          pool: this.pool,
+          log,
+          onDisarm: () => this.metrics.disarms.inc(),
+          defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
           registered: () => this.turn.registeredMembers(),
         });
       } catch (err) {
@@ -285,13 +342,21 @@ export class Daemon {
     this.metrics.recordAlarms(alarms);
     // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory), always from
     // the local member, so that a revision going back means a restore and not a lagging member.
-    await this.pool.get(this.config.etcd.endpoint).revision({ signal: this.abort.signal }, 1)
-      .then((r) => this.revisions.record(this.deps.clock.now(), r), () => undefined);
+    await this.pool
+      .get(this.config.etcd.endpoint)
+      .revision({ signal: this.abort.signal }, 1)
+      .then(
+        (r) => this.revisions.record(this.deps.clock.now(), r),
+        () => undefined,
+      );
     await this.checkControl();
     await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
-      this.deps.log.error({ event: 'alarm.corrupt', member: hexId(a.memberId) }, `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`);
+      this.deps.log.error(
+        { event: 'alarm.corrupt', member: hexId(a.memberId) },
+        `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`,
+      );
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) {
       this.alarmEpisode = undefined;
@@ -299,7 +364,11 @@ export class Daemon {
     } else {
       this.alarmEpisode ??= { defraggedSinceAlarm: false, since: this.deps.clock.now() };
       this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
-      if (!this.running) this.deps.log.warn({ event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => hexId(a.memberId)) }, 'NOSPACE alarm raised: etcd refuses writes; starting recovery');
+      if (!this.running)
+        this.deps.log.warn(
+          { event: 'alarm.nospace', members: alarms.filter((a) => a.alarm === 'NOSPACE').map((a) => hexId(a.memberId)) },
+          'NOSPACE alarm raised: etcd refuses writes; starting recovery',
+        );
       this.trigger('nospace');
     }
   }
@@ -319,7 +388,10 @@ export class Daemon {
     }
     this.metrics.recordControl({ paused: Boolean(state.pause), halted: Boolean(state.halt) || Boolean(this.halted) });
     if (this.halted && this.haltRecorded && !state.halt) {
-      this.deps.log.info({ event: 'halt.cleared' }, 'the integrity halt was cleared (etcd-defragd resume --integrity-checked): runs go again');
+      this.deps.log.info(
+        { event: 'halt.cleared' },
+        'the integrity halt was cleared (etcd-defragd resume --integrity-checked): runs go again',
+      );
       this.halted = undefined;
       this.haltRecorded = false;
       this.metrics.recordControl({ paused: Boolean(state.pause), halted: false });
@@ -333,7 +405,10 @@ export class Daemon {
     try {
       next = loadConfig(this.deps.loadOptions).config;
     } catch (err) {
-      log.error({ event: 'config.reload.fail', error: errorMessage(err) }, `config reload rejected, keeping the running config: ${errorMessage(err)}`);
+      log.error(
+        { event: 'config.reload.fail', error: errorMessage(err) },
+        `config reload rejected, keeping the running config: ${errorMessage(err)}`,
+      );
       return false;
     }
     const prev = this.config;
@@ -341,7 +416,8 @@ export class Daemon {
     const tlsChanged = this.tls.reset(next);
     this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
-    const accessChanged = tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
+    const accessChanged =
+      tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
     const turnChanged = JSON.stringify(prev.coordination) !== JSON.stringify(next.coordination);
     if (accessChanged || turnChanged) {
       if (!this.running) this.reloadConnections();
@@ -355,7 +431,10 @@ export class Daemon {
       this.nospaceTimer.cancel();
       this.nospaceTimer = this.deps.clock.every(next.nospace.checkInterval, () => void this.checkAlarms());
     }
-    log.info({ event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.nextRuns(1)[0]?.toISOString() }, `config reloaded; next run ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`);
+    log.info(
+      { event: 'config.reload', cron: next.schedule.cron, nextRun: this.task?.nextRuns(1)[0]?.toISOString() },
+      `config reloaded; next run ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`,
+    );
     return true;
   }
 
@@ -384,7 +463,8 @@ export class Daemon {
     this.task?.stop();
     this.nospaceTimer?.cancel();
     this.abort.abort();
-    if (this.running) this.deps.log.info({ event: 'daemon.stopping' }, 'stopping: letting the current run finish its member (signal again to exit now)');
+    if (this.running)
+      this.deps.log.info({ event: 'daemon.stopping' }, 'stopping: letting the current run finish its member (signal again to exit now)');
     await this.idle();
     await this.turn.close();
     this.pool.close();

@@ -30,7 +30,7 @@ export class DefragdError extends Error {
     super(message, { cause: opts.cause });
     this.name = 'DefragdError';
     this.code = code;
-    this.permanent = opts.permanent ?? (code !== 'EDD_UNAVAILABLE');
+    this.permanent = opts.permanent ?? code !== 'EDD_UNAVAILABLE';
   }
 }
 

@@ -36,15 +36,24 @@ const TLS_PATTERN = /certificate|ssl|tls|handshake|self[- ]signed|unable to veri
 export function classify(err: unknown): ErrorKind {
   const msg = err instanceof Error ? err.message : String(err);
   if (err instanceof GRPCResourceExhastedError || /database space exceeded|NOSPACE/i.test(msg)) return 'nospace';
-  if (err instanceof GRPCUnauthenticatedError || err instanceof EtcdAuthenticationFailedError
-    || err instanceof EtcdPermissionDeniedError
-    || err instanceof EtcdInvalidAuthTokenError || /permission denied|authentication failed|user name is empty|invalid auth token/i.test(msg)) return 'auth';
+  if (
+    err instanceof GRPCUnauthenticatedError ||
+    err instanceof EtcdAuthenticationFailedError ||
+    err instanceof EtcdPermissionDeniedError ||
+    err instanceof EtcdInvalidAuthTokenError ||
+    /permission denied|authentication failed|user name is empty|invalid auth token/i.test(msg)
+  )
+    return 'auth';
   if (TLS_PATTERN.test(msg) && !/deadline/i.test(msg)) return 'tls';
   if (/not leader|leader changed|no leader/i.test(msg)) return 'not-leader';
   if (/required revision has been compacted/i.test(msg)) return 'compacted';
   if (err instanceof GRPCDeadlineExceededError || /deadline exceeded|timed out|timeout/i.test(msg)) return 'timeout';
-  if (err instanceof GRPCUnavailableError || err instanceof GRPCCancelledError
-    || /unavailable|ECONNREFUSED|ECONNRESET|EPIPE|socket|connection|No connection established|broken circuit|transport/i.test(msg)) return 'unavailable';
+  if (
+    err instanceof GRPCUnavailableError ||
+    err instanceof GRPCCancelledError ||
+    /unavailable|ECONNREFUSED|ECONNRESET|EPIPE|socket|connection|No connection established|broken circuit|transport/i.test(msg)
+  )
+    return 'unavailable';
   return 'other';
 }
 
@@ -64,12 +73,24 @@ export function toDefragdError(err: unknown, what: string, endpoint: string): De
   const raw = err instanceof Error ? err.message.replace(/\s+/g, ' ').trim() : String(err);
   switch (kind) {
     case 'tls':
-      return new DefragdError('EDD_TLS', `${what} on ${endpoint}: TLS failed (${raw}); check etcd.caFile signs the server certificate and etcd.certFile/keyFile are a client pair signed by it`, { cause: err, permanent: true });
+      return new DefragdError(
+        'EDD_TLS',
+        `${what} on ${endpoint}: TLS failed (${raw}); check etcd.caFile signs the server certificate and etcd.certFile/keyFile are a client pair signed by it`,
+        { cause: err, permanent: true },
+      );
     case 'auth':
-      return new DefragdError('EDD_AUTH', `${what} on ${endpoint}: etcd refused our credentials (${raw}); with etcd auth enabled defragment, alarm disarm and move-leader need the root role`, { cause: err, permanent: true });
+      return new DefragdError(
+        'EDD_AUTH',
+        `${what} on ${endpoint}: etcd refused our credentials (${raw}); with etcd auth enabled defragment, alarm disarm and move-leader need the root role`,
+        { cause: err, permanent: true },
+      );
     case 'unavailable':
     case 'timeout':
-      return new DefragdError('EDD_UNAVAILABLE', `${what} on ${endpoint}: ${kind === 'timeout' ? 'no answer before the deadline' : 'unavailable'} (${raw})`, { cause: err, permanent: false });
+      return new DefragdError(
+        'EDD_UNAVAILABLE',
+        `${what} on ${endpoint}: ${kind === 'timeout' ? 'no answer before the deadline' : 'unavailable'} (${raw})`,
+        { cause: err, permanent: false },
+      );
     default:
       return new DefragdError('EDD_ETCD', `${what} on ${endpoint}: ${raw}`, { cause: err, permanent: kind !== 'not-leader' });
   }
@@ -172,10 +193,18 @@ export function parseServerMetrics(text: string): ServerMetrics {
     if (!m) continue;
     const value = Number(m[3]);
     switch (m[1]) {
-      case 'etcd_server_quota_backend_bytes': if (Number.isFinite(value)) out.quotaBytes = value; break;
-      case 'etcd_disk_defrag_inflight': if (Number.isFinite(value)) out.defragInflight = value > 0; break;
-      case 'etcd_mvcc_db_total_size_in_bytes': if (Number.isFinite(value)) out.dbSize = value; break;
-      case 'etcd_mvcc_db_total_size_in_use_in_bytes': if (Number.isFinite(value)) out.dbSizeInUse = value; break;
+      case 'etcd_server_quota_backend_bytes':
+        if (Number.isFinite(value)) out.quotaBytes = value;
+        break;
+      case 'etcd_disk_defrag_inflight':
+        if (Number.isFinite(value)) out.defragInflight = value > 0;
+        break;
+      case 'etcd_mvcc_db_total_size_in_bytes':
+        if (Number.isFinite(value)) out.dbSize = value;
+        break;
+      case 'etcd_mvcc_db_total_size_in_use_in_bytes':
+        if (Number.isFinite(value)) out.dbSizeInUse = value;
+        break;
       case 'etcd_server_version': {
         const v = m[2]?.match(/server_version="([^"]*)"/)?.[1];
         if (v) out.version = v;
@@ -211,7 +240,12 @@ export interface EtcdMember {
   disarm(alarm: Alarm): Promise<unknown>;
   defragment(): Promise<DefragmentReply>;
   moveLeader(targetId: string): Promise<unknown>;
-  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }>;
+  hashKV(
+    revision: bigint,
+    hooks?: RetryHooks,
+    attempts?: number,
+    timeoutMs?: number,
+  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }>;
   compact(revision: bigint, physical?: boolean, timeoutMs?: number): Promise<unknown>;
   linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown>;
   range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }>;
@@ -242,10 +276,10 @@ export class MemberClient implements EtcdMember {
     const tls = endpoint.startsWith('https:');
     this.client = new Etcd3({
       hosts: [endpoint],
-      credentials: tls
-        ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert }
+      credentials: tls ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert } : undefined,
+      auth: access.username
+        ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) }
         : undefined,
-      auth: access.username ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) } : undefined,
       // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
       faultHandling: { global: noop, host: () => noop },
       grpcOptions: {
@@ -261,7 +295,12 @@ export class MemberClient implements EtcdMember {
   }
 
   /** A read that is safe to repeat: retried on transient errors with capped, jittered backoff. */
-  async read<T>(what: string, fn: (deadline: Date) => Promise<T>, hooks: RetryHooks = {}, attempts = this.access.retry.attempts): Promise<T> {
+  async read<T>(
+    what: string,
+    fn: (deadline: Date) => Promise<T>,
+    hooks: RetryHooks = {},
+    attempts = this.access.retry.attempts,
+  ): Promise<T> {
     try {
       return await pRetry(() => fn(this.deadline()), {
         retries: Math.max(0, attempts - 1),
@@ -273,8 +312,10 @@ export class MemberClient implements EtcdMember {
         shouldRetry: ({ error, attemptNumber, retriesLeft }) => {
           const kind = classify(error);
           if (!isTransient(kind)) return false;
-          hooks.log?.warn({ event: 'etcd.retry', endpoint: this.endpoint, op: what, attempt: attemptNumber, retriesLeft, error: error.message },
-            `${what} on ${this.endpoint} failed (attempt ${attemptNumber}, ${retriesLeft} left): ${error.message}`);
+          hooks.log?.warn(
+            { event: 'etcd.retry', endpoint: this.endpoint, op: what, attempt: attemptNumber, retriesLeft, error: error.message },
+            `${what} on ${this.endpoint} failed (attempt ${attemptNumber}, ${retriesLeft} left): ${error.message}`,
+          );
           return true;
         },
       });
@@ -293,7 +334,12 @@ export class MemberClient implements EtcdMember {
   }
 
   status(hooks?: RetryHooks, attempts?: number): Promise<MemberStatus> {
-    return this.read('status', async (deadline) => toStatus(this.endpoint, await this.client.maintenance.status({ deadline })), hooks, attempts);
+    return this.read(
+      'status',
+      async (deadline) => toStatus(this.endpoint, await this.client.maintenance.status({ deadline })),
+      hooks,
+      attempts,
+    );
   }
 
   /** One Status with a short deadline, no retry: does the member answer right now? */
@@ -306,7 +352,12 @@ export class MemberClient implements EtcdMember {
   }
 
   async members(hooks?: RetryHooks, attempts?: number): Promise<Member[]> {
-    const res = await this.read('member list', (deadline) => this.client.cluster.memberList({ linearizable: true } as never, { deadline }), hooks, attempts);
+    const res = await this.read(
+      'member list',
+      (deadline) => this.client.cluster.memberList({ linearizable: true } as never, { deadline }),
+      hooks,
+      attempts,
+    );
     return res.members.map((m: IMember) => ({
       id: String(m.ID),
       name: m.name,
@@ -324,18 +375,31 @@ export class MemberClient implements EtcdMember {
 
   /** The member's current revision from a serializable count-only read (answered locally, works during NOSPACE). */
   async revision(hooks?: RetryHooks, attempts?: number): Promise<bigint> {
-    const res = await this.read('revision', (deadline) => this.client.kv.range({ key: Buffer.from('\0'), count_only: true, serializable: true } as never, { deadline }), hooks, attempts);
+    const res = await this.read(
+      'revision',
+      (deadline) => this.client.kv.range({ key: Buffer.from('\0'), count_only: true, serializable: true } as never, { deadline }),
+      hooks,
+      attempts,
+    );
     return BigInt(res.header.revision);
   }
 
   disarm(alarm: Alarm): Promise<unknown> {
     return this.sendOnce('alarm disarm', (deadline) =>
-      this.client.maintenance.alarm({ action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never, { deadline }));
+      this.client.maintenance.alarm(
+        { action: 'Deactivate', memberID: alarm.memberId, alarm: alarm.alarm.charAt(0) + alarm.alarm.slice(1).toLowerCase() } as never,
+        { deadline },
+      ),
+    );
   }
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */
   async defragment(): Promise<DefragmentReply> {
-    const res = await this.sendOnce('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
+    const res = await this.sendOnce(
+      'defragment',
+      (deadline) => this.client.maintenance.defragment({ deadline }),
+      this.access.defragTimeout,
+    );
     // The header names the member that did it: behind DNS or a load balancer it may not be ours.
     return { memberId: String((res as { header?: { member_id?: string } }).header?.member_id ?? '') };
   }
@@ -345,31 +409,56 @@ export class MemberClient implements EtcdMember {
   }
 
   /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
-  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
-    return this.read('hash kv', async (d) => {
-      const deadline = timeoutMs === undefined ? d : this.deadline(timeoutMs);
-      const pool = (this.client as unknown as { pool: { exec(s: string, m: string, p: unknown, o: unknown): Promise<Record<string, unknown>> } }).pool;
-      const res = await pool.exec('Maintenance', 'hashKv', { revision: revision.toString() }, { deadline });
-      return {
-        hash: String(res.hash),
-        compactRevision: BigInt(String(res.compact_revision ?? '0')),
-        revision: BigInt(String((res.header as { revision: string }).revision)),
-      };
-    }, hooks, attempts);
+  hashKV(
+    revision: bigint,
+    hooks?: RetryHooks,
+    attempts?: number,
+    timeoutMs?: number,
+  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+    return this.read(
+      'hash kv',
+      async (d) => {
+        const deadline = timeoutMs === undefined ? d : this.deadline(timeoutMs);
+        const pool = (
+          this.client as unknown as { pool: { exec(s: string, m: string, p: unknown, o: unknown): Promise<Record<string, unknown>> } }
+        ).pool;
+        const res = await pool.exec('Maintenance', 'hashKv', { revision: revision.toString() }, { deadline });
+        return {
+          hash: String(res.hash),
+          compactRevision: BigInt(String(res.compact_revision ?? '0')),
+          revision: BigInt(String((res.header as { revision: string }).revision)),
+        };
+      },
+      hooks,
+      attempts,
+    );
   }
 
   /** Sent once; `physical` waits until the member that serves it has dropped the history (its own deadline). */
   compact(revision: bigint, physical = false, timeoutMs = this.access.requestTimeout): Promise<unknown> {
-    return this.sendOnce('compact', (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }), timeoutMs);
+    return this.sendOnce(
+      'compact',
+      (deadline) => this.client.kv.compact({ revision: revision.toString(), physical }, { deadline }),
+      timeoutMs,
+    );
   }
 
   /** A linearizable read through raft: proves the member can reach a quorum. */
   linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown> {
-    return this.read('linearizable read', (deadline) => this.client.kv.range({ key: Buffer.from(key), serializable: false, count_only: true } as never, { deadline }), hooks);
+    return this.read(
+      'linearizable read',
+      (deadline) => this.client.kv.range({ key: Buffer.from(key), serializable: false, count_only: true } as never, { deadline }),
+      hooks,
+    );
   }
 
   async range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
-    const res = await this.read('range', (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }), hooks, attempts);
+    const res = await this.read(
+      'range',
+      (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }),
+      hooks,
+      attempts,
+    );
     return { kvs: res.kvs, revision: BigInt(res.header.revision) };
   }
 
@@ -383,7 +472,9 @@ export class MemberClient implements EtcdMember {
   }
 
   put(key: string, value: string, lease?: string): Promise<unknown> {
-    return this.sendOnce('put', (deadline) => this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }));
+    return this.sendOnce('put', (deadline) =>
+      this.client.kv.put({ key: Buffer.from(key), value: Buffer.from(value), lease }, { deadline }),
+    );
   }
 
   async leaseGrant(ttlSeconds: number): Promise<string> {
@@ -397,19 +488,23 @@ export class MemberClient implements EtcdMember {
 
   /** One keep-alive over a short-lived stream; returns the remaining TTL (0: the lease is gone). */
   async leaseKeepAlive(id: string, timeoutMs = this.access.requestTimeout): Promise<number> {
-    return this.sendOnce('lease keep-alive', async (deadline) => {
-      const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
-      try {
-        return await new Promise<number>((resolve, reject) => {
-          stream.on('data', (res: { TTL: string }) => resolve(Number(res.TTL)));
-          stream.on('error', reject);
-          stream.on('end', () => reject(new Error('keep-alive stream ended')));
-          stream.write({ ID: id });
-        });
-      } finally {
-        stream.end();
-      }
-    }, timeoutMs);
+    return this.sendOnce(
+      'lease keep-alive',
+      async (deadline) => {
+        const stream = await this.client.leaseClient.leaseKeepAlive({ deadline });
+        try {
+          return await new Promise<number>((resolve, reject) => {
+            stream.on('data', (res: { TTL: string }) => resolve(Number(res.TTL)));
+            stream.on('error', reject);
+            stream.on('end', () => reject(new Error('keep-alive stream ended')));
+            stream.write({ ID: id });
+          });
+        } finally {
+          stream.end();
+        }
+      },
+      timeoutMs,
+    );
   }
 
   /**
@@ -434,7 +529,9 @@ export class MemberClient implements EtcdMember {
         }
         res.setEncoding('utf8');
         let body = '';
-        res.on('data', (chunk: string) => { body += chunk; });
+        res.on('data', (chunk: string) => {
+          body += chunk;
+        });
         res.on('end', () => resolve(parseServerMetrics(body)));
         res.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       });

@@ -14,7 +14,10 @@ export class RevisionLog {
   private holdAt: number | undefined;
 
   /** @param keepMs how far back samples are kept; @param minGapMs samples closer than this are merged */
-  constructor(private keepMs: number, private readonly minGapMs = 5000) {}
+  constructor(
+    private keepMs: number,
+    private readonly minGapMs = 5000,
+  ) {}
 
   setKeep(ms: number): void {
     this.keepMs = ms;
@@ -32,7 +35,12 @@ export class RevisionLog {
     if (last && at - last.at < this.minGapMs) return; // runs inspect often; a sample every few seconds is plenty
     this.samples.push({ at, revision });
     // One sample older than the window is kept: it answers "the revision keepMs ago".
-    while (this.samples.length > 2 && this.samples[1]!.at <= at - this.keepMs && !(this.holdAt !== undefined && this.samples[1]!.at > this.holdAt)) this.samples.shift();
+    while (
+      this.samples.length > 2 &&
+      this.samples[1]!.at <= at - this.keepMs &&
+      !(this.holdAt !== undefined && this.samples[1]!.at > this.holdAt)
+    )
+      this.samples.shift();
   }
 
   /** The newest sample taken at or before `time`, if any. */

@@ -29,7 +29,8 @@ function noAnswer(err: unknown): boolean {
 async function readMetrics(client: EtcdMember, timeoutMs?: number): Promise<{ metrics?: ServerMetrics; error?: string; down?: boolean }> {
   try {
     const metrics = await client.serverMetrics(timeoutMs);
-    if (metrics.defragInflight === undefined) return { metrics, error: `${client.endpoint}/metrics has no etcd_disk_defrag_inflight`, down: false };
+    if (metrics.defragInflight === undefined)
+      return { metrics, error: `${client.endpoint}/metrics has no etcd_disk_defrag_inflight`, down: false };
     return { metrics };
   } catch (err) {
     return { error: errorMessage(err), down: noAnswer(err) };
@@ -54,55 +55,68 @@ export async function inspect(pool: EtcdPool, localEndpoint: string, hooks: Retr
   const localClient = pool.get(localEndpoint);
   const localStatus = await localClient.status(hooks);
   const [list, alarms] = await Promise.all([localClient.members(hooks), localClient.alarms(hooks)]);
-  const members: MemberView[] = await Promise.all(list.map(async (m) => {
-    const isLocal = m.id === localStatus.memberId;
-    const view: MemberView = {
-      id: m.id,
-      hex: hexId(m.id),
-      name: m.name,
-      endpoint: isLocal ? localEndpoint : (m.clientURLs[0] ?? '(no client URL)'),
-      isLearner: m.isLearner,
-      isLocal,
-    };
-    if (isLocal) {
-      view.status = localStatus;
-      applyMetrics(view, await readMetrics(localClient), quotaBytes);
-      return view;
-    }
-    if (m.clientURLs.length === 0) {
-      view.error = 'the member has no client URL (not started?)';
-      return view;
-    }
-    let metrics: Awaited<ReturnType<typeof readMetrics>> | undefined;
-    for (const url of m.clientURLs) {
-      const client = pool.get(url);
-      const [status, met] = await Promise.all([
-        client.status(hooks, opts.memberAttempts ?? 2).then((s) => s, (err: unknown) => err as Error),
-        readMetrics(client),
-      ]);
-      if (!(status instanceof Error) && status.memberId !== m.id) {
-        view.error = `${url} answers as member ${hexId(status.memberId)}`;
-        continue;
+  const members: MemberView[] = await Promise.all(
+    list.map(async (m) => {
+      const isLocal = m.id === localStatus.memberId;
+      const view: MemberView = {
+        id: m.id,
+        hex: hexId(m.id),
+        name: m.name,
+        endpoint: isLocal ? localEndpoint : (m.clientURLs[0] ?? '(no client URL)'),
+        isLearner: m.isLearner,
+        isLocal,
+      };
+      if (isLocal) {
+        view.status = localStatus;
+        applyMetrics(view, await readMetrics(localClient), quotaBytes);
+        return view;
       }
-      view.endpoint = url;
-      metrics = met;
-      if (status instanceof Error) {
-        view.error = status.message;
-        // A member that defragments answers /metrics but not Status: that URL is the member's.
-        if (met.metrics) break;
-        continue;
+      if (m.clientURLs.length === 0) {
+        view.error = 'the member has no client URL (not started?)';
+        return view;
       }
-      view.status = status;
-      view.error = undefined;
-      break;
-    }
-    if (metrics) applyMetrics(view, metrics, quotaBytes);
-    return view;
-  }));
+      let metrics: Awaited<ReturnType<typeof readMetrics>> | undefined;
+      for (const url of m.clientURLs) {
+        const client = pool.get(url);
+        const [status, met] = await Promise.all([
+          client.status(hooks, opts.memberAttempts ?? 2).then(
+            (s) => s,
+            (err: unknown) => err as Error,
+          ),
+          readMetrics(client),
+        ]);
+        if (!(status instanceof Error) && status.memberId !== m.id) {
+          view.error = `${url} answers as member ${hexId(status.memberId)}`;
+          continue;
+        }
+        view.endpoint = url;
+        metrics = met;
+        if (status instanceof Error) {
+          view.error = status.message;
+          // A member that defragments answers /metrics but not Status: that URL is the member's.
+          if (met.metrics) break;
+          continue;
+        }
+        view.status = status;
+        view.error = undefined;
+        break;
+      }
+      if (metrics) applyMetrics(view, metrics, quotaBytes);
+      return view;
+    }),
+  );
   let local = members.find((m) => m.isLocal);
   if (!local) {
     // A member that was just added may answer before the list shows it; treat as unknown.
-    local = { id: localStatus.memberId, hex: hexId(localStatus.memberId), name: '', endpoint: localEndpoint, isLearner: localStatus.isLearner, isLocal: true, status: localStatus };
+    local = {
+      id: localStatus.memberId,
+      hex: hexId(localStatus.memberId),
+      name: '',
+      endpoint: localEndpoint,
+      isLearner: localStatus.isLearner,
+      isLocal: true,
+      status: localStatus,
+    };
     applyMetrics(local, await readMetrics(localClient), quotaBytes);
     members.push(local);
   }
@@ -132,19 +146,29 @@ export interface Busy {
  * cannot tell does a member that does not answer Status count as busy.
  */
 export async function busyMembers(pool: EtcdPool, view: ClusterView, timeoutMs: number): Promise<Busy[]> {
-  const results = await Promise.all(view.members.filter((m) => !m.isLearner).map(async (m): Promise<Busy | undefined> => {
-    const client = pool.get(m.endpoint);
-    const r = await readMetrics(client, timeoutMs);
-    if (r.metrics?.defragInflight === true) return { member: m, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
-    if (r.metrics?.defragInflight === false) return undefined;
-    const s = await client.probe(timeoutMs);
-    if (!(s instanceof Error)) return undefined;
-    if (r.down) return { member: m, reason: `member ${memberLabel(m)} answers neither /metrics (${r.error}) nor Status (${s.message}): down`, down: true };
-    return {
-      member: m,
-      reason: `member ${memberLabel(m)} does not answer Status (${s.message}) and its /metrics cannot tell: taken to be defragmenting`,
-      fallback: r.error,
-    };
-  }));
+  const results = await Promise.all(
+    view.members
+      .filter((m) => !m.isLearner)
+      .map(async (m): Promise<Busy | undefined> => {
+        const client = pool.get(m.endpoint);
+        const r = await readMetrics(client, timeoutMs);
+        if (r.metrics?.defragInflight === true)
+          return { member: m, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
+        if (r.metrics?.defragInflight === false) return undefined;
+        const s = await client.probe(timeoutMs);
+        if (!(s instanceof Error)) return undefined;
+        if (r.down)
+          return {
+            member: m,
+            reason: `member ${memberLabel(m)} answers neither /metrics (${r.error}) nor Status (${s.message}): down`,
+            down: true,
+          };
+        return {
+          member: m,
+          reason: `member ${memberLabel(m)} does not answer Status (${s.message}) and its /metrics cannot tell: taken to be defragmenting`,
+          fallback: r.error,
+        };
+      }),
+  );
   return results.filter((r): r is Busy => r !== undefined);
 }

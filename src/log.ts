@@ -44,7 +44,11 @@ function stackLines(obj: Record<string, unknown>): string[] {
 
 /** Prefixes every line of `text` with journald's `<N>`, so a multi-line message keeps one priority. */
 export function withPriority(priority: number, text: string): string {
-  return text.split('\n').filter((l, i, all) => l !== '' || i < all.length - 1).map((l) => `<${priority}>${l}\n`).join('');
+  return text
+    .split('\n')
+    .filter((l, i, all) => l !== '' || i < all.length - 1)
+    .map((l) => `<${priority}>${l}\n`)
+    .join('');
 }
 
 export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
@@ -54,7 +58,13 @@ export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pr
   const msg = String(obj.msg ?? obj.event ?? '');
   // A long text field already in the sentence (e.g. a skip reason) is not repeated as key=value.
   const fields = Object.entries(obj)
-    .filter(([k, v]) => !OMIT.has(k) && v !== undefined && !(typeof v === 'string' && v.length > 24 && msg.includes(v)) && !(k === 'err' && stack.length > 0))
+    .filter(
+      ([k, v]) =>
+        !OMIT.has(k) &&
+        v !== undefined &&
+        !(typeof v === 'string' && v.length > 24 && msg.includes(v)) &&
+        !(k === 'err' && stack.length > 0),
+    )
     .map(([k, v]) => `${k}=${fieldValue(v)}`)
     .join(' ');
   if (format === 'journal') return withPriority(SYSLOG[level] ?? 6, [`${msg}${fields ? ` ${fields}` : ''}`, ...stack].join('\n'));

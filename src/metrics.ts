@@ -14,7 +14,24 @@ export const MODES = ['scheduled', 'nospace'] as const;
  * Every `check` a skipped run can name (policy.ts healthGate, run.ts, daemon.ts); a unit test keeps
  * this list in step with the sources. `other` is a skip without a check.
  */
-export const SKIP_CHECKS = ['status', 'leader', 'raft-lag', 'read', 'alarm', 'learner', 'single-member', 'quota', 'disk', 'compact', 'turn', 'busy', 'halt', 'pause', 'member', 'other'] as const;
+export const SKIP_CHECKS = [
+  'status',
+  'leader',
+  'raft-lag',
+  'read',
+  'alarm',
+  'learner',
+  'single-member',
+  'quota',
+  'disk',
+  'compact',
+  'turn',
+  'busy',
+  'halt',
+  'pause',
+  'member',
+  'other',
+] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
 
 // prom-client's totals of these are gauges named *_total, which Prometheus reserves for counters;
@@ -29,30 +46,135 @@ export class Metrics {
   readonly registry: Registry;
   private readonly r = [this.own];
 
-  readonly buildInfo = new Gauge({ name: 'etcd_defragd_build_info', help: 'Always 1; the labels say which etcd-defragd and Node.js run', labelNames: ['version', 'nodejs'], registers: this.r });
-  readonly startTime = new Gauge({ name: 'etcd_defragd_start_time_seconds', help: 'When this daemon started (for alerts that must not fire before it had a chance to run)', registers: this.r });
-  readonly lastRunTime = new Gauge({ name: 'etcd_defragd_last_run_timestamp_seconds', help: 'When the last run ended, whatever its outcome', registers: this.r });
-  readonly lastSuccessTime = new Gauge({ name: 'etcd_defragd_last_success_timestamp_seconds', help: 'When the last run ended done or not-needed (0: none since start)', registers: this.r });
-  readonly lastRunResult = new Gauge({ name: 'etcd_defragd_last_run_result', help: '1 for the outcome of the last run, 0 for the others', labelNames: ['outcome'], registers: this.r });
-  readonly runs = new Counter({ name: 'etcd_defragd_runs_total', help: 'Runs by outcome and mode', labelNames: ['outcome', 'mode'], registers: this.r });
-  readonly skips = new Counter({ name: 'etcd_defragd_skipped_runs_total', help: 'Skipped runs by the check that stopped them', labelNames: ['check'], registers: this.r });
-  readonly defrags = new Counter({ name: 'etcd_defragd_defrags_total', help: 'Defragments of the local member by result', labelNames: ['result'], registers: this.r });
-  readonly reclaimed = new Counter({ name: 'etcd_defragd_reclaimed_bytes_total', help: 'Bytes of db file given back by defragments', registers: this.r });
-  readonly duration = new Histogram({ name: 'etcd_defragd_defrag_duration_seconds', help: 'Time a defragment took, until the member caught up', buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], registers: this.r });
-  readonly dbSize = new Gauge({ name: 'etcd_defragd_member_db_size_bytes', help: 'Db file size of the local member at the last inspection', labelNames: ['member'], registers: this.r });
-  readonly dbInUse = new Gauge({ name: 'etcd_defragd_member_db_size_in_use_bytes', help: 'Db size in use (live data) of the local member at the last inspection', labelNames: ['member'], registers: this.r });
-  readonly quotaUsage = new Gauge({ name: 'etcd_defragd_member_quota_usage_ratio', help: 'Db file size / quota of the local member at the last inspection', labelNames: ['member'], registers: this.r });
-  readonly quotaBytes = new Gauge({ name: 'etcd_defragd_member_quota_bytes', help: "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)", labelNames: ['member'], registers: this.r });
-  readonly defragmenting = new Gauge({ name: 'etcd_defragd_member_defragmenting', help: '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)', labelNames: ['member'], registers: this.r });
-  readonly alarms = new Gauge({ name: 'etcd_defragd_alarms', help: 'Alarms raised in the cluster at the last check', labelNames: ['alarm'], registers: this.r });
-  readonly nextRun = new Gauge({ name: 'etcd_defragd_next_run_timestamp_seconds', help: 'When the next scheduled run starts', registers: this.r });
-  readonly scheduleInterval = new Gauge({ name: 'etcd_defragd_schedule_interval_seconds', help: 'Time between the next two scheduled runs (for "no success for 2x the schedule" alerts)', registers: this.r });
-  readonly integrityFailures = new Counter({ name: 'etcd_defragd_integrity_failures_total', help: 'HashKV mismatches found after a defragment', registers: this.r });
-  readonly disarms = new Counter({ name: 'etcd_defragd_nospace_disarms_total', help: 'NOSPACE alarms disarmed by this daemon', registers: this.r });
+  readonly buildInfo = new Gauge({
+    name: 'etcd_defragd_build_info',
+    help: 'Always 1; the labels say which etcd-defragd and Node.js run',
+    labelNames: ['version', 'nodejs'],
+    registers: this.r,
+  });
+  readonly startTime = new Gauge({
+    name: 'etcd_defragd_start_time_seconds',
+    help: 'When this daemon started (for alerts that must not fire before it had a chance to run)',
+    registers: this.r,
+  });
+  readonly lastRunTime = new Gauge({
+    name: 'etcd_defragd_last_run_timestamp_seconds',
+    help: 'When the last run ended, whatever its outcome',
+    registers: this.r,
+  });
+  readonly lastSuccessTime = new Gauge({
+    name: 'etcd_defragd_last_success_timestamp_seconds',
+    help: 'When the last run ended done or not-needed (0: none since start)',
+    registers: this.r,
+  });
+  readonly lastRunResult = new Gauge({
+    name: 'etcd_defragd_last_run_result',
+    help: '1 for the outcome of the last run, 0 for the others',
+    labelNames: ['outcome'],
+    registers: this.r,
+  });
+  readonly runs = new Counter({
+    name: 'etcd_defragd_runs_total',
+    help: 'Runs by outcome and mode',
+    labelNames: ['outcome', 'mode'],
+    registers: this.r,
+  });
+  readonly skips = new Counter({
+    name: 'etcd_defragd_skipped_runs_total',
+    help: 'Skipped runs by the check that stopped them',
+    labelNames: ['check'],
+    registers: this.r,
+  });
+  readonly defrags = new Counter({
+    name: 'etcd_defragd_defrags_total',
+    help: 'Defragments of the local member by result',
+    labelNames: ['result'],
+    registers: this.r,
+  });
+  readonly reclaimed = new Counter({
+    name: 'etcd_defragd_reclaimed_bytes_total',
+    help: 'Bytes of db file given back by defragments',
+    registers: this.r,
+  });
+  readonly duration = new Histogram({
+    name: 'etcd_defragd_defrag_duration_seconds',
+    help: 'Time a defragment took, until the member caught up',
+    buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
+    registers: this.r,
+  });
+  readonly dbSize = new Gauge({
+    name: 'etcd_defragd_member_db_size_bytes',
+    help: 'Db file size of the local member at the last inspection',
+    labelNames: ['member'],
+    registers: this.r,
+  });
+  readonly dbInUse = new Gauge({
+    name: 'etcd_defragd_member_db_size_in_use_bytes',
+    help: 'Db size in use (live data) of the local member at the last inspection',
+    labelNames: ['member'],
+    registers: this.r,
+  });
+  readonly quotaUsage = new Gauge({
+    name: 'etcd_defragd_member_quota_usage_ratio',
+    help: 'Db file size / quota of the local member at the last inspection',
+    labelNames: ['member'],
+    registers: this.r,
+  });
+  readonly quotaBytes = new Gauge({
+    name: 'etcd_defragd_member_quota_bytes',
+    help: "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)",
+    labelNames: ['member'],
+    registers: this.r,
+  });
+  readonly defragmenting = new Gauge({
+    name: 'etcd_defragd_member_defragmenting',
+    help: '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)',
+    labelNames: ['member'],
+    registers: this.r,
+  });
+  readonly alarms = new Gauge({
+    name: 'etcd_defragd_alarms',
+    help: 'Alarms raised in the cluster at the last check',
+    labelNames: ['alarm'],
+    registers: this.r,
+  });
+  readonly nextRun = new Gauge({
+    name: 'etcd_defragd_next_run_timestamp_seconds',
+    help: 'When the next scheduled run starts',
+    registers: this.r,
+  });
+  readonly scheduleInterval = new Gauge({
+    name: 'etcd_defragd_schedule_interval_seconds',
+    help: 'Time between the next two scheduled runs (for "no success for 2x the schedule" alerts)',
+    registers: this.r,
+  });
+  readonly integrityFailures = new Counter({
+    name: 'etcd_defragd_integrity_failures_total',
+    help: 'HashKV mismatches found after a defragment',
+    registers: this.r,
+  });
+  readonly disarms = new Counter({
+    name: 'etcd_defragd_nospace_disarms_total',
+    help: 'NOSPACE alarms disarmed by this daemon',
+    registers: this.r,
+  });
   // Read at scrape (and textfile) time: the turn changes inside a run, between our updates.
-  readonly turnHeld: Gauge = new Gauge({ name: 'etcd_defragd_turn_held', help: '1 while this daemon holds the cluster-wide turn', registers: this.r, collect: () => this.turnHeld.set(this.turnProbe() ? 1 : 0) });
-  readonly paused = new Gauge({ name: 'etcd_defragd_paused', help: '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read', registers: this.r });
-  readonly halted = new Gauge({ name: 'etcd_defragd_halted', help: '1 while defragmentation is halted after an integrity mismatch, as last read', registers: this.r });
+  readonly turnHeld: Gauge = new Gauge({
+    name: 'etcd_defragd_turn_held',
+    help: '1 while this daemon holds the cluster-wide turn',
+    registers: this.r,
+    collect: () => this.turnHeld.set(this.turnProbe() ? 1 : 0),
+  });
+  readonly paused = new Gauge({
+    name: 'etcd_defragd_paused',
+    help: '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read',
+    registers: this.r,
+  });
+  readonly halted = new Gauge({
+    name: 'etcd_defragd_halted',
+    help: '1 while defragmentation is halted after an integrity mismatch, as last read',
+    registers: this.r,
+  });
 
   private server: Server | undefined;
   private member: string | undefined;
@@ -149,13 +271,16 @@ export class Metrics {
     const port = Number(address.slice(i + 1));
     this.server = createServer((req, res) => {
       if (req.url === '/metrics') {
-        this.registry.metrics().then((body) => {
-          res.writeHead(200, { 'content-type': this.registry.contentType });
-          res.end(body);
-        }, (err: Error) => {
-          res.writeHead(500);
-          res.end(err.message);
-        });
+        this.registry.metrics().then(
+          (body) => {
+            res.writeHead(200, { 'content-type': this.registry.contentType });
+            res.end(body);
+          },
+          (err: Error) => {
+            res.writeHead(500);
+            res.end(err.message);
+          },
+        );
       } else if (req.url === '/healthz') {
         res.writeHead(200, { 'content-type': 'text/plain' });
         res.end('ok\n');

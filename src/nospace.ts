@@ -25,21 +25,35 @@ export interface DisarmDeps {
 
 export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   const { config: c, log } = deps;
-  const view = await inspect(deps.pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes });
+  const view = await inspect(
+    deps.pool,
+    c.etcd.endpoint,
+    { log },
+    { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes },
+  );
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
   const halt = await deps.pool.get(c.etcd.endpoint).get(haltKey(c), { log });
   // A mismatch found during NOSPACE is recorded by deleting the halt fuse (the halt key's put is refused).
   if (halt === undefined && (await fuseBlown(deps.pool.get(c.etcd.endpoint), c, { log })).blown) {
-    log.error({ event: 'nospace.blocked', reason: 'halt' }, `NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm (${fuseKey(c)} was deleted); check the members first`);
+    log.error(
+      { event: 'nospace.blocked', reason: 'halt' },
+      `NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm (${fuseKey(c)} was deleted); check the members first`,
+    );
     return 'blocked';
   }
   if (halt !== undefined) {
-    log.error({ event: 'nospace.blocked', reason: 'halt' }, `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${haltKey(c)}); check the members first`);
+    log.error(
+      { event: 'nospace.blocked', reason: 'halt' },
+      `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${haltKey(c)}); check the members first`,
+    );
     return 'blocked';
   }
   if (view.alarms.some((a) => a.alarm === 'CORRUPT')) {
-    log.error({ event: 'nospace.blocked', reason: 'corrupt' }, 'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first');
+    log.error(
+      { event: 'nospace.blocked', reason: 'corrupt' },
+      'NOSPACE stays armed: a CORRUPT alarm is also raised; an operator must check the members first',
+    );
     return 'blocked';
   }
   // The member's own quota when known: etcd raises the alarm against it, whatever we configured.
@@ -58,16 +72,25 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   }
   const gone = nospace.filter((a) => !view.members.some((m) => m.id === a.memberId));
   for (const a of gone) {
-    log.error({ event: 'nospace.blocked', reason: 'unknown-member', member: hexId(a.memberId) }, `NOSPACE stays armed: it was raised by member ${hexId(a.memberId)}, which is not in the member list, so its size cannot be checked; disarm it by hand once you know why`);
+    log.error(
+      { event: 'nospace.blocked', reason: 'unknown-member', member: hexId(a.memberId) },
+      `NOSPACE stays armed: it was raised by member ${hexId(a.memberId)}, which is not in the member list, so its size cannot be checked; disarm it by hand once you know why`,
+    );
   }
   if (gone.length > 0) return 'blocked';
   // Only a defragmented member's in-use figure is trusted (freed pages wait for a write to be
   // released, and NOSPACE refuses writes): each daemon speaks for its own member.
-  const tooBig = members.filter((m) => m.isLocal && deps.defraggedSinceAlarm && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM);
+  const tooBig = members.filter(
+    (m) => m.isLocal && deps.defraggedSinceAlarm && m.status!.dbSizeInUse >= limitOf(m) - NEAR_QUOTA_MIN_RECLAIM,
+  );
   if (tooBig.length > 0) {
-    const detail = tooBig.map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`).join(', ');
-    log.error({ event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },
-      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ${c.nospace.compact ? 'compaction and defragmentation cannot help' : 'defragmenting cannot help, and nospace.compact is false'}. Raise --quota-backend-bytes on every member, or delete data${c.nospace.compact ? '' : ', or compact history (nospace.compact: true)'}`);
+    const detail = tooBig
+      .map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`)
+      .join(', ');
+    log.error(
+      { event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },
+      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ${c.nospace.compact ? 'compaction and defragmentation cannot help' : 'defragmenting cannot help, and nospace.compact is false'}. Raise --quota-backend-bytes on every member, or delete data${c.nospace.compact ? '' : ', or compact history (nospace.compact: true)'}`,
+    );
     return 'blocked';
   }
   const over = checked.filter((m) => m.status!.dbSize >= limitOf(m));
@@ -77,11 +100,17 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
       const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${markOf(m)}`;
       const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limitOf(m)) };
       if (m.isLearner) {
-        log.error({ ...fields, event: 'nospace.unattended' }, `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; etcd-defragd never defragments learners: defragment it by hand or remove it`);
+        log.error(
+          { ...fields, event: 'nospace.unattended' },
+          `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; etcd-defragd never defragments learners: defragment it by hand or remove it`,
+        );
       } else if (m.isLocal || reg?.members.has(m.id)) {
         log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
       } else if (reg && reg.unknown === 0) {
-        log.error({ ...fields, event: 'nospace.unattended' }, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or defragment it by hand`);
+        log.error(
+          { ...fields, event: 'nospace.unattended' },
+          `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or defragment it by hand`,
+        );
       } else {
         log.warn(fields, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; is etcd-defragd running on its node?`);
       }
@@ -89,7 +118,10 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     return 'waiting';
   }
   if (!c.nospace.disarm) {
-    log.warn({ event: 'nospace.disarm.disabled' }, 'every member is under its quota again but nospace.disarm is false: run `etcdctl alarm disarm` to allow writes');
+    log.warn(
+      { event: 'nospace.disarm.disabled' },
+      'every member is under its quota again but nospace.disarm is false: run `etcdctl alarm disarm` to allow writes',
+    );
     return 'disabled';
   }
   const client = deps.pool.get(view.local.endpoint);
@@ -99,18 +131,26 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
       deps.onDisarm?.();
       log.info({ event: 'nospace.disarm', member: hexId(alarm.memberId) }, `disarmed NOSPACE of member ${hexId(alarm.memberId)}`);
     } catch (err) {
-      log.error({ event: 'nospace.disarm.fail', member: hexId(alarm.memberId), error: errorMessage(err) }, `could not disarm NOSPACE of member ${hexId(alarm.memberId)}: ${errorMessage(err)}`);
+      log.error(
+        { event: 'nospace.disarm.fail', member: hexId(alarm.memberId), error: errorMessage(err) },
+        `could not disarm NOSPACE of member ${hexId(alarm.memberId)}: ${errorMessage(err)}`,
+      );
       return 'failed';
     }
   }
   const probeKey = `${c.coordination.prefix}probe`;
   try {
     await client.put(probeKey, new Date().toISOString());
-    log.info({ event: 'nospace.recovered', sizes: Object.fromEntries(members.map((m) => [m.hex, m.status!.dbSize])) },
-      `writes work again: NOSPACE disarmed, every member under ${formatPercent(c.nospace.disarmBelow)} of its quota`);
+    log.info(
+      { event: 'nospace.recovered', sizes: Object.fromEntries(members.map((m) => [m.hex, m.status!.dbSize])) },
+      `writes work again: NOSPACE disarmed, every member under ${formatPercent(c.nospace.disarmBelow)} of its quota`,
+    );
     return 'disarmed';
   } catch (err) {
-    log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE but a test write still fails: ${errorMessage(err)}`);
+    log.error(
+      { event: 'nospace.write.fail', error: errorMessage(err) },
+      `disarmed NOSPACE but a test write still fails: ${errorMessage(err)}`,
+    );
     return 'failed';
   }
 }

@@ -3,7 +3,17 @@
 // Each returns an exit code and the text for stdout; explanations are logged (stderr).
 import { createTask } from 'node-cron';
 import type { Config } from './config.ts';
-import { clearKey, describeHalt, describePause, haltKey, operator, pauseKey, readControl, writePause, type ControlState } from './control.ts';
+import {
+  clearKey,
+  describeHalt,
+  describePause,
+  haltKey,
+  operator,
+  pauseKey,
+  readControl,
+  writePause,
+  type ControlState,
+} from './control.ts';
 import { kindOf, type ClientPool } from './etcd.ts';
 import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
@@ -31,8 +41,14 @@ export async function pause(deps: OpDeps, reason: string): Promise<OpResult> {
   const record = { ...operator(), at: new Date((deps.now ?? Date.now)()).toISOString(), reason };
   await writePause(client, c, record);
   const was = before.pause ? ` (replaces: ${describePause(before.pause)})` : '';
-  log.info({ event: 'pause', by: record.by, host: record.host, reason }, `defragmentation ${describePause(record)}${was}; every etcd-defragd skips its runs from its next run on`);
-  const lines = [`paused: ${describePause(record)}`, 'every etcd-defragd skips its runs (a defragment already running finishes first); undo with: etcd-defragd resume'];
+  log.info(
+    { event: 'pause', by: record.by, host: record.host, reason },
+    `defragmentation ${describePause(record)}${was}; every etcd-defragd skips its runs from its next run on`,
+  );
+  const lines = [
+    `paused: ${describePause(record)}`,
+    'every etcd-defragd skips its runs (a defragment already running finishes first); undo with: etcd-defragd resume',
+  ];
   if (before.halt) lines.push(`note: also halted after an integrity mismatch: ${describeHalt(before.halt)}`);
   return { code: EXIT.ok, out: `${lines.join('\n')}\n` };
 }
@@ -44,15 +60,23 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
   const lines: string[] = [];
   const who = operator();
   if (before.pause && (await clearKey(client, pauseKey(c)))) {
-    log.info({ event: 'resume', by: who.by, host: who.host }, `pause lifted by ${who.by} on ${who.host} (was ${describePause(before.pause)})`);
+    log.info(
+      { event: 'resume', by: who.by, host: who.host },
+      `pause lifted by ${who.by} on ${who.host} (was ${describePause(before.pause)})`,
+    );
     lines.push(`pause lifted (was ${describePause(before.pause)})`);
   }
   if (before.halt) {
     if (!opts.integrityChecked) {
-      log.error({ event: 'resume.refused', reason: 'halt' },
+      log.error(
+        { event: 'resume.refused', reason: 'halt' },
         `still halted after an integrity mismatch: ${describeHalt(before.halt)}. Check that the members hold the same data (the hashes above; etcd's own log on each member), ` +
-        'then confirm with: etcd-defragd resume --integrity-checked');
-      lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, 'not cleared: confirm with etcd-defragd resume --integrity-checked once the members are checked');
+          'then confirm with: etcd-defragd resume --integrity-checked',
+      );
+      lines.push(
+        `still halted (integrity): ${describeHalt(before.halt)}`,
+        'not cleared: confirm with etcd-defragd resume --integrity-checked once the members are checked',
+      );
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }
     // The operator's word, and etcd's: the members must agree on HashKV now.
@@ -63,7 +87,10 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }
     if (await clearKey(client, haltKey(c))) {
-      log.warn({ event: 'halt.clear', by: who.by, host: who.host }, `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ${hash.detail} (was: ${describeHalt(before.halt)})`);
+      log.warn(
+        { event: 'halt.clear', by: who.by, host: who.host },
+        `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ${hash.detail} (was: ${describeHalt(before.halt)})`,
+      );
       lines.push(`integrity halt cleared (was: ${describeHalt(before.halt)})`, hash.detail);
     }
   }
@@ -81,7 +108,8 @@ export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail
   const view = await inspect(pool, c.etcd.endpoint, { log }, { memberAttempts: 1, linearizableRead: false });
   const members = voting(view);
   const down = members.find((m) => !m.status);
-  if (down) return { ok: false, detail: `HashKV cannot be compared: member ${memberLabel(down)} does not answer (${down.error ?? 'no answer'})` };
+  if (down)
+    return { ok: false, detail: `HashKV cannot be compared: member ${memberLabel(down)} does not answer (${down.error ?? 'no answer'})` };
   for (let attempt = 1; attempt <= 3; attempt++) {
     const statuses = await Promise.all(members.map((m) => pool.get(m.endpoint).status({ log }, 2)));
     const rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
@@ -97,7 +125,8 @@ export async function compareHashKV(deps: OpDeps): Promise<{ ok: boolean; detail
     }
     if (new Set(hashes.map((h) => h.compact)).size > 1) continue; // a compaction landed in between
     const detail = hashes.map((h) => `${h.hex}=${h.hash}`).join(', ');
-    if (new Set(hashes.map((h) => h.hash)).size === 1) return { ok: true, detail: `HashKV agrees on all ${hashes.length} voting members at revision ${rev} (${detail})` };
+    if (new Set(hashes.map((h) => h.hash)).size === 1)
+      return { ok: true, detail: `HashKV agrees on all ${hashes.length} voting members at revision ${rev} (${detail})` };
     return { ok: false, detail: `HashKV still differs at revision ${rev} (${detail})` };
   }
   return { ok: false, detail: 'HashKV cannot be compared: compactions kept moving during the check; try again' };
@@ -115,11 +144,13 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   // The operator asked: nospace.disarm=false does not stop a disarm by hand.
   const config = { ...c, nospace: { ...c.nospace, disarm: true } };
   const outcome = await checkAndDisarm({ config, pool, log });
-  if (outcome === 'disarmed' || outcome === 'not-needed') return { code: EXIT.ok, out: `NOSPACE ${outcome === 'disarmed' ? 'disarmed; a test write succeeded' : 'was already disarmed'}\n` };
+  if (outcome === 'disarmed' || outcome === 'not-needed')
+    return { code: EXIT.ok, out: `NOSPACE ${outcome === 'disarmed' ? 'disarmed; a test write succeeded' : 'was already disarmed'}\n` };
   if (!opts.force) {
     return {
       code: EXIT.skipped,
-      out: `NOSPACE not disarmed (${outcome}): the reason is logged above.\n` +
+      out:
+        `NOSPACE not disarmed (${outcome}): the reason is logged above.\n` +
         'To disarm anyway: etcd-defragd disarm --force. etcd raises NOSPACE again at the next write while a member is over its quota.\n',
     };
   }
@@ -128,7 +159,10 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   for (const a of nospace) {
     await client.disarm(a as Alarm);
     done.push(hexId(a.memberId));
-    log.warn({ event: 'nospace.disarm.forced', member: hexId(a.memberId), by: operator().by }, `disarmed NOSPACE of member ${hexId(a.memberId)} by hand (--force)`);
+    log.warn(
+      { event: 'nospace.disarm.forced', member: hexId(a.memberId), by: operator().by },
+      `disarmed NOSPACE of member ${hexId(a.memberId)} by hand (--force)`,
+    );
   }
   try {
     await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());

@@ -4,7 +4,11 @@ import { hexId, memberLabel, voting, type ClusterView, type MemberStatus, type M
 import { formatBytes, formatPercent } from './units.ts';
 
 /** The quota a member is judged against: a configured size wins; `auto` takes etcd's own figure. */
-export function resolveQuota(configured: number | 'auto', fromStatus: number | undefined, fromMetrics: number | undefined): { bytes?: number; source?: QuotaSource; etcd?: number } {
+export function resolveQuota(
+  configured: number | 'auto',
+  fromStatus: number | undefined,
+  fromMetrics: number | undefined,
+): { bytes?: number; source?: QuotaSource; etcd?: number } {
   const etcd = fromStatus ?? fromMetrics;
   if (configured !== 'auto') return { bytes: configured, source: 'config', etcd };
   if (fromStatus !== undefined) return { bytes: fromStatus, source: 'status', etcd };
@@ -32,17 +36,26 @@ export function quotaMismatch(m: MemberView): string | undefined {
 export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { check: string; reason: string; member?: string } | undefined {
   const corrupt = view.alarms.find((a) => a.alarm === 'CORRUPT');
   if (corrupt) {
-    return { check: 'alarm', member: hexId(corrupt.memberId), reason: `CORRUPT alarm raised for member ${hexId(corrupt.memberId)}: no defragmentation until an operator has checked the data` };
+    return {
+      check: 'alarm',
+      member: hexId(corrupt.memberId),
+      reason: `CORRUPT alarm raised for member ${hexId(corrupt.memberId)}: no defragmentation until an operator has checked the data`,
+    };
   }
   for (const m of voting(view)) {
-    if (m.defragmenting) return { check: 'busy', member: m.hex, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
+    if (m.defragmenting)
+      return { check: 'busy', member: m.hex, reason: `member ${memberLabel(m)} is defragmenting (etcd_disk_defrag_inflight is 1)` };
   }
   for (const m of voting(view)) {
     if (m.status) continue;
     // A member that answers neither Status nor /metrics is down, not busy. Only where /metrics
     // answered wrongly (not found, no such gauge) is silence still taken as a defragment.
     if (m.defragmenting === undefined && m.metricsError && !m.metricsDown) {
-      return { check: 'busy', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status and its /metrics cannot tell (${m.metricsError}): taken to be defragmenting (fallback: silence)` };
+      return {
+        check: 'busy',
+        member: m.hex,
+        reason: `member ${memberLabel(m)} does not answer Status and its /metrics cannot tell (${m.metricsError}): taken to be defragmenting (fallback: silence)`,
+      };
     }
     return { check: 'status', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status: ${m.error ?? 'no answer'}` };
   }
@@ -52,17 +65,24 @@ export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { chec
     return { check: 'leader', member: m.hex, reason: `member ${memberLabel(m)} sees no leader` };
   }
   if (leaders.size > 1) {
-    const detail = voting(view).map((m) => `${m.hex}->${hexId(m.status!.leader)}`).join(', ');
+    const detail = voting(view)
+      .map((m) => `${m.hex}->${hexId(m.status!.leader)}`)
+      .join(', ');
     return { check: 'leader', reason: `members disagree on the leader (${detail})` };
   }
   const leader = [...leaders][0]!;
-  if (!voting(view).some((m) => m.id === leader)) return { check: 'leader', reason: `the leader ${hexId(leader)} is not a voting member of the member list` };
+  if (!voting(view).some((m) => m.id === leader))
+    return { check: 'leader', reason: `the leader ${hexId(leader)} is not a voting member of the member list` };
   const applied = voting(view).map((m) => ({ m, idx: m.status!.raftAppliedIndex }));
   const max = applied.reduce((a, b) => (b.idx > a ? b.idx : a), 0n);
   for (const { m, idx } of applied) {
     const lag = max - idx;
     if (lag > BigInt(c.health.maxRaftLag)) {
-      return { check: 'raft-lag', member: m.hex, reason: `member ${memberLabel(m)} is ${lag} raft entries behind (health.maxRaftLag is ${c.health.maxRaftLag})` };
+      return {
+        check: 'raft-lag',
+        member: m.hex,
+        reason: `member ${memberLabel(m)} is ${lag} raft entries behind (health.maxRaftLag is ${c.health.maxRaftLag})`,
+      };
     }
   }
   if (view.readError) return { check: 'read', member: view.local.hex, reason: `a linearizable read failed: ${view.readError}` };
@@ -81,7 +101,12 @@ export interface Decision {
 }
 
 /** Does this member need a defragment under the policy? */
-export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Config['policy'], quotaBytes: number, force = p.force): Decision {
+export function decide(
+  s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>,
+  p: Config['policy'],
+  quotaBytes: number,
+  force = p.force,
+): Decision {
   const reclaimable = Math.max(0, s.dbSize - s.dbSizeInUse);
   const fragmentation = s.dbSize > 0 ? reclaimable / s.dbSize : 0;
   const quotaUsage = quotaBytes > 0 ? s.dbSize / quotaBytes : 0;
@@ -107,16 +132,29 @@ export function decide(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, p: Confi
  * freed by a compaction are only released by the next write, and NOSPACE refuses writes, so
  * dbSizeInUse can stay at dbSize (seen in the benchmark). A defragment copies only live data.
  */
-export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c: Pick<Config, 'policy' | 'nospace'>, quotaBytes: number, defraggedSinceAlarm = false): Decision {
+export function decideNoSpace(
+  s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>,
+  c: Pick<Config, 'policy' | 'nospace'>,
+  quotaBytes: number,
+  defraggedSinceAlarm = false,
+): Decision {
   const normal = decide(s, c.policy, quotaBytes, false);
   const limit = quotaBytes * c.nospace.disarmBelow;
   const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quotaBytes)}`;
   if (s.dbSize < limit) return normal;
   if (!defraggedSinceAlarm) {
-    return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})` };
+    return {
+      ...normal,
+      defrag: true,
+      reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})`,
+    };
   }
   if (s.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM) {
-    return { ...normal, defrag: false, reason: `live data ${formatBytes(s.dbSizeInUse)} alone is above ${mark}: a defragment cannot bring the member back under it` };
+    return {
+      ...normal,
+      defrag: false,
+      reason: `live data ${formatBytes(s.dbSizeInUse)} alone is above ${mark}: a defragment cannot bring the member back under it`,
+    };
   }
   if (normal.reclaimable >= NEAR_QUOTA_MIN_RECLAIM) {
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; ${normal.reason}` };
@@ -128,5 +166,7 @@ export function decideNoSpace(s: Pick<MemberStatus, 'dbSize' | 'dbSizeInUse'>, c
 export function transferTarget(view: ClusterView): MemberView | undefined {
   return voting(view)
     .filter((m) => !m.isLocal && m.status && m.defragmenting !== true)
-    .sort((a, b) => (b.status!.raftAppliedIndex > a.status!.raftAppliedIndex ? 1 : b.status!.raftAppliedIndex < a.status!.raftAppliedIndex ? -1 : 0))[0];
+    .sort((a, b) =>
+      b.status!.raftAppliedIndex > a.status!.raftAppliedIndex ? 1 : b.status!.raftAppliedIndex < a.status!.raftAppliedIndex ? -1 : 0,
+    )[0];
 }

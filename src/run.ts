@@ -10,7 +10,16 @@ import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
-import { NEAR_QUOTA_MIN_RECLAIM, decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, transferTarget, type Decision } from './policy.ts';
+import {
+  NEAR_QUOTA_MIN_RECLAIM,
+  decide,
+  decideNoSpace,
+  enforcedQuota,
+  healthGate,
+  quotaMismatch,
+  transferTarget,
+  type Decision,
+} from './policy.ts';
 import type { Turn } from './turn.ts';
 import { formatBytes, formatDuration, formatPercent } from './units.ts';
 import { hexId, memberLabel, voting, type ClusterView, type MemberStatus, type MemberView } from './view.ts';
@@ -28,7 +37,12 @@ export interface RunResult {
   haltRecorded?: boolean;
 }
 
-export type HashKVFn = (pool: EtcdPool, member: MemberView, revision: bigint, timeoutMs?: number) => Promise<{ hash: string; compactRevision: bigint }>;
+export type HashKVFn = (
+  pool: EtcdPool,
+  member: MemberView,
+  revision: bigint,
+  timeoutMs?: number,
+) => Promise<{ hash: string; compactRevision: bigint }>;
 
 export interface RunDeps {
   config: Config;
@@ -92,17 +106,31 @@ type TurnStepsEnd = RunResult | 'leader-goes-last';
 export async function run(deps: RunDeps, opts: RunOptions = {}): Promise<RunResult> {
   const { config: c, log } = deps;
   const state: RunState = {
-    deps, opts, mode: opts.mode ?? 'once', started: deps.clock.now(),
+    deps,
+    opts,
+    mode: opts.mode ?? 'once',
+    started: deps.clock.now(),
     // A member whose quota could not be read is judged on fragmentation alone (quota 0). During
     // NOSPACE the member's own quota counts when it is lower than the configured one.
-    decideFor: (m) => (state.mode === 'nospace' ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedSinceAlarm) : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force)),
+    decideFor: (m) =>
+      state.mode === 'nospace'
+        ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedSinceAlarm)
+        : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force),
     inspect: async () => {
-      const v = await inspect(deps.pool, c.etcd.endpoint, { log, signal: deps.signal }, { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes });
+      const v = await inspect(
+        deps.pool,
+        c.etcd.endpoint,
+        { log, signal: deps.signal },
+        { readKey: `${c.coordination.prefix}health`, quotaBytes: c.policy.quotaBytes },
+      );
       deps.onInspected?.(v);
       return v;
     },
   };
-  log.info({ event: 'run.start', mode: state.mode, dryRun: Boolean(opts.dryRun) }, `run started (${state.mode}${opts.dryRun ? ', dry run' : ''})`);
+  log.info(
+    { event: 'run.start', mode: state.mode, dryRun: Boolean(opts.dryRun) },
+    `run started (${state.mode}${opts.dryRun ? ', dry run' : ''})`,
+  );
   return finish(deps, state.started, await runSteps(state));
 }
 
@@ -114,7 +142,8 @@ async function runSteps(state: RunState): Promise<RunResult> {
   try {
     view = await state.inspect();
   } catch (err) {
-    if (err instanceof DefragdError && !err.permanent) return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
+    if (err instanceof DefragdError && !err.permanent)
+      return skip(`local member ${c.etcd.endpoint} does not answer: ${err.message}`, { check: 'status' });
     throw err;
   }
 
@@ -135,30 +164,57 @@ async function runSteps(state: RunState): Promise<RunResult> {
   if (gateFail) {
     if (gateFail.check !== 'busy' || opts.dryRun) return skip(gateFail.reason, { check: gateFail.check, member: gateFail.member, view });
     const holder = deps.turn ? await deps.turn.holder() : undefined;
-    deps.log.info({ event: 'turn.wait', reason: gateFail.reason, holder }, `${gateFail.reason}; waiting for it${holder ? ` (${holder} holds the turn)` : ''}`);
+    deps.log.info(
+      { event: 'turn.wait', reason: gateFail.reason, holder },
+      `${gateFail.reason}; waiting for it${holder ? ` (${holder} holds the turn)` : ''}`,
+    );
   }
   const local = view.local;
-  if (local.isLearner) return skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, { check: 'learner', member: local.hex, view });
+  if (local.isLearner)
+    return skip(`local member ${memberLabel(local)} is a learner; learners are never defragmented`, {
+      check: 'learner',
+      member: local.hex,
+      view,
+    });
   // Defragmenting the only voting member stops the API server for as long as it lasts. During
   // NOSPACE writes are refused anyway, so recovery goes ahead.
   if (voting(view).length === 1 && state.mode !== 'nospace' && !c.policy.singleMember) {
-    return skip(`member ${memberLabel(local)} is the cluster's only voting member: defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it`, { check: 'single-member', member: local.hex, view });
+    return skip(
+      `member ${memberLabel(local)} is the cluster's only voting member: defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it`,
+      { check: 'single-member', member: local.hex, view },
+    );
   }
   const mismatch = quotaMismatch(local);
-  if (mismatch) deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
+  if (mismatch)
+    deps.log.warn({ event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes }, mismatch);
   if (local.quotaBytes === undefined && (state.mode === 'nospace' || !(opts.force || c.policy.force))) {
     return skip(local.quotaError ?? `the quota of member ${memberLabel(local)} is unknown`, { check: 'quota', member: local.hex, view });
   }
 
   const decision = state.decideFor(local);
-  deps.log.info({ event: 'run.decide', member: local.hex, defrag: decision.defrag, dbSize: local.status!.dbSize, dbSizeInUse: local.status!.dbSizeInUse, fragmentation: Number(decision.fragmentation.toFixed(4)) },
-    `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`);
+  deps.log.info(
+    {
+      event: 'run.decide',
+      member: local.hex,
+      defrag: decision.defrag,
+      dbSize: local.status!.dbSize,
+      dbSizeInUse: local.status!.dbSizeInUse,
+      fragmentation: Number(decision.fragmentation.toFixed(4)),
+    },
+    `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`,
+  );
   if (!decision.defrag) return { outcome: 'not-needed', reason: decision.reason, member: local.hex, view };
 
   const disk = await diskGuard(deps, local.status!);
   if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
 
-  if (opts.dryRun) return { outcome: 'done', reason: `dry run: would defragment member ${memberLabel(local)}: ${decision.reason}`, member: local.hex, view };
+  if (opts.dryRun)
+    return {
+      outcome: 'done',
+      reason: `dry run: would defragment member ${memberLabel(local)}: ${decision.reason}`,
+      member: local.hex,
+      view,
+    };
   if (!deps.turn) throw new DefragdError('EDD_USAGE', 'internal: a defragmenting run needs the cluster-wide turn');
 
   // The leader waits for the others when it cannot (or must not) hand leadership away.
@@ -168,7 +224,10 @@ async function runSteps(state: RunState): Promise<RunResult> {
   const lastByChoice = c.coordination.leader === 'last' && state.mode !== 'nospace';
   const leaderGoesLast = isLeader && (lastByChoice || !transferTarget(view));
   if (isLeader && c.coordination.leader === 'transfer' && leaderGoesLast) {
-    deps.log.warn({ event: 'leader.transfer.impossible', member: local.hex }, 'local member is the leader and no healthy voting follower can take leadership; it goes last');
+    deps.log.warn(
+      { event: 'leader.transfer.impossible', member: local.hex },
+      'local member is the leader and no healthy voting follower can take leadership; it goes last',
+    );
   }
   const first = await withTurn(state, view, leaderGoesLast);
   if (first !== 'leader-goes-last') return first;
@@ -183,10 +242,18 @@ async function withTurn(state: RunState, view: ClusterView, leaderGoesLast: bool
   const c = deps.config;
   const turn = deps.turn!;
   const waitUntil = state.started + c.coordination.maxWait;
-  const got = await turn.acquire(leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil, deps.signal,
-    leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, state.decideFor) : undefined);
-  if (!got.ok) return skip(`did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`, { check: 'turn', member: view.local.hex, view });
-  if (got.waitedMs > 0) deps.log.info({ event: 'turn.acquired', waitedMs: got.waitedMs }, `took the cluster-wide turn after ${formatDuration(got.waitedMs)}`);
+  const got = await turn.acquire(
+    leaderGoesLast ? waitUntil + c.coordination.maxWait : waitUntil,
+    deps.signal,
+    leaderGoesLast ? () => othersNeedingDefrag(deps, waitUntil, state.decideFor) : undefined,
+  );
+  if (!got.ok)
+    return skip(
+      `did not get the cluster-wide turn within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${got.reason}`,
+      { check: 'turn', member: view.local.hex, view },
+    );
+  if (got.waitedMs > 0)
+    deps.log.info({ event: 'turn.acquired', waitedMs: got.waitedMs }, `took the cluster-wide turn after ${formatDuration(got.waitedMs)}`);
   else deps.log.debug({ event: 'turn.acquired', waitedMs: 0 }, 'took the cluster-wide turn');
   try {
     return await turnSteps(state, view, leaderGoesLast, waitUntil);
@@ -213,7 +280,11 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
   const again = healthGate(view, c);
   if (again) return skip(again.reason, { check: again.check, member: again.member, view });
   if (view.local.quotaBytes === undefined && (state.mode === 'nospace' || !(opts.force || c.policy.force))) {
-    return skip(view.local.quotaError ?? `the quota of member ${memberLabel(view.local)} is unknown`, { check: 'quota', member: view.local.hex, view });
+    return skip(view.local.quotaError ?? `the quota of member ${memberLabel(view.local)} is unknown`, {
+      check: 'quota',
+      member: view.local.hex,
+      view,
+    });
   }
   const fresh = state.decideFor(view.local);
   if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
@@ -221,11 +292,15 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
   if (view.local.status!.leader === view.local.id && !leaderGoesLast) {
     const moved = await transferLeadership(deps, view);
     if (!moved.ok) {
-      deps.log.warn({ event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason }, `could not move leadership away: ${moved.reason}; the leader goes last`);
+      deps.log.warn(
+        { event: 'leader.transfer.fail', member: view.local.hex, reason: moved.reason },
+        `could not move leadership away: ${moved.reason}; the leader goes last`,
+      );
       return 'leader-goes-last';
     }
     view = await state.inspect();
-    if (view.local.status!.leader === view.local.id) return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
+    if (view.local.status!.leader === view.local.id)
+      return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
   }
 
   if (state.mode === 'nospace' && c.nospace.compact) {
@@ -275,17 +350,29 @@ async function readStop(deps: RunDeps): Promise<{ check: 'halt' | 'pause'; reaso
 async function writeHalt(deps: RunDeps, view: ClusterView, reason: string): Promise<boolean> {
   const client = deps.pool.get(view.local.endpoint);
   try {
-    await client.put(haltKey(deps.config), JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }));
+    await client.put(
+      haltKey(deps.config),
+      JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }),
+    );
     return true;
   } catch (err) {
-    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not write the halt key: ${errorMessage(err)}; deleting the halt fuse instead`);
+    deps.log.error(
+      { event: 'halt.fail', error: errorMessage(err) },
+      `could not write the halt key: ${errorMessage(err)}; deleting the halt fuse instead`,
+    );
   }
   try {
     // A delete works under NOSPACE; a fuse never armed cannot be blown.
     if (await blowFuse(client, deps.config)) return true;
-    deps.log.error({ event: 'halt.fail' }, 'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)');
+    deps.log.error(
+      { event: 'halt.fail' },
+      'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)',
+    );
   } catch (err) {
-    deps.log.error({ event: 'halt.fail', error: errorMessage(err) }, `could not record the halt for the other daemons: ${errorMessage(err)}`);
+    deps.log.error(
+      { event: 'halt.fail', error: errorMessage(err) },
+      `could not record the halt for the other daemons: ${errorMessage(err)}`,
+    );
   }
   return false;
 }
@@ -306,7 +393,14 @@ async function gateSettled(deps: RunDeps, view: ClusterView, inspectAgain: () =>
 }
 
 function finish(deps: RunDeps, started: number, r: RunResult): RunResult {
-  const fields = { event: r.outcome === 'skipped' ? 'run.skip' : 'run.done', outcome: r.outcome, reason: r.reason, check: r.check, member: r.member, runMs: deps.clock.now() - started };
+  const fields = {
+    event: r.outcome === 'skipped' ? 'run.skip' : 'run.done',
+    outcome: r.outcome,
+    reason: r.reason,
+    check: r.check,
+    member: r.member,
+    runMs: deps.clock.now() - started,
+  };
   if (r.outcome === 'skipped') deps.log.warn(fields, `run skipped: ${r.reason}`);
   else if (r.outcome === 'failed') deps.log.error(fields, `run failed: ${r.reason}`);
   else deps.log.info(fields, `run finished: ${r.reason}`);
@@ -332,7 +426,12 @@ async function diskGuard(deps: RunDeps, s: MemberStatus): Promise<string | undef
 /** Leader-last: keep waiting while another voting member still needs a defragment (until `until`). */
 async function othersNeedingDefrag(deps: RunDeps, until: number, decideFor: (m: MemberView) => Decision): Promise<string | undefined> {
   if (deps.clock.now() >= until) return undefined;
-  const view = await inspect(deps.pool, deps.config.etcd.endpoint, { log: deps.log, signal: deps.signal }, { memberAttempts: 1, linearizableRead: false, quotaBytes: deps.config.policy.quotaBytes });
+  const view = await inspect(
+    deps.pool,
+    deps.config.etcd.endpoint,
+    { log: deps.log, signal: deps.signal },
+    { memberAttempts: 1, linearizableRead: false, quotaBytes: deps.config.policy.quotaBytes },
+  );
   if (view.local.status!.leader !== view.local.id) return undefined; // no longer the leader: go normally
   const pending = voting(view).filter((m) => !m.isLocal && m.status && decideFor(m).defrag);
   if (pending.length === 0) return undefined;
@@ -361,7 +460,10 @@ async function waitNotBusy(deps: RunDeps, view: ClusterView, until: number): Pro
     if (!logged) {
       deps.log.info({ event: 'turn.wait', reason }, `waiting: ${reason}`);
       for (const b of busy.filter((x) => x.fallback)) {
-        deps.log.warn({ event: 'busy.fallback', member: b.member.hex, error: b.fallback }, `member ${memberLabel(b.member)}: /metrics cannot tell whether it defragments (${b.fallback}); taking its silence on Status as a defragment`);
+        deps.log.warn(
+          { event: 'busy.fallback', member: b.member.hex, error: b.fallback },
+          `member ${memberLabel(b.member)}: /metrics cannot tell whether it defragments (${b.fallback}); taking its silence on Status as a defragment`,
+        );
       }
       logged = true;
     }
@@ -379,7 +481,10 @@ async function transferLeadership(deps: RunDeps, view: ClusterView): Promise<{ o
   } catch (err) {
     return { ok: false, reason: errorMessage(err) };
   }
-  deps.log.info({ event: 'leader.transfer', from: view.local.hex, to: target.hex, tookMs: deps.clock.now() - t0 }, `moved leadership from ${view.local.hex} to ${memberLabel(target)}`);
+  deps.log.info(
+    { event: 'leader.transfer', from: view.local.hex, to: target.hex, tookMs: deps.clock.now() - t0 },
+    `moved leadership from ${view.local.hex} to ${memberLabel(target)}`,
+  );
   return { ok: true };
 }
 
@@ -409,7 +514,10 @@ async function compactForNoSpace(deps: RunDeps, view: ClusterView, alarmSeenAt: 
   steps.push({ name: 'keep no history', revision: latest });
   for (const step of steps) {
     if (step.revision === latest && inUse < mark) {
-      log.info({ event: 'compact.enough', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) }, `no compaction to the latest revision needed: member ${local.hex} has ${formatBytes(inUse)} in use, under ${markText}`);
+      log.info(
+        { event: 'compact.enough', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
+        `no compaction to the latest revision needed: member ${local.hex} has ${formatBytes(inUse)} in use, under ${markText}`,
+      );
       return undefined;
     }
     const t0 = deps.clock.now();
@@ -424,13 +532,27 @@ async function compactForNoSpace(deps: RunDeps, view: ClusterView, alarmSeenAt: 
       if (stuck) return stuck;
     }
     const after = (await client.status({ log, signal: deps.signal }, 2)).dbSizeInUse;
-    const fields = { event: 'compact', member: local.hex, step: step.name, revision: step.revision.toString(), inUseBefore: inUse, inUseAfter: after, markBytes: Math.floor(mark), tookMs: deps.clock.now() - t0 };
-    log.info(fields, `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`);
+    const fields = {
+      event: 'compact',
+      member: local.hex,
+      step: step.name,
+      revision: step.revision.toString(),
+      inUseBefore: inUse,
+      inUseAfter: after,
+      markBytes: Math.floor(mark),
+      tookMs: deps.clock.now() - t0,
+    };
+    log.info(
+      fields,
+      `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`,
+    );
     inUse = after;
     if (after < mark) return undefined;
   }
-  log.warn({ event: 'compact.insufficient', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
-    `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: live data fills the quota, which neither compaction nor defragmentation can fix (defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data`);
+  log.warn(
+    { event: 'compact.insufficient', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
+    `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: live data fills the quota, which neither compaction nor defragmentation can fix (defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data`,
+  );
   return undefined;
 }
 
@@ -443,16 +565,31 @@ function keepHistoryRevision(deps: RunDeps, latest: bigint, alarmSeenAt: number 
   const now = deps.clock.now();
   const reference = alarmSeenAt ?? now;
   const old = deps.revisions?.atOrBefore(reference - keep);
-  if (old && old.revision < latest) return { revision: old.revision, what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reference - old.at)} before the alarm)` };
-  if (old) return { what: `no revision older than the latest (${latest}) within nospace.keepHistory (${formatDuration(keep)}): no history to keep` };
+  if (old && old.revision < latest)
+    return {
+      revision: old.revision,
+      what: `${formatDuration(keep)} of history (revision ${old.revision}, seen ${formatDuration(reference - old.at)} before the alarm)`,
+    };
+  if (old)
+    return {
+      what: `no revision older than the latest (${latest}) within nospace.keepHistory (${formatDuration(keep)}): no history to keep`,
+    };
   // Rule: without a sample that old (the daemon started less than keepHistory before the alarm),
   // keep what this daemon has seen, from its oldest sample on; without any older one, keep none.
   const oldest = deps.revisions?.oldest();
   if (oldest && oldest.revision < latest) {
-    deps.log.info({ event: 'compact.history', revision: oldest.revision.toString(), seenMsAgo: now - oldest.at }, `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`);
-    return { revision: oldest.revision, what: `the history this daemon saw (since revision ${oldest.revision}, ${formatDuration(now - oldest.at)} ago)` };
+    deps.log.info(
+      { event: 'compact.history', revision: oldest.revision.toString(), seenMsAgo: now - oldest.at },
+      `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`,
+    );
+    return {
+      revision: oldest.revision,
+      what: `the history this daemon saw (since revision ${oldest.revision}, ${formatDuration(now - oldest.at)} ago)`,
+    };
   }
-  return { what: `no revision older than the latest was seen since this daemon started, so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept` };
+  return {
+    what: `no revision older than the latest was seen since this daemon started, so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept`,
+  };
 }
 
 /** One physical compaction with its own deadline; returns why the run must stop, if it must. */
@@ -466,7 +603,10 @@ async function compactTo(deps: RunDeps, client: EtcdMember, revision: bigint): P
     if (kind === 'timeout') {
       return `compaction to revision ${revision} did not finish within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); it goes on inside etcd, and the defragment waits for the next run`;
     }
-    deps.log.warn({ event: 'compact.fail', revision: revision.toString(), error: errorMessage(err) }, `compaction to revision ${revision} failed: ${errorMessage(err)}; defragmenting without it`);
+    deps.log.warn(
+      { event: 'compact.fail', revision: revision.toString(), error: errorMessage(err) },
+      `compaction to revision ${revision} failed: ${errorMessage(err)}; defragmenting without it`,
+    );
     return undefined;
   }
 }
@@ -478,8 +618,10 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
   const before = local.status!;
   const t0 = deps.clock.now();
   deps.onDefragStart?.(local.hex);
-  log.info({ event: 'defrag.start', member: local.hex, endpoint: local.endpoint, beforeBytes: before.dbSize, inUseBytes: before.dbSizeInUse },
-    `defragmenting member ${memberLabel(local)}: ${formatBytes(before.dbSize)} on disk, ${formatBytes(before.dbSizeInUse)} in use`);
+  log.info(
+    { event: 'defrag.start', member: local.hex, endpoint: local.endpoint, beforeBytes: before.dbSize, inUseBytes: before.dbSizeInUse },
+    `defragmenting member ${memberLabel(local)}: ${formatBytes(before.dbSize)} on disk, ${formatBytes(before.dbSizeInUse)} in use`,
+  );
   let failure: string | undefined;
   try {
     const reply = await client.defragment();
@@ -494,7 +636,10 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
     failure = errorMessage(err);
     // A timed-out defragment goes on inside etcd: never send another, wait for the member instead.
     if (kindOf(err) === 'timeout') {
-      log.warn({ event: 'defrag.timeout', member: local.hex }, `defragment of ${local.hex} passed etcd.defragTimeout; not re-sending, waiting for the member to answer again`);
+      log.warn(
+        { event: 'defrag.timeout', member: local.hex },
+        `defragment of ${local.hex} passed etcd.defragTimeout; not re-sending, waiting for the member to answer again`,
+      );
     }
   }
   const settled = await settle(deps, view, Math.max(60_000, c.etcd.defragTimeout));
@@ -507,8 +652,17 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
     return { outcome: 'failed', reason, member: local.hex, tookMs };
   }
   const after = settled.status;
-  log.info({ event: 'defrag.done', member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, inUseBytes: after.dbSizeInUse, tookMs },
-    `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}`);
+  log.info(
+    {
+      event: 'defrag.done',
+      member: local.hex,
+      beforeBytes: before.dbSize,
+      afterBytes: after.dbSize,
+      inUseBytes: after.dbSizeInUse,
+      tookMs,
+    },
+    `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}`,
+  );
   deps.onDefrag?.({ member: local.hex, ok: true, tookMs, reclaimed: Math.max(0, before.dbSize - after.dbSize) });
 
   if (c.verify.hashKV) {
@@ -516,7 +670,16 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
     if (bad) {
       log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: local.hex, ...bad.fields }, bad.reason);
       const haltRecorded = await writeHalt(deps, view, bad.reason);
-      return { outcome: 'failed', reason: bad.reason, member: local.hex, beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs, check: 'integrity', haltRecorded };
+      return {
+        outcome: 'failed',
+        reason: bad.reason,
+        member: local.hex,
+        beforeBytes: before.dbSize,
+        afterBytes: after.dbSize,
+        tookMs,
+        check: 'integrity',
+        haltRecorded,
+      };
     }
   }
   // The settle pause lets the write load recover before the next member goes down. During NOSPACE
@@ -537,7 +700,11 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
  * A member that does not answer may still be defragmenting (a timed-out defrag goes on inside
  * etcd), so we keep the turn and wait for as long as that lasts; only catching up is bounded.
  */
-async function settle(deps: RunDeps, view: ClusterView, catchUpMs: number): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
+async function settle(
+  deps: RunDeps,
+  view: ClusterView,
+  catchUpMs: number,
+): Promise<{ ok: true; status: MemberStatus } | { ok: false; reason: string }> {
   const timeout = deps.config.etcd.requestTimeout;
   const client = deps.pool.get(view.local.endpoint);
   let answeredAt: number | undefined;
@@ -560,10 +727,14 @@ async function settle(deps: RunDeps, view: ClusterView, catchUpMs: number): Prom
         if (!(again instanceof Error) && again.raftAppliedIndex >= target.raftIndex) return { ok: true, status: again };
         last = `member is ${target.raftIndex - s.raftAppliedIndex} raft entries behind the leader`;
       }
-      if (deps.clock.now() - answeredAt > catchUpMs) return { ok: false, reason: `member did not catch up within ${formatDuration(catchUpMs)}: ${last}` };
+      if (deps.clock.now() - answeredAt > catchUpMs)
+        return { ok: false, reason: `member did not catch up within ${formatDuration(catchUpMs)}: ${last}` };
     }
     if (deps.clock.now() - lastReport >= 60_000) {
-      deps.log.warn({ event: 'defrag.wait', member: view.local.hex, reason: last }, `still waiting for member ${view.local.hex} after its defragment, holding the turn: ${last}`);
+      deps.log.warn(
+        { event: 'defrag.wait', member: view.local.hex, reason: last },
+        `still waiting for member ${view.local.hex} after its defragment, holding the turn: ${last}`,
+      );
       lastReport = deps.clock.now();
     }
     // Not cut short by a stop signal: the turn is handed over only once the member is back.
@@ -572,7 +743,11 @@ async function settle(deps: RunDeps, view: ClusterView, catchUpMs: number): Prom
 }
 
 /** HashKV at a revision every voting member has applied must agree; the revision must not go backwards. */
-async function verifyIntegrity(deps: RunDeps, view: ClusterView, before: MemberStatus): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
+async function verifyIntegrity(
+  deps: RunDeps,
+  view: ClusterView,
+  before: MemberStatus,
+): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
   const hashKV = deps.hashKV ?? defaultHashKV;
   const members = voting(view);
   // One deadline for the whole check: a full-keyspace hash of a large db is slow, and retries
@@ -586,7 +761,10 @@ async function verifyIntegrity(deps: RunDeps, view: ClusterView, before: MemberS
       const statuses = await Promise.all(members.map((m) => deps.pool.get(m.endpoint).status({ log: deps.log }, 2)));
       const local = statuses[members.findIndex((m) => m.isLocal)];
       if (local && local.revision < before.revision) {
-        return { reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`, fields: { before: before.revision.toString(), after: local.revision.toString() } };
+        return {
+          reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`,
+          fields: { before: before.revision.toString(), after: local.revision.toString() },
+        };
       }
       rev = statuses.reduce((min, s) => (s.revision < min ? s.revision : min), statuses[0]!.revision);
       // One member at a time: hashing the keyspace holds a read transaction on that member.
@@ -606,7 +784,10 @@ async function verifyIntegrity(deps: RunDeps, view: ClusterView, before: MemberS
     if (compacts.size > 1) continue; // a compaction landed between the calls: ask again
     const distinct = new Set(hashes.map((h) => h.hash));
     if (distinct.size === 1) {
-      deps.log.info({ event: 'verify.ok', revision: rev.toString(), hash: hashes[0]!.hash }, `HashKV agrees on all ${hashes.length} voting members at revision ${rev}`);
+      deps.log.info(
+        { event: 'verify.ok', revision: rev.toString(), hash: hashes[0]!.hash },
+        `HashKV agrees on all ${hashes.length} voting members at revision ${rev}`,
+      );
       return undefined;
     }
     const detail = hashes.map((h) => `${h.m.hex}=${h.hash}`).join(', ');
@@ -615,7 +796,9 @@ async function verifyIntegrity(deps: RunDeps, view: ClusterView, before: MemberS
       fields: { revision: rev.toString(), hashes: Object.fromEntries(hashes.map((h) => [h.m.hex, h.hash])) },
     };
   }
-  deps.log.warn({ event: 'verify.skip' }, left() <= 0 ? 'HashKV not compared: the check ran out of time' : 'HashKV not compared: compactions kept moving during the check');
+  deps.log.warn(
+    { event: 'verify.skip' },
+    left() <= 0 ? 'HashKV not compared: the check ran out of time' : 'HashKV not compared: compactions kept moving during the check',
+  );
   return undefined;
 }
-

@@ -54,14 +54,18 @@ export function stageTlsFiles(config: Config, runtimeDir: string, configPath: st
       data.set(cred, readFileSync(f.path));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      throw new ConfigError(`${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} (${configPath ? `in ${configPath}` : 'the default'}); accepted: a readable file`);
+      throw new ConfigError(
+        `${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} (${configPath ? `in ${configPath}` : 'the default'}); accepted: a readable file`,
+      );
     }
   }
   if (data.has('etcd-cert') || data.has('etcd-key')) {
     try {
       checkPair(data.get('etcd-cert'), data.get('etcd-key'), data.get('etcd-ca'));
     } catch (err) {
-      throw new ConfigError(`etcd.certFile and etcd.keyFile: ${files.get('etcd-cert')?.path} and ${files.get('etcd-key')?.path} are not a matching certificate and key (${(err as Error).message}); if they are being renewed right now, this is retried`);
+      throw new ConfigError(
+        `etcd.certFile and etcd.keyFile: ${files.get('etcd-cert')?.path} and ${files.get('etcd-key')?.path} are not a matching certificate and key (${(err as Error).message}); if they are being renewed right now, this is retried`,
+      );
     }
   }
   mkdirSync(dir, { recursive: true, mode: 0o700 });

@@ -114,12 +114,10 @@ function ticketIndex(key: string, from: number): number {
 export function describeParticipant(p: Participant): string {
   const i = p.info;
   const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${hexId(i.memberId)}`].filter(Boolean).join(', ');
-  return `${i.spare && !p.spare ? 'a daemon started during NOSPACE' : i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
+  return `${i.spare && !p.spare ? 'a daemon started during NOSPACE' : (i.command ?? 'daemon')} (${who || `lease ${p.lease}`})`;
 }
 
-export type AcquireOutcome =
-  | { ok: true; waitedMs: number }
-  | { ok: false; reason: string };
+export type AcquireOutcome = { ok: true; waitedMs: number } | { ok: false; reason: string };
 
 export interface TurnDeps {
   /** Clients by endpoint; the turn picks the members it talks to itself. */
@@ -151,7 +149,12 @@ const uncertain = (err: unknown) => {
  * Calls `fn` on each client in order until one answers. An error `tryNext` accepts moves on to the
  * next client; any other is thrown at once, and when none answers, the last error is.
  */
-async function firstToAnswer<T>(what: string, clients: EtcdMember[], fn: (client: EtcdMember) => Promise<T>, tryNext: (err: unknown) => boolean): Promise<{ value: T; endpoint: string }> {
+async function firstToAnswer<T>(
+  what: string,
+  clients: EtcdMember[],
+  fn: (client: EtcdMember) => Promise<T>,
+  tryNext: (err: unknown) => boolean,
+): Promise<{ value: T; endpoint: string }> {
   let last: unknown;
   for (const client of clients) {
     try {
@@ -191,7 +194,10 @@ export class Turn {
   /** The last turn read (views are never modified). */
   private lastView: TurnView | undefined;
 
-  constructor(private readonly opts: TurnOptions, private readonly deps: TurnDeps) {
+  constructor(
+    private readonly opts: TurnOptions,
+    private readonly deps: TurnDeps,
+  ) {
     this.poll = opts.pollInterval ?? 500;
     this.tickets = opts.tickets ?? TICKETS;
   }
@@ -232,11 +238,18 @@ export class Turn {
   /** Learns the other voting members' client URLs (from any member that answers). */
   async refreshMembers(): Promise<void> {
     // Any failure moves on to the next member; when none answers, the list we had stays.
-    const answer = await firstToAnswer('member list', [this.deps.pool.get(this.deps.endpoint), ...this.endpoints()], (client) => client.members({}, 1), () => true)
-      .catch(() => undefined);
+    const answer = await firstToAnswer(
+      'member list',
+      [this.deps.pool.get(this.deps.endpoint), ...this.endpoints()],
+      (client) => client.members({}, 1),
+      () => true,
+    ).catch(() => undefined);
     if (!answer) return;
     const list = answer.value;
-    this.others = list.filter((m) => !m.isLearner && m.clientURLs[0]).map((m) => m.clientURLs[0]!).filter((e) => e !== this.deps.endpoint);
+    this.others = list
+      .filter((m) => !m.isLearner && m.clientURLs[0])
+      .map((m) => m.clientURLs[0]!)
+      .filter((e) => e !== this.deps.endpoint);
     this.membersKnown = new Set(list.map((m) => m.id));
   }
 
@@ -254,7 +267,10 @@ export class Turn {
       return await fn(client);
     } catch (err) {
       // Next time start with another member; the caller reads the state again before deciding.
-      if (uncertain(err)) this.preferred = this.endpoints().map((e) => e.endpoint).find((e) => e !== client.endpoint);
+      if (uncertain(err))
+        this.preferred = this.endpoints()
+          .map((e) => e.endpoint)
+          .find((e) => e !== client.endpoint);
       throw err;
     }
   }
@@ -282,9 +298,12 @@ export class Turn {
     const id = await this.onAnyMember('lease grant', (client) => client.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
     const lease = hexId(id);
     const since = new Date(this.deps.clock.now()).toISOString();
-    const info: ParticipantInfo = kind === 'spare' ? { spare: true, since }
-      : kind === 'reserve' ? { spare: true, memberId: this.memberId, host: hostname(), since }
-        : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
+    const info: ParticipantInfo =
+      kind === 'spare'
+        ? { spare: true, since }
+        : kind === 'reserve'
+          ? { spare: true, memberId: this.memberId, host: hostname(), since }
+          : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
     const spare = kind !== 'self';
     const ops: IRequestOp[] = [
       { request_put: { key: Buffer.from(this.key(lease, 'info')), value: Buffer.from(JSON.stringify(info)), lease: id } },
@@ -317,31 +336,51 @@ export class Turn {
     } catch (err) {
       if (kindOf(err) !== 'nospace') throw err;
       if (!this.opts.keepSpares) {
-        throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; the running etcd-defragd daemons recover it (spare participants are kept for them)', { cause: err, permanent: false });
+        throw new DefragdError(
+          'EDD_ETCD',
+          'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; the running etcd-defragd daemons recover it (spare participants are kept for them)',
+          { cause: err, permanent: false },
+        );
       }
       this.lease = await this.claimSpare();
     }
     this.trouble = '';
     this.startKeepAlive();
-    if (this.opts.keepSpares) await this.ensureSpare().catch((err) => this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`));
+    if (this.opts.keepSpares)
+      await this.ensureSpare().catch((err) =>
+        this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`),
+      );
   }
 
   private async claimSpare(): Promise<string> {
     const view = await this.view();
     // Our own member's reserve first (the others then still know whose daemon this is), then the anonymous spare.
     const rank = (p: Participant) => (p.info.memberId === this.memberId ? 0 : p.info.memberId ? 2 : 1);
-    const candidates = [...view.participants.values()].filter((p) => p.spare && p.tickets.length >= 2 && !p.holding).sort((a, b) => rank(a) - rank(b));
+    const candidates = [...view.participants.values()]
+      .filter((p) => p.spare && p.tickets.length >= 2 && !p.holding)
+      .sort((a, b) => rank(a) - rank(b));
     for (const p of candidates) {
       // A claim whose reply was lost leaves that spare unclaimed by anyone: nobody renews it, it expires.
-      const res = await this.onAnyMember('claim spare', (client) => client.txn('claim spare', [
-        { key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-      ], [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }]));
+      const res = await this.onAnyMember('claim spare', (client) =>
+        client.txn(
+          'claim spare',
+          [{ key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare],
+          [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }],
+        ),
+      );
       if (res.succeeded) {
-        this.deps.log.warn({ event: 'turn.spare.claim', lease: p.lease }, `etcd refuses new leases (NOSPACE); took over spare participant ${p.lease} to join the turn`);
+        this.deps.log.warn(
+          { event: 'turn.spare.claim', lease: p.lease },
+          `etcd refuses new leases (NOSPACE); took over spare participant ${p.lease} to join the turn`,
+        );
         return p.lease;
       }
     }
-    throw new DefragdError('EDD_ETCD', 'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it', { permanent: false });
+    throw new DefragdError(
+      'EDD_ETCD',
+      'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it',
+      { permanent: false },
+    );
   }
 
   /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). One at a time. */
@@ -353,7 +392,7 @@ export class Turn {
   }
 
   private async doEnsureSpare(known?: TurnView): Promise<void> {
-    const spares = [...(known ?? await this.view()).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
+    const spares = [...(known ?? (await this.view())).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
     const wanted: ('reserve' | 'spare')[] = [];
     if (this.memberId && !spares.some((p) => p.info.memberId === this.memberId)) wanted.push('reserve');
     if (!spares.some((p) => !p.info.memberId)) wanted.push('spare');
@@ -382,7 +421,12 @@ export class Turn {
   private async renewLease(lease: string): Promise<number> {
     // Short enough for three members to be tried within one renewal period (leaseTTL / 3).
     const timeout = Math.max(1000, Math.floor(this.opts.leaseTTL / 9));
-    const answer = await firstToAnswer('keep-alive', this.endpoints(), (client) => client.leaseKeepAlive(decimalId(lease), timeout), () => true);
+    const answer = await firstToAnswer(
+      'keep-alive',
+      this.endpoints(),
+      (client) => client.leaseKeepAlive(decimalId(lease), timeout),
+      () => true,
+    );
     if (lease === this.lease) this.preferred = answer.endpoint;
     return answer.value;
   }
@@ -440,11 +484,15 @@ export class Turn {
       // A turn that etcd says we hold but no run of ours uses (a take whose reply was lost, a
       // give-back that failed): give it back, or nobody gets it until our lease ends.
       if (me?.holding && !this.holdKey && !this.acquiring && this.lease === me.lease) {
-        this.deps.log.warn({ event: 'turn.stray', lease: me.lease }, 'etcd shows this participant holding the turn while no run uses it; giving it back');
+        this.deps.log.warn(
+          { event: 'turn.stray', lease: me.lease },
+          'etcd shows this participant holding the turn while no run uses it; giving it back',
+        );
         this.holdKey = this.key(me.lease, `t/${pad(me.tickets[0]!)}`);
         await this.release();
       }
-      if (me && !this.holdKey && me.tickets.length < Math.min(REFILL_BELOW, this.tickets / 2)) await this.refill(me, view.revision).catch(() => undefined);
+      if (me && !this.holdKey && me.tickets.length < Math.min(REFILL_BELOW, this.tickets / 2))
+        await this.refill(me, view.revision).catch(() => undefined);
       if (this.opts.keepSpares) await this.ensureSpare(view).catch(() => undefined);
     } catch (err) {
       this.deps.log.debug({ event: 'turn.maintain.fail', error: errorMessage(err) }, `turn upkeep failed: ${errorMessage(err)}`);
@@ -469,8 +517,16 @@ export class Turn {
     const next = (me.tickets.at(-1) ?? 0) + 1;
     const from = next % 2 === 0 ? next : next + 1;
     const own = `${this.opts.prefix}p/${me.lease}/t/`;
-    const guard = { key: Buffer.from(own), range_end: prefixEnd(own), target: 'Mod', result: 'Less', mod_revision: (viewRevision + 1n).toString() } as ICompare;
-    await this.onAnyMember('refill tickets', (client) => client.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)));
+    const guard = {
+      key: Buffer.from(own),
+      range_end: prefixEnd(own),
+      target: 'Mod',
+      result: 'Less',
+      mod_revision: (viewRevision + 1n).toString(),
+    } as ICompare;
+    await this.onAnyMember('refill tickets', (client) =>
+      client.txn('refill tickets', [guard], this.ticketPuts(me.lease, from, this.tickets)),
+    );
   }
 
   /**
@@ -511,11 +567,16 @@ export class Turn {
           // Every turn costs two tickets and NOSPACE refuses refills: a long alarm would leave us
           // stuck. Move to a spare participant (our member's reserve first), which has fresh ones.
           if (kindOf(err) !== 'nospace' || !this.opts.keepSpares) {
-            throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, { permanent: false });
+            throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, {
+              permanent: false,
+            });
           }
           const old = me.lease;
           this.lease = await this.claimSpare();
-          this.deps.log.warn({ event: 'turn.tickets', from: old, to: this.lease }, `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`);
+          this.deps.log.warn(
+            { event: 'turn.tickets', from: old, to: this.lease },
+            `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`,
+          );
           await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(old))).catch(() => undefined);
         }
         continue;
@@ -527,20 +588,49 @@ export class Turn {
       if (!waitReason) {
         const range = Buffer.from(`${this.opts.prefix}p/`);
         const compare: ICompare[] = [
-          { key: range, range_end: prefixEnd(`${this.opts.prefix}p/`), target: 'Mod', result: 'Less', mod_revision: (view.revision + 1n).toString() } as ICompare,
-          { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-          { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-          ...others.map((p) => ({ key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)), target: 'Version', result: 'Greater', version: 0 }) as ICompare),
+          {
+            key: range,
+            range_end: prefixEnd(`${this.opts.prefix}p/`),
+            target: 'Mod',
+            result: 'Less',
+            mod_revision: (view.revision + 1n).toString(),
+          } as ICompare,
+          {
+            key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)),
+            target: 'Version',
+            result: 'Greater',
+            version: 0,
+          } as ICompare,
+          {
+            key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)),
+            target: 'Version',
+            result: 'Greater',
+            version: 0,
+          } as ICompare,
+          ...others.map(
+            (p) =>
+              ({
+                key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)),
+                target: 'Version',
+                result: 'Greater',
+                version: 0,
+              }) as ICompare,
+          ),
         ];
         try {
           // Sent once: after a timeout it may have been applied, so we read again (top of the
           // loop) instead of sending it elsewhere; our even ticket gone means we hold the turn.
-          res = await this.sendOnce((client) => client.txn('take turn', compare, [
-            { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
-          ]));
+          res = await this.sendOnce((client) =>
+            client.txn('take turn', compare, [
+              { request_delete_range: { key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)) } },
+            ]),
+          );
         } catch (err) {
           if (!uncertain(err)) throw err;
-          this.deps.log.debug({ event: 'turn.uncertain', error: errorMessage(err) }, `taking the turn: no reply (${errorMessage(err)}); reading the state again`);
+          this.deps.log.debug(
+            { event: 'turn.uncertain', error: errorMessage(err) },
+            `taking the turn: no reply (${errorMessage(err)}); reading the state again`,
+          );
           continue;
         }
         if (res.succeeded) {
@@ -556,7 +646,10 @@ export class Turn {
         lastWaitReason = waitReason;
       }
       if (this.deps.clock.now() >= deadline) return { ok: false, reason: waitReason };
-      await this.deps.clock.sleep(Math.min(this.poll, Math.max(0, deadline - this.deps.clock.now())) + Math.floor(Math.random() * 100), signal);
+      await this.deps.clock.sleep(
+        Math.min(this.poll, Math.max(0, deadline - this.deps.clock.now())) + Math.floor(Math.random() * 100),
+        signal,
+      );
     }
   }
 
@@ -609,7 +702,10 @@ export class Turn {
   async registeredMembers(): Promise<{ members: Set<string>; unknown: number }> {
     const v = await this.view();
     const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
-    return { members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))), unknown: ps.filter((p) => !p.info.memberId).length };
+    return {
+      members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))),
+      unknown: ps.filter((p) => !p.info.memberId).length,
+    };
   }
 
   /**
@@ -622,24 +718,39 @@ export class Turn {
     let unsure = false;
     let res: { succeeded: boolean };
     try {
-      res = await pRetry(() => this.sendOnce((client) => client.txn('give back turn', [
-        { key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare,
-      ], [{ request_delete_range: { key: Buffer.from(key) } }])), {
-        retries: 2,
-        // The pause between tries is on our clock (simulated in the model tests), not p-retry's timer.
-        minTimeout: 0,
-        onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
-          unsure ||= uncertain(error);
-          if (retriesLeft > 0) await this.deps.clock.sleep(500 * attemptNumber);
+      res = await pRetry(
+        () =>
+          this.sendOnce((client) =>
+            client.txn(
+              'give back turn',
+              [{ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare],
+              [{ request_delete_range: { key: Buffer.from(key) } }],
+            ),
+          ),
+        {
+          retries: 2,
+          // The pause between tries is on our clock (simulated in the model tests), not p-retry's timer.
+          minTimeout: 0,
+          onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
+            unsure ||= uncertain(error);
+            if (retriesLeft > 0) await this.deps.clock.sleep(500 * attemptNumber);
+          },
         },
-      });
+      );
     } catch (err) {
       this.releasePending = true;
-      this.deps.log.error({ event: 'turn.release.fail', error: errorMessage(err) }, `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`);
+      this.deps.log.error(
+        { event: 'turn.release.fail', error: errorMessage(err) },
+        `could not give back the cluster-wide turn: ${errorMessage(err)}; trying again with every keep-alive`,
+      );
       return;
     }
     // After an attempt without reply, "already gone" is that attempt's doing.
-    if (!res.succeeded && !unsure) this.deps.log.warn({ event: 'turn.lost', lease: this.lease }, 'the turn was already gone when giving it back (our lease expired while holding it)');
+    if (!res.succeeded && !unsure)
+      this.deps.log.warn(
+        { event: 'turn.lost', lease: this.lease },
+        'the turn was already gone when giving it back (our lease expired while holding it)',
+      );
     if (this.holdKey === key) this.holdKey = undefined;
     this.releasePending = false;
   }

@@ -99,7 +99,15 @@ export class Cluster {
   private stopped = false;
   private stopping: Promise<void> | undefined;
 
-  constructor(o: { version: EtcdVersion; binaries: EtcdBinaries; dir: string; tls: boolean; peerTls: boolean; pki?: Pki; options: ClusterOptions }) {
+  constructor(o: {
+    version: EtcdVersion;
+    binaries: EtcdBinaries;
+    dir: string;
+    tls: boolean;
+    peerTls: boolean;
+    pki?: Pki;
+    options: ClusterOptions;
+  }) {
     this.options = o.options;
     this.version = o.version;
     this.binaries = o.binaries;
@@ -185,10 +193,16 @@ export class Cluster {
    * etcdctl's own --command-timeout defaults to 5 s (too short for defrag of a big db); when
    * `timeoutMs` is given and `args` has no --command-timeout, it is set to timeoutMs too.
    */
-  etcdctl(args: string[], opts: { member?: Member; members?: Member[]; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<EtcdctlResult> {
+  etcdctl(
+    args: string[],
+    opts: { member?: Member; members?: Member[]; timeoutMs?: number; env?: Record<string, string> } = {},
+  ): Promise<EtcdctlResult> {
     const members = opts.member ? [opts.member] : (opts.members ?? this.members);
     const timeoutMs = opts.timeoutMs ?? 30_000;
-    const extra = opts.timeoutMs !== undefined && !args.some((a) => a.startsWith('--command-timeout')) ? [`--command-timeout=${Math.ceil(timeoutMs / 1000)}s`] : [];
+    const extra =
+      opts.timeoutMs !== undefined && !args.some((a) => a.startsWith('--command-timeout'))
+        ? [`--command-timeout=${Math.ceil(timeoutMs / 1000)}s`]
+        : [];
     const full = [`--endpoints=${members.map((m) => m.clientUrl).join(',')}`, ...this.etcdctlTlsArgs(), ...extra, ...args];
     return new Promise((resolve, reject) => {
       const child = spawn(this.binaries.etcdctl, full, {
@@ -200,10 +214,13 @@ export class Cluster {
       child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
       child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
       let timedOut = false;
-      const timer = setTimeout(() => {
-        timedOut = true;
-        child.kill('SIGKILL');
-      }, timeoutMs + (extra.length ? 5000 : 0));
+      const timer = setTimeout(
+        () => {
+          timedOut = true;
+          child.kill('SIGKILL');
+        },
+        timeoutMs + (extra.length ? 5000 : 0),
+      );
       child.once('error', (err) => {
         clearTimeout(timer);
         reject(new Error(`etcdctl ${args.join(' ')}: ${errorText(err)}`));
@@ -279,7 +296,13 @@ export class Cluster {
         if (!s.leader || s.leader === '0') {
           last = 'Status answered but no leader yet';
         } else {
-          await abortable(c.get('defragd-harness/health').options({ deadline: Date.now() + 3000 }).exec(), signal);
+          await abortable(
+            c
+              .get('defragd-harness/health')
+              .options({ deadline: Date.now() + 3000 })
+              .exec(),
+            signal,
+          );
           member.idDec = s.header.member_id;
           member.id = hexId(s.header.member_id);
           return;
@@ -494,17 +517,28 @@ async function launch(cluster: Cluster, n: number, opts: ClusterOptions): Promis
     const clientUrl = `${clientScheme}://127.0.0.1:${client}`;
     const peerUrl = `${peerScheme}://127.0.0.1:${peer}`;
     const args = [
-      '--name', name,
-      '--data-dir', join(cluster.dir, `${name}.etcd`),
-      '--listen-client-urls', clientUrl,
-      '--advertise-client-urls', clientUrl,
-      '--listen-peer-urls', peerUrl,
-      '--initial-advertise-peer-urls', peerUrl,
-      '--initial-cluster', initialCluster,
-      '--initial-cluster-token', cluster.token,
-      '--snapshot-count', String(opts.snapshotCount ?? 5000),
-      '--logger', 'zap',
-      '--log-outputs', 'stderr',
+      '--name',
+      name,
+      '--data-dir',
+      join(cluster.dir, `${name}.etcd`),
+      '--listen-client-urls',
+      clientUrl,
+      '--advertise-client-urls',
+      clientUrl,
+      '--listen-peer-urls',
+      peerUrl,
+      '--initial-advertise-peer-urls',
+      peerUrl,
+      '--initial-cluster',
+      initialCluster,
+      '--initial-cluster-token',
+      cluster.token,
+      '--snapshot-count',
+      String(opts.snapshotCount ?? 5000),
+      '--logger',
+      'zap',
+      '--log-outputs',
+      'stderr',
     ];
     if (metrics) args.push('--listen-metrics-urls', `http://127.0.0.1:${metrics}`);
     if (opts.quotaBytes !== undefined) args.push('--quota-backend-bytes', String(opts.quotaBytes));
@@ -512,7 +546,15 @@ async function launch(cluster: Cluster, n: number, opts: ClusterOptions): Promis
       args.push('--cert-file', pki.serverCertFile, '--key-file', pki.serverKeyFile, '--trusted-ca-file', pki.caFile, '--client-cert-auth');
     }
     if (cluster.peerTls && pki) {
-      args.push('--peer-cert-file', pki.serverCertFile, '--peer-key-file', pki.serverKeyFile, '--peer-trusted-ca-file', pki.caFile, '--peer-client-cert-auth');
+      args.push(
+        '--peer-cert-file',
+        pki.serverCertFile,
+        '--peer-key-file',
+        pki.serverKeyFile,
+        '--peer-trusted-ca-file',
+        pki.caFile,
+        '--peer-client-cert-auth',
+      );
     }
     args.push(...(opts.extraArgs ?? []), ...(opts.memberArgs?.(i) ?? []));
     cluster.members.push(new Member(cluster, i, { client, peer, ...(metrics ? { metrics } : {}) }, args));

@@ -68,7 +68,8 @@ async function withRetry<T>(what: string, fn: () => Promise<T>, attempts = 6): P
       return await fn();
     } catch (err) {
       last = err;
-      if (/database space exceeded|permission denied|request is too large|compacted|future revision/i.test(String((err as Error)?.message))) break;
+      if (/database space exceeded|permission denied|request is too large|compacted|future revision/i.test(String((err as Error)?.message)))
+        break;
       await sleep(100 * 2 ** a);
     }
   }
@@ -170,7 +171,13 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
     const value = Buffer.from(bufs[i % bufs.length]!);
     value.writeUInt32BE(i, 0);
     const client = clients[i % clients.length]!;
-    await withRetry(`put ${key}`, () => client.put(key).value(value).options({ deadline: Date.now() + 30_000 }).exec());
+    await withRetry(`put ${key}`, () =>
+      client
+        .put(key)
+        .value(value)
+        .options({ deadline: Date.now() + 30_000 })
+        .exec(),
+    );
     done++;
     if (Date.now() - lastLog > 5000) {
       lastLog = Date.now();
@@ -212,12 +219,22 @@ export async function fill(cluster: Cluster, opts: FillOptions): Promise<FillRes
   return result;
 }
 
-async function settle(cluster: Cluster, client: Etcd3, prefix: string, timeoutMs: number, expectReclaimable: number): Promise<TestMemberStatus[]> {
+async function settle(
+  cluster: Cluster,
+  client: Etcd3,
+  prefix: string,
+  timeoutMs: number,
+  expectReclaimable: number,
+): Promise<TestMemberStatus[]> {
   const deadline = Date.now() + timeoutMs;
   let prev: TestMemberStatus[] | undefined;
   let stableRounds = 0;
   for (let round = 0; ; round++) {
-    await client.put(`${prefix}sync`).value(String(round)).options({ deadline: Date.now() + 10_000 }).exec();
+    await client
+      .put(`${prefix}sync`)
+      .value(String(round))
+      .options({ deadline: Date.now() + 10_000 })
+      .exec();
     await sleep(250);
     const cur = await clusterStatus(cluster, { timeoutMs: 10_000 });
     const grew =
@@ -293,7 +310,11 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
       const digest = sha256(value);
       const client = clients[i % clients.length]!;
       try {
-        await client.put(key).value(value).options({ deadline: Date.now() + 30_000 }).exec();
+        await client
+          .put(key)
+          .value(value)
+          .options({ deadline: Date.now() + 30_000 })
+          .exec();
         written.digests.set(key, digest);
         written.bytes += valueBytes;
       } catch (err) {
@@ -314,7 +335,9 @@ export async function fillUntilNoSpace(cluster: Cluster, opts: NoSpaceOptions = 
   };
   await Promise.all(Array.from({ length: opts.concurrency ?? 4 }, worker));
   if (fatal) throw fatal;
-  log(`fillUntilNoSpace: ${written.digests.size} puts (${formatBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`);
+  log(
+    `fillUntilNoSpace: ${written.digests.size} puts (${formatBytes(written.bytes)}) acknowledged, ${written.uncertain.size} uncertain; then ${written.noSpaceError}`,
+  );
   return written;
 }
 
@@ -366,7 +389,11 @@ export interface VerifyResult {
  * Throws a descriptive error on any missing, changed or unexpected key (after a few retries, to let
  * a lagging member catch up).
  */
-export async function verifyData(cluster: Cluster, written: Written, opts: { members?: Member[]; retries?: number } = {}): Promise<VerifyResult[]> {
+export async function verifyData(
+  cluster: Cluster,
+  written: Written,
+  opts: { members?: Member[]; retries?: number } = {},
+): Promise<VerifyResult[]> {
   const members = opts.members ?? cluster.members.filter((m) => m.isRunning() && !m.isPaused);
   const results: VerifyResult[] = [];
   for (const m of members) {

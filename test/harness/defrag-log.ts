@@ -37,7 +37,7 @@ interface LogLine {
 
 /** Parses a Go duration ("2.19ms", "5.2s", "1m3.5s") to milliseconds. */
 export function goDurationMs(d: string): number | undefined {
-  const unit: Record<string, number> = { h: 3_600_000, m: 60_000, s: 1000, ms: 1, us: 1e-3, 'µs': 1e-3, ns: 1e-6 };
+  const unit: Record<string, number> = { h: 3_600_000, m: 60_000, s: 1000, ms: 1, us: 1e-3, µs: 1e-3, ns: 1e-6 };
   let total = 0;
   let matched = false;
   for (const m of d.matchAll(/(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)/g)) {

@@ -49,11 +49,22 @@ export function writeConfigFile(cluster: Cluster, name: string, base: Overrides,
   return path;
 }
 
-export function once(cluster: Cluster, member: Member, args: string[] = [], overrides: Overrides = {}, timeoutMs = 120_000): Promise<RunResult> {
+export function once(
+  cluster: Cluster,
+  member: Member,
+  args: string[] = [],
+  overrides: Overrides = {},
+  timeoutMs = 120_000,
+): Promise<RunResult> {
   return runCli(['once', '--config', writeConfig(cluster, member, overrides), ...args], { timeoutMs });
 }
 
-export function startDaemon(cluster: Cluster, member: Member, overrides: Overrides = {}, env: Record<string, string | undefined> = {}): CliProcess {
+export function startDaemon(
+  cluster: Cluster,
+  member: Member,
+  overrides: Overrides = {},
+  env: Record<string, string | undefined> = {},
+): CliProcess {
   return spawnCli(['run', '--config', writeConfig(cluster, member, overrides)], { env });
 }
 
@@ -67,8 +78,15 @@ export interface LogLine {
 }
 
 export function events(p: CliProcess | string, event?: string): LogLine[] {
-  const lines = typeof p === 'string'
-    ? p.split('\n').flatMap((l) => { try { return [JSON.parse(l) as LogLine]; } catch { return []; } })
-    : p.jsonLines<LogLine>();
+  const lines =
+    typeof p === 'string'
+      ? p.split('\n').flatMap((l) => {
+          try {
+            return [JSON.parse(l) as LogLine];
+          } catch {
+            return [];
+          }
+        })
+      : p.jsonLines<LogLine>();
   return event ? lines.filter((l) => l.event === event) : lines;
 }

@@ -36,7 +36,10 @@ export function versionsUnderTest(): EtcdVersion[] {
   const raw = process.env.ETCD_VERSIONS?.trim();
   if (!raw) return [...ALL_VERSIONS];
   const out: EtcdVersion[] = [];
-  for (const part of raw.split(',').map((s) => s.trim()).filter(Boolean)) {
+  for (const part of raw
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)) {
     if (!isEtcdVersion(part)) {
       throw new Error(`ETCD_VERSIONS: unknown etcd version '${part}' (accepted: ${ALL_VERSIONS.join(', ')})`);
     }

@@ -68,7 +68,10 @@ export function percentile(sorted: number[], p: number): number {
 
 /** Longest interval in [start, end] without a successful completion. */
 function longestGap(records: RequestRecord[], start: number, end: number): Gap {
-  const oks = records.filter((r) => r.ok).map((r) => r.t1).sort((a, b) => a - b);
+  const oks = records
+    .filter((r) => r.ok)
+    .map((r) => r.t1)
+    .sort((a, b) => a - b);
   let best: Gap = { ms: 0, from: start, to: start };
   let prev = start;
   for (const t of [...oks, end]) {
@@ -165,7 +168,10 @@ export class LoadReport {
     const out: Record<string, MemberSummary> = {};
     for (const name of [...new Set(this.requests.map((r) => r.member))].sort()) {
       const rs = this.requests.filter((r) => r.member === name);
-      const lat = rs.filter((r) => r.ok).map((r) => r.t1 - r.t0).sort((a, b) => a - b);
+      const lat = rs
+        .filter((r) => r.ok)
+        .map((r) => r.t1 - r.t0)
+        .sort((a, b) => a - b);
       out[name] = {
         total: rs.length,
         ok: lat.length,
@@ -373,7 +379,10 @@ export class ProbeReport {
 
   member(name: string): ProbeMemberReport {
     const rs = this.requests.filter((r) => r.member === name);
-    const oks = rs.filter((r) => r.ok).map((r) => r.t1).sort((a, b) => a - b);
+    const oks = rs
+      .filter((r) => r.ok)
+      .map((r) => r.t1)
+      .sort((a, b) => a - b);
     let best = { ms: 0, from: this.startedAt, to: this.startedAt };
     for (const r of rs) {
       // first successful answer at or after r.t0
@@ -388,7 +397,10 @@ export class ProbeReport {
       const ms = answered - r.t0;
       if (ms > best.ms) best = { ms, from: r.t0, to: answered };
     }
-    const lat = rs.filter((r) => r.ok).map((r) => r.t1 - r.t0).sort((a, b) => a - b);
+    const lat = rs
+      .filter((r) => r.ok)
+      .map((r) => r.t1 - r.t0)
+      .sort((a, b) => a - b);
     return {
       member: name,
       total: rs.length,
@@ -448,7 +460,11 @@ export function startReadProbe(cluster: Cluster, opts: ReadProbeOptions = {}): R
   const deadlineMs = opts.deadlineMs ?? 30_000;
   const maxInFlight = opts.maxInFlightPerMember ?? 200;
   const members = opts.members ?? cluster.members;
-  const targets = members.map((m) => ({ name: m.name, client: cluster.newClient(m), inFlight: new Map<number, { t0: number; p: Promise<void> }>() }));
+  const targets = members.map((m) => ({
+    name: m.name,
+    client: cluster.newClient(m),
+    inFlight: new Map<number, { t0: number; p: Promise<void> }>(),
+  }));
   const records: RequestRecord[] = [];
   const startedAt = now();
   let closed = false;
@@ -463,14 +479,16 @@ export function startReadProbe(cluster: Cluster, opts: ReadProbeOptions = {}): R
       kind === 'status'
         ? t.client.maintenance.status(callOpts)
         : t.client.kv.range({ key: Buffer.from('defragd-harness/probe'), serializable: kind === 'serializable' }, callOpts);
-    const p = req.then(
-      () => {
-        if (!closed) records.push({ seq: s, t0, t1: now(), ok: true, member: t.name });
-      },
-      (err: unknown) => {
-        if (!closed) records.push({ seq: s, t0, t1: now(), ok: false, member: t.name, error: errorText(err) });
-      },
-    ).finally(() => t.inFlight.delete(s));
+    const p = req
+      .then(
+        () => {
+          if (!closed) records.push({ seq: s, t0, t1: now(), ok: true, member: t.name });
+        },
+        (err: unknown) => {
+          if (!closed) records.push({ seq: s, t0, t1: now(), ok: false, member: t.name, error: errorText(err) });
+        },
+      )
+      .finally(() => t.inFlight.delete(s));
     t.inFlight.set(s, { t0, p });
     return true;
   };

@@ -157,7 +157,10 @@ export class Member {
     signalQuietly(pid, 'SIGTERM');
     signalQuietly(pid, 'SIGCONT');
     const timer = new AbortController();
-    const res = await Promise.race([exited, sleep(timeoutMs, 'timeout' as const, { signal: timer.signal }).catch(() => 'aborted' as const)]);
+    const res = await Promise.race([
+      exited,
+      sleep(timeoutMs, 'timeout' as const, { signal: timer.signal }).catch(() => 'aborted' as const),
+    ]);
     timer.abort();
     if (res === 'timeout') {
       signalQuietly(pid, 'SIGKILL');

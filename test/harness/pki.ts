@@ -65,8 +65,24 @@ async function makeCa(dir: string, name: string, cn: string): Promise<{ cert: st
   const key = await genKey(dir, name);
   const cert = join(dir, `${name}.crt`);
   await openssl(
-    ['req', '-config', join(dir, 'req.cnf'), '-new', '-x509', '-key', key, '-subj', `/CN=${cn}`,
-      '-days', DAYS, '-sha256', '-extensions', 'v3_ca', '-out', cert],
+    [
+      'req',
+      '-config',
+      join(dir, 'req.cnf'),
+      '-new',
+      '-x509',
+      '-key',
+      key,
+      '-subj',
+      `/CN=${cn}`,
+      '-days',
+      DAYS,
+      '-sha256',
+      '-extensions',
+      'v3_ca',
+      '-out',
+      cert,
+    ],
     dir,
   );
   return { cert, key };
@@ -81,7 +97,12 @@ export interface LeafOptions {
   san?: string[];
 }
 
-async function makeLeaf(dir: string, name: string, ca: { cert: string; key: string }, o: LeafOptions): Promise<{ cert: string; key: string }> {
+async function makeLeaf(
+  dir: string,
+  name: string,
+  ca: { cert: string; key: string },
+  o: LeafOptions,
+): Promise<{ cert: string; key: string }> {
   const key = await genKey(dir, name);
   const csr = join(dir, `${name}.csr`);
   const ext = join(dir, `${name}.ext`);
@@ -98,8 +119,25 @@ async function makeLeaf(dir: string, name: string, ca: { cert: string; key: stri
   if (o.san?.length) lines.push(`subjectAltName = ${o.san.join(',')}`);
   await writeFile(ext, lines.join('\n') + '\n');
   await openssl(
-    ['x509', '-req', '-in', csr, '-CA', ca.cert, '-CAkey', ca.key, '-set_serial', `0x${randomBytes(12).toString('hex')}`,
-      '-days', DAYS, '-sha256', '-extfile', ext, '-out', cert],
+    [
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      ca.cert,
+      '-CAkey',
+      ca.key,
+      '-set_serial',
+      `0x${randomBytes(12).toString('hex')}`,
+      '-days',
+      DAYS,
+      '-sha256',
+      '-extfile',
+      ext,
+      '-out',
+      cert,
+    ],
     dir,
   );
   await Promise.all([rm(csr, { force: true }), rm(ext, { force: true })]);
@@ -135,7 +173,11 @@ export async function makePki(dir: string): Promise<Pki> {
  * Issues another certificate signed by the PKI's CA (or, with `otherCa`, by the unrelated CA),
  * e.g. a client certificate with a different CN. Returns the file paths.
  */
-export async function issueCert(pki: Pki, name: string, o: LeafOptions & { otherCa?: boolean }): Promise<{ certFile: string; keyFile: string }> {
+export async function issueCert(
+  pki: Pki,
+  name: string,
+  o: LeafOptions & { otherCa?: boolean },
+): Promise<{ certFile: string; keyFile: string }> {
   if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new Error(`issueCert: bad file name '${name}'`);
   const ca = o.otherCa ? { cert: pki.otherCaFile, key: pki.otherCaKeyFile } : { cert: pki.caFile, key: pki.caKeyFile };
   const { cert, key } = await makeLeaf(pki.dir, name, ca, o);

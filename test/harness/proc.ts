@@ -160,7 +160,11 @@ export function spawnCli(args: string[], opts: CliOptions = {}): CliProcess {
   });
 
   const output = (): string => lines.map((l) => (l.stream === 'stderr' ? `[err] ${l.line}` : l.line)).join('\n');
-  const tail = (): string => lines.slice(-40).map((l) => (l.stream === 'stderr' ? `[err] ${l.line}` : l.line)).join('\n');
+  const tail = (): string =>
+    lines
+      .slice(-40)
+      .map((l) => (l.stream === 'stderr' ? `[err] ${l.line}` : l.line))
+      .join('\n');
 
   const waitForLine: CliProcess['waitForLine'] = (predicate, timeoutMs = 30_000, wopts = {}) =>
     new Promise<OutputLine>((resolve, reject) => {
@@ -183,7 +187,11 @@ export function spawnCli(args: string[], opts: CliOptions = {}): CliProcess {
         }
         if (exitInfo && streamsOpen === 0) {
           finish(() =>
-            reject(new Error(`cli exited (code ${exitInfo!.code}, signal ${exitInfo!.signal}) before a line matched ${String(predicate)}; output:\n${tail()}`)),
+            reject(
+              new Error(
+                `cli exited (code ${exitInfo!.code}, signal ${exitInfo!.signal}) before a line matched ${String(predicate)}; output:\n${tail()}`,
+              ),
+            ),
           );
         }
       };

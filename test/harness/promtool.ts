@@ -28,9 +28,14 @@ export const EXTERNAL_METRICS = new Set(['node_textfile_mtime_seconds']);
 
 /** Every metric of ours that deploy/ (alert rules and Grafana dashboard) queries. */
 export function queriedMetricNames(): Set<string> {
-  const rules = parseYaml(readFileSync(`${REPO_ROOT}/deploy/prometheus/etcd-defragd-rules.yaml`, 'utf8')) as { groups: { rules: { expr: string }[] }[] };
+  const rules = parseYaml(readFileSync(`${REPO_ROOT}/deploy/prometheus/etcd-defragd-rules.yaml`, 'utf8')) as {
+    groups: { rules: { expr: string }[] }[];
+  };
   const exprs = rules.groups.flatMap((g) => g.rules.map((r) => r.expr));
-  const d = JSON.parse(readFileSync(`${REPO_ROOT}/deploy/grafana/etcd-defragd-dashboard.json`, 'utf8')) as { panels: { targets?: { expr?: string }[] }[]; templating: { list: { query?: unknown }[] } };
+  const d = JSON.parse(readFileSync(`${REPO_ROOT}/deploy/grafana/etcd-defragd-dashboard.json`, 'utf8')) as {
+    panels: { targets?: { expr?: string }[] }[];
+    templating: { list: { query?: unknown }[] };
+  };
   exprs.push(...d.panels.flatMap((p) => (p.targets ?? []).map((t) => t.expr ?? '')));
   for (const v of d.templating.list) if (typeof v.query === 'string') exprs.push(v.query);
   return new Set(exprs.flatMap(metricNames).filter((n) => !EXTERNAL_METRICS.has(n)));

@@ -17,12 +17,24 @@ const cfg = (name: string, text: string) => {
 describe('command line', () => {
   const cases: [string, string, RegExp][] = [
     ['unknown key', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  endpiont: x\n', /etcd\.endpiont: unknown key/],
-    ['malformed cron', 'etcd:\n  endpoint: http://127.0.0.1:2379\nschedule:\n  cron: "0 */3 * *"\n', /schedule\.cron: "0 \*\/3 \* \*" is not a cron expression/],
+    [
+      'malformed cron',
+      'etcd:\n  endpoint: http://127.0.0.1:2379\nschedule:\n  cron: "0 */3 * *"\n',
+      /schedule\.cron: "0 \*\/3 \* \*" is not a cron expression/,
+    ],
     ['negative duration', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  defragTimeout: -1m\n', /etcd\.defragTimeout: "-1m" is negative/],
     ['unreadable certificate', 'etcd:\n  certFile: /nonexistent/c.crt\n', /etcd\.(caFile|certFile): ".*" does not exist/],
     ['endpoint not a URL', 'etcd:\n  endpoint: localhost\n', /etcd\.endpoint: "localhost" is not a URL/],
-    ['ratio above 1', 'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaUsageTrigger: 2\n', /policy\.quotaUsageTrigger: 2 is above 1/],
-    ['size with unknown unit', 'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaBytes: 2GB2\n', /policy\.quotaBytes: "2GB2" is not a size/],
+    [
+      'ratio above 1',
+      'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaUsageTrigger: 2\n',
+      /policy\.quotaUsageTrigger: 2 is above 1/,
+    ],
+    [
+      'size with unknown unit',
+      'etcd:\n  endpoint: http://127.0.0.1:2379\npolicy:\n  quotaBytes: 2GB2\n',
+      /policy\.quotaBytes: "2GB2" is not a size/,
+    ],
   ];
   for (const [name, text, re] of cases) {
     it(`check-config: ${name} exits 78 with one line and no stack trace`, async () => {
@@ -41,16 +53,24 @@ describe('command line', () => {
     const path = cfg('env-flag', 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
     const fromEnv = await runCli(['check-config', '--config', path], { env: { ETCD_DEFRAGD_RETRY_ATTEMPTS: 'many' } });
     assert.equal(fromEnv.code, 78, fromEnv.stdout + fromEnv.stderr);
-    assert.match(fromEnv.stderr.trim(), /^etcd-defragd: config error: retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS; accepted: a whole number from 1 to 100$/);
+    assert.match(
+      fromEnv.stderr.trim(),
+      /^etcd-defragd: config error: retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS; accepted: a whole number from 1 to 100$/,
+    );
     const fromFlag = await runCli(['check-config', '--config', path, '--set', 'coordination.leaseTTL=1s']);
     assert.equal(fromFlag.code, 78, fromFlag.stdout + fromFlag.stderr);
-    assert.match(fromFlag.stderr.trim(), /^etcd-defragd: config error: coordination\.leaseTTL: "1s" is below the minimum of 2000ms from flag --set coordination\.leaseTTL=\.\.\.; accepted: /);
+    assert.match(
+      fromFlag.stderr.trim(),
+      /^etcd-defragd: config error: coordination\.leaseTTL: "1s" is below the minimum of 2000ms from flag --set coordination\.leaseTTL=\.\.\.; accepted: /,
+    );
     for (const r of [fromEnv, fromFlag]) assert.doesNotMatch(r.stderr, /\n\s+at /);
   });
 
   it('check-config prints the effective config and where each value came from', async () => {
-    const r = await runCli(['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
-      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } });
+    const r = await runCli(
+      ['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
+      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } },
+    );
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /endpoint: "http:\/\/127\.0\.0\.1:2379" {2}# file/);
     assert.match(r.stdout, /cron: "15 \*\/2 \* \* \*" {2}# env ETCD_DEFRAGD_SCHEDULE_CRON/);

@@ -26,7 +26,11 @@ async function startAll(cluster: Cluster, overrides: Overrides, env: Record<stri
 }
 
 async function runsFinished(daemons: CliProcess[], timeoutMs = 120_000): Promise<LogLine[]> {
-  return Promise.all(daemons.map((d) => d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', timeoutMs)));
+  return Promise.all(
+    daemons.map((d) =>
+      d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', timeoutMs),
+    ),
+  );
 }
 
 async function stopAll(daemons: CliProcess[]): Promise<void> {
@@ -76,7 +80,10 @@ for (const version of versionsUnderTest()) {
     it('with coordination.leader=last the leader goes after the other members', async () => {
       await refill();
       const leader = cluster.memberById(await cluster.leaderId())!;
-      const daemons = await startAll(cluster, { schedule: { cron: NEVER, runOnStart: true }, coordination: { leader: 'last', leaseTTL: '5s', settle: '500ms', maxWait: '2m' } });
+      const daemons = await startAll(cluster, {
+        schedule: { cron: NEVER, runOnStart: true },
+        coordination: { leader: 'last', leaseTTL: '5s', settle: '500ms', maxWait: '2m' },
+      });
       try {
         await runsFinished(daemons);
         const defrags = await newDefrags();
@@ -90,10 +97,15 @@ for (const version of versionsUnderTest()) {
 
     it('a daemon killed while holding the turn blocks the others only until its lease expires', async () => {
       await refill();
-      const daemons = await startAll(cluster, { schedule: { cron: NEVER, runOnStart: true }, coordination: { leaseTTL: '5s', settle: '8s', maxWait: '2m' } });
+      const daemons = await startAll(cluster, {
+        schedule: { cron: NEVER, runOnStart: true },
+        coordination: { leaseTTL: '5s', settle: '8s', maxWait: '2m' },
+      });
       try {
         // The first daemon to finish its defragment holds the turn during the 8 s settle: kill it there.
-        const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.done', 60_000).then(() => i)));
+        const first = await Promise.race(
+          daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.done', 60_000).then(() => i)),
+        );
         const holder = daemons[first]!;
         await holder.kill('SIGKILL');
         const killedAt = Date.now();
@@ -102,9 +114,12 @@ for (const version of versionsUnderTest()) {
         for (const r of results) assert.equal(r.event, 'run.done', JSON.stringify(r));
         const defrags = await newDefrags();
         assert.equal(defrags.length, 3, JSON.stringify(defrags));
-        for (const d of defrags.slice(1)) assert.ok(d.start.getTime() >= killedAt - 500, `${d.member} started before the dead holder's turn ended`);
+        for (const d of defrags.slice(1))
+          assert.ok(d.start.getTime() >= killedAt - 500, `${d.member} started before the dead holder's turn ended`);
         assertNoOverlap(await allDefragEvents(cluster));
-        const waited = others.flatMap((d) => d.jsonLines<LogLine>()).filter((l) => l.event === 'turn.wait' && String(l.reason).includes(`pid ${holder.pid}`));
+        const waited = others
+          .flatMap((d) => d.jsonLines<LogLine>())
+          .filter((l) => l.event === 'turn.wait' && String(l.reason).includes(`pid ${holder.pid}`));
         assert.ok(waited.length > 0, 'the others said whose turn they waited for');
       } finally {
         await stopAll(daemons);
@@ -115,11 +130,16 @@ for (const version of versionsUnderTest()) {
       await fill(cluster, { inUseBytes: 32 * MiB, reclaimableBytes: 48 * MiB, prefix: `fill-${Date.now()}/` });
       defragsBefore = (await allDefragEvents(cluster)).length;
       const before = await Promise.all(cluster.members.map(async (m) => (await defragEvents(m)).length));
-      const daemons = await startAll(cluster, { schedule: { cron: NEVER, runOnStart: true }, coordination: { leaseTTL: '5s', settle: '1s', maxWait: '2m' } });
+      const daemons = await startAll(cluster, {
+        schedule: { cron: NEVER, runOnStart: true },
+        coordination: { leaseTTL: '5s', settle: '1s', maxWait: '2m' },
+      });
       try {
         // Freeze the member the moment its daemon sends the defragment (a defrag that outlives its
         // daemon's lease), and kill that daemon: its lease expires while etcd is still "defragmenting".
-        const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 60_000).then(() => i)));
+        const first = await Promise.race(
+          daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 60_000).then(() => i)),
+        );
         const member = cluster.members[first]!;
         let events = await defragEvents(member);
         for (let i = 0; i < 400 && events.length === before[first]; i++) {
@@ -204,7 +224,10 @@ for (const version of versionsUnderTest()) {
         writeFileSync(path, 'schedule:\n  cron: "every three hours"\n');
         d.child.kill('SIGHUP');
         const err = await d.waitForLine(/config reload rejected/, 10_000);
-        assert.match(err.line, /^<3>config reload rejected, keeping the running config: schedule\.cron: "every three hours" is not a cron expression/);
+        assert.match(
+          err.line,
+          /^<3>config reload rejected, keeping the running config: schedule\.cron: "every three hours" is not a cron expression/,
+        );
         assert.equal(d.lines.filter((l) => /config reload rejected/.test(l.line)).length, 1);
         assert.ok(d.isRunning());
         writeConfig(cluster, m, { schedule: { cron: '30 1 * * *' }, log: { format: 'auto' } }, 'hup.yaml');

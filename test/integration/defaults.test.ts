@@ -19,7 +19,11 @@ const versions = versionsUnderTest();
 async function assertLiveDataIntact(cluster: Cluster, written: Written): Promise<void> {
   for (const m of cluster.members) {
     for (const key of new Set([...written.digests.keys(), ...written.uncertain.keys()])) {
-      const v = await cluster.client(m).get(key).options({ serializable: true } as never).buffer();
+      const v = await cluster
+        .client(m)
+        .get(key)
+        .options({ serializable: true } as never)
+        .buffer();
       assert.ok(v, `${m.name}: ${key} missing`);
       const got = createHash('sha256').update(v).digest('hex');
       assert.ok(got === written.digests.get(key) || got === written.uncertain.get(key), `${m.name}: ${key} changed`);
@@ -36,7 +40,9 @@ async function waitWritable(cluster: Cluster, timeoutMs: number): Promise<number
       try {
         await cluster.client().put('probe/after').value('ok').exec();
         return Date.now() - t0;
-      } catch { /* raised again, or not yet */ }
+      } catch {
+        /* raised again, or not yet */
+      }
     }
     if (Date.now() - t0 > timeoutMs) throw new Error(`still not writable after ${timeoutMs} ms; alarms: ${JSON.stringify(alarms)}`);
     await new Promise((r) => setTimeout(r, 1000));
@@ -88,7 +94,10 @@ describe('the seed incident with the shipped defaults', () => {
       assert.ok(compactions.length > 0, `a daemon compacted:\n${daemons.map((d) => d.output()).join('\n')}`);
       for (const c of compactions) assert.equal(typeof c.inUseAfter, 'number', 'each step logs the sizes');
       // The daemons ran for seconds, not nospace.keepHistory (5m): the documented rule applies.
-      assert.ok(lines.some((l) => l.event === 'compact.history'), 'the daemon said it had no sample keepHistory old');
+      assert.ok(
+        lines.some((l) => l.event === 'compact.history'),
+        'the daemon said it had no sample keepHistory old',
+      );
       assert.ok(lines.some((l) => l.event === 'nospace.recovered'));
     });
   }
@@ -103,10 +112,20 @@ describe('the seed incident with the shipped defaults', () => {
     await assertLiveDataIntact(cluster, written);
     assertNoOverlap(await allDefragEvents(cluster));
     const steps = allLines(daemons).filter((l) => l.event === 'compact');
-    t.diagnostic(steps.map((s) => `${s.member}: ${s.step}: ${((s.inUseBefore as number) / MiB).toFixed(1)} -> ${((s.inUseAfter as number) / MiB).toFixed(1)} MiB`).join('; '));
+    t.diagnostic(
+      steps
+        .map(
+          (s) =>
+            `${s.member}: ${s.step}: ${((s.inUseBefore as number) / MiB).toFixed(1)} -> ${((s.inUseAfter as number) / MiB).toFixed(1)} MiB`,
+        )
+        .join('; '),
+    );
     assert.ok(steps.length > 0);
     assert.match(String(steps[0]!.step), /^keep 15\.0s of history/);
-    assert.ok(steps.every((s) => s.step !== 'keep no history'), 'never compacted to the latest revision');
+    assert.ok(
+      steps.every((s) => s.step !== 'keep no history'),
+      'never compacted to the latest revision',
+    );
   });
 });
 
@@ -123,9 +142,14 @@ describe('one voting member', () => {
     assert.match(r.stdout + r.stderr, /only voting member: defragmenting it stops every read and write .* policy\.singleMember: true/);
     assert.equal((await defragEvents(m)).length, 0);
     // A configured quota that disagrees with the member's: status names both numbers.
-    const st = await runCli(['status', '--config', writeConfig(cluster, m, { policy: { quotaBytes: '2GiB' } }, 'quota.yaml')], { timeoutMs: 30_000 });
+    const st = await runCli(['status', '--config', writeConfig(cluster, m, { policy: { quotaBytes: '2GiB' } }, 'quota.yaml')], {
+      timeoutMs: 30_000,
+    });
     assert.equal(st.code, 0, st.stderr);
-    assert.match(st.stdout, /warning: policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m0 .* runs with --quota-backend-bytes 64\.0MiB \(67108864 bytes\)/);
+    assert.match(
+      st.stdout,
+      /warning: policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m0 .* runs with --quota-backend-bytes 64\.0MiB \(67108864 bytes\)/,
+    );
     assert.match(st.stdout, /2\.00GiB \(config\)\s+0\.0%\s+no\s/, 'the QUOTA and DEFRAGMENTING columns');
     // The daemon runs before the incident, as it does on a node (one started during the alarm
     // cannot join the turn without a spare that a running daemon kept: see Known limits).
@@ -157,12 +181,21 @@ describe('a holder killed in the middle of a real defragment', () => {
     // the kill, which proves nothing); 768 MiB took about 6 s with the machine busy.
     await fill(cluster, { inUseBytes: 768 * MiB, reclaimableBytes: 128 * MiB, prefix: 'big/' });
     const leaseTTL = 2000;
-    const daemons = cluster.members.map((m) => spawnCli(['run', '--config', writeConfig(cluster!, m, {
-      schedule: { cron: '0 0 1 1 *', runOnStart: true }, coordination: { leaseTTL: `${leaseTTL}ms`, settle: '500ms', maxWait: '3m' },
-      policy: { minFragmentation: 0.05 },
-    })]));
+    const daemons = cluster.members.map((m) =>
+      spawnCli([
+        'run',
+        '--config',
+        writeConfig(cluster!, m, {
+          schedule: { cron: '0 0 1 1 *', runOnStart: true },
+          coordination: { leaseTTL: `${leaseTTL}ms`, settle: '500ms', maxWait: '3m' },
+          policy: { minFragmentation: 0.05 },
+        }),
+      ]),
+    );
     try {
-      const first = await Promise.race(daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 120_000).then(() => i)));
+      const first = await Promise.race(
+        daemons.map((d, i) => d.waitForJson<LogLine>((l) => l.event === 'defrag.start', 120_000).then(() => i)),
+      );
       const member = cluster.members[first]!;
       // The daemon logs before it sends: kill it once etcd itself has logged the start.
       for (let i = 0; i < 1000 && !(await defragEvents(member)).some((e) => !e.end); i++) await new Promise((r) => setTimeout(r, 5));
@@ -170,28 +203,49 @@ describe('a holder killed in the middle of a real defragment', () => {
       const killedAt = Date.now();
       assert.ok((await defragEvents(member)).length > 0, `etcd on ${member.name} never started the defragment`);
       // While the dead holder's defragment runs on, status shows it, from etcd's own gauge.
-      const st = await runCli(['status', '--json', '--config', writeConfig(cluster, cluster.members[(first + 1) % 3]!)], { timeoutMs: 30_000 });
-      const json = JSON.parse(st.stdout) as { members: { id: string; defragmenting: boolean | null; quota: { source: string; bytes: number } }[] };
+      const st = await runCli(['status', '--json', '--config', writeConfig(cluster, cluster.members[(first + 1) % 3]!)], {
+        timeoutMs: 30_000,
+      });
+      const json = JSON.parse(st.stdout) as {
+        members: { id: string; defragmenting: boolean | null; quota: { source: string; bytes: number } }[];
+      };
       const busy = json.members.find((x) => x.id === member.id)!;
       const stillRunning = (await defragEvents(member)).some((e) => !e.end);
       if (stillRunning) assert.equal(busy.defragmenting, true, st.stdout);
       for (const x of json.members) assert.equal(x.quota.source, 'metrics');
       const others = daemons.filter((_, i) => i !== first);
-      const results = await Promise.all(others.map((d) => d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', 180_000)));
+      const results = await Promise.all(
+        others.map((d) =>
+          d.waitForJson<LogLine>((l) => l.event === 'run.done' || l.event === 'run.skip' || l.event === 'run.fail', 180_000),
+        ),
+      );
       // A survivor may lose its 2 s lease on a loaded machine and skip before defragmenting (safe,
       // check turn); at least one must go through, after the first defragment ended.
       for (const r of results) assert.ok(r.event === 'run.done' || (r.event === 'run.skip' && r.check === 'turn'), JSON.stringify(r));
-      assert.ok(results.some((r) => r.event === 'run.done'), `no survivor defragmented: ${JSON.stringify(results)}`);
+      assert.ok(
+        results.some((r) => r.event === 'run.done'),
+        `no survivor defragmented: ${JSON.stringify(results)}`,
+      );
       const events = (await allDefragEvents(cluster)).sort((a, b) => a.start.getTime() - b.start.getTime());
       const killed = events.find((e) => e.member === member.name)!;
       assert.ok(killed.end, 'the first defragment finished inside etcd');
       const ranMs = killed.end.getTime() - killedAt;
       t.diagnostic(`the first defragment ran ${ranMs} ms after its daemon was killed (lease TTL ${leaseTTL} ms)`);
-      assert.ok(ranMs > leaseTTL, `inconclusive: the defragment ended ${ranMs} ms after the kill, within the lease TTL; the test needs a larger db`);
+      assert.ok(
+        ranMs > leaseTTL,
+        `inconclusive: the defragment ended ${ranMs} ms after the kill, within the lease TTL; the test needs a larger db`,
+      );
       assert.equal(events.length, 1 + results.filter((r) => r.event === 'run.done').length, JSON.stringify(events));
-      for (const e of events.filter((x) => x !== killed)) assert.ok(e.start >= killed.end, `${e.member} started at ${e.start.toISOString()}, before ${member.name}'s defragment ended at ${killed.end.toISOString()}`);
+      for (const e of events.filter((x) => x !== killed))
+        assert.ok(
+          e.start >= killed.end,
+          `${e.member} started at ${e.start.toISOString()}, before ${member.name}'s defragment ended at ${killed.end.toISOString()}`,
+        );
       assertNoOverlap(events);
-      assert.ok(allLines(others).some((l) => l.event === 'turn.wait' && /etcd_disk_defrag_inflight is 1/.test(String(l.reason))), 'the next holder waited on etcd\'s gauge');
+      assert.ok(
+        allLines(others).some((l) => l.event === 'turn.wait' && /etcd_disk_defrag_inflight is 1/.test(String(l.reason))),
+        "the next holder waited on etcd's gauge",
+      );
     } finally {
       await stopAll(daemons);
     }

@@ -166,7 +166,11 @@ for (const version of versionsUnderTest()) {
       assert.notEqual(m.pid, oldPid);
       assert.ok(!pidAlive(oldPid));
       assert.equal(m.id, id);
-      const v = await m.client().get('harness/hello').options({ deadline: Date.now() + 5000 }).string();
+      const v = await m
+        .client()
+        .get('harness/hello')
+        .options({ deadline: Date.now() + 5000 })
+        .string();
       assert.equal(v, 'world');
     });
 

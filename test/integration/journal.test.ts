@@ -30,14 +30,21 @@ function runJournaled(args: string[], name: string): Journaled {
   const st = fstatSync(fd);
   const env: NodeJS.ProcessEnv = { ...process.env, JOURNAL_STREAM: `${st.dev}:${st.ino}` };
   delete env.NODE_TEST_CONTEXT;
-  const child = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), CLI_PATH, ...args], { cwd: REPO_ROOT, env, stdio: ['ignore', fd, fd] });
+  const child = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), CLI_PATH, ...args], {
+    cwd: REPO_ROOT,
+    env,
+    stdio: ['ignore', fd, fd],
+  });
   closeSync(fd);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const text = () => readFileSync(file, 'utf8');
   return {
     pid: child.pid!,
     text,
-    lines: () => text().split('\n').filter((l) => l !== ''),
+    lines: () =>
+      text()
+        .split('\n')
+        .filter((l) => l !== ''),
     exited,
     async waitFor(re, timeoutMs) {
       const until = Date.now() + timeoutMs;
@@ -64,7 +71,10 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
     assert.equal(await p.exited, 78);
     assertEveryLinePrioritized(p.lines(), p.text());
     assert.equal(p.lines().length, 1, p.text());
-    assert.match(p.lines()[0]!, /^<3>etcd-defragd: config error: schedule\.cron: "every three hours" is not a cron expression .* in .*bad\.yaml; accepted: /);
+    assert.match(
+      p.lines()[0]!,
+      /^<3>etcd-defragd: config error: schedule\.cron: "every three hours" is not a cron expression .* in .*bad\.yaml; accepted: /,
+    );
   });
 
   it('a usage error: exit 64, at <3>', async () => {
@@ -80,7 +90,10 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
     const p = runJournaled(['check-config', '--config', cfg], 'check-config');
     assert.equal(await p.exited, 0);
     assertEveryLinePrioritized(p.lines(), p.text());
-    assert.ok(p.lines().every((l) => l.startsWith('<6>')), p.text());
+    assert.ok(
+      p.lines().every((l) => l.startsWith('<6>')),
+      p.text(),
+    );
   });
 
   for (const version of versionsUnderTest()) {
@@ -95,7 +108,12 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
 
       it('a normal start writes nothing at warning or above; a crash keeps its stack at <2> and exits 1', async () => {
         const m = cluster.members[0]!;
-        const cfg = writeConfig(cluster, m, { schedule: { cron: '0 0 1 1 *', runOnStart: true }, metrics: { listen: '127.0.0.1:0' }, log: { format: 'auto', level: 'info' } }, 'journal.yaml');
+        const cfg = writeConfig(
+          cluster,
+          m,
+          { schedule: { cron: '0 0 1 1 *', runOnStart: true }, metrics: { listen: '127.0.0.1:0' }, log: { format: 'auto', level: 'info' } },
+          'journal.yaml',
+        );
         const p = runJournaled(['run', '--config', cfg], `daemon-${version}`);
         try {
           await p.waitFor(/^<6>run finished/m, 60_000);
@@ -112,13 +130,21 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
           assertEveryLinePrioritized(all, p.text());
           const crash = all.slice(start.length);
           assert.match(crash[0]!, /^<2>unexpected error: SIGQUIT received/);
-          assert.ok(crash.some((l) => /^<2>Error: SIGQUIT received/.test(l)), p.text());
-          assert.ok(crash.some((l) => /^<2> {4}at .*cli\.ts:\d+/.test(l)), `the stack trace is kept:\n${p.text()}`);
+          assert.ok(
+            crash.some((l) => /^<2>Error: SIGQUIT received/.test(l)),
+            p.text(),
+          );
+          assert.ok(
+            crash.some((l) => /^<2> {4}at .*cli\.ts:\d+/.test(l)),
+            `the stack trace is kept:\n${p.text()}`,
+          );
           for (const l of crash) assert.match(l, /^<2>/, 'every line of the crash at one priority');
         } finally {
           try {
             process.kill(p.pid, 'SIGKILL');
-          } catch { /* exited */ }
+          } catch {
+            /* exited */
+          }
         }
       });
     });

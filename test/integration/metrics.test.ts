@@ -35,13 +35,21 @@ for (const version of versionsUnderTest()) {
         await d.waitForJson<LogLine>((l) => l.event === 'run.done', 60_000);
         // the alarm check after the run rewrites the textfile every second
         const t0 = Date.now();
-        while (!(existsSync(textfile) && /etcd_defragd_member_db_size_bytes\{/.test(readFileSync(textfile, 'utf8'))) && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 200));
+        while (
+          !(existsSync(textfile) && /etcd_defragd_member_db_size_bytes\{/.test(readFileSync(textfile, 'utf8'))) &&
+          Date.now() - t0 < 10_000
+        )
+          await new Promise((r) => setTimeout(r, 200));
         const body = await (await fetch(`http://${started.metrics}/metrics`)).text();
         const r = promtoolCheck(body);
         assert.equal(r.findings, '', r.findings);
         assert.equal(r.status, 0);
 
-        assert.deepEqual(series(body, 'etcd_defragd_member_db_size_bytes').map((l) => l.match(/member="([^"]+)"/)![1]), [m.id], 'only the member this daemon owns');
+        assert.deepEqual(
+          series(body, 'etcd_defragd_member_db_size_bytes').map((l) => l.match(/member="([^"]+)"/)![1]),
+          [m.id],
+          'only the member this daemon owns',
+        );
         assert.match(body, /^etcd_defragd_member_quota_bytes\{member="[0-9a-f]+"\} \d+/m);
         assert.match(body, /^etcd_defragd_member_defragmenting\{member="[0-9a-f]+"\} 0$/m);
         assert.match(body, /^etcd_defragd_runs_total\{outcome="not-needed",mode="scheduled"\} 1$/m);
@@ -51,7 +59,12 @@ for (const version of versionsUnderTest()) {
         assert.match(body, /^etcd_defragd_turn_held 0$/m);
         assert.match(body, /^etcd_defragd_paused 0$/m);
         assert.match(body, /^process_resident_memory_bytes \d+/m);
-        const exposed = new Set(body.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]));
+        const exposed = new Set(
+          body
+            .split('\n')
+            .filter((l) => l && !l.startsWith('#'))
+            .map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]),
+        );
         const missing = [...queriedMetricNames()].filter((n) => !exposed.has(n));
         assert.deepEqual(missing, [], 'the shipped rules and dashboard query only metrics this daemon exports');
 

@@ -43,7 +43,11 @@ async function incident(cluster: Cluster): Promise<{ written: Written; alarmAt: 
 async function verifyHot(cluster: Cluster, written: Written): Promise<void> {
   for (const m of cluster.members) {
     for (const [key, digest] of written.digests) {
-      const v = await cluster.client(m).get(key).options({ serializable: true } as never).buffer();
+      const v = await cluster
+        .client(m)
+        .get(key)
+        .options({ serializable: true } as never)
+        .buffer();
       assert.ok(v, `${m.name}: ${key} missing`);
       const got = createHash('sha256').update(v).digest('hex');
       assert.ok(got === digest || got === written.uncertain.get(key), `${m.name}: ${key} changed`);
@@ -113,8 +117,14 @@ for (const version of versionsUnderTest()) {
       const written = await fillUntilNoSpace(c, { prefix: 'live/' });
       const blocked = await Promise.race(daemons.map((d) => d.waitForJson<LogLine>((l) => l.event === 'nospace.blocked', 60_000)));
       assert.equal(blocked.level, 50);
-      assert.match(blocked.msg, /live data alone is above 90\.0% of the quota \(.* in use after a defragment, quota 48\.0MiB\).*Raise --quota-backend-bytes/);
-      assert.ok((await listAlarms(c)).some((a) => /nospace/i.test(a.alarm)), 'the alarm stays armed');
+      assert.match(
+        blocked.msg,
+        /live data alone is above 90\.0% of the quota \(.* in use after a defragment, quota 48\.0MiB\).*Raise --quota-backend-bytes/,
+      );
+      assert.ok(
+        (await listAlarms(c)).some((a) => /nospace/i.test(a.alarm)),
+        'the alarm stays armed',
+      );
       assert.ok(!(await writesWork(c)));
       await verifyData(c, written);
       assertNoOverlap(await allDefragEvents(c));
@@ -137,7 +147,9 @@ for (const version of versionsUnderTest()) {
       daemons.push(restarted);
 
       const unattended = c.members[2]!;
-      const named = await Promise.race(daemons.filter((d) => d.isRunning()).map((d) => d.waitForJson<LogLine>((l) => l.event === 'nospace.unattended', 90_000)));
+      const named = await Promise.race(
+        daemons.filter((d) => d.isRunning()).map((d) => d.waitForJson<LogLine>((l) => l.event === 'nospace.unattended', 90_000)),
+      );
       assert.equal(named.level, 50);
       assert.equal(named.member, unattended.id);
       assert.match(named.msg, new RegExp(`member ${unattended.name} \\(${unattended.id}, .*\\) keeps the NOSPACE alarm armed`));
@@ -148,7 +160,13 @@ for (const version of versionsUnderTest()) {
       await waitFor('writes to work again', 120_000, () => writesWork(c)).catch((err: Error) => {
         throw new Error(`${err.message}\n${daemons.map((d) => d.output()).join('\n-----\n')}`);
       });
-      t.diagnostic(`restarted daemon: ${restarted.jsonLines<LogLine>().filter((l) => /turn\.(register|spare)/.test(l.event ?? '')).map((l) => l.msg).join('; ')}`);
+      t.diagnostic(
+        `restarted daemon: ${restarted
+          .jsonLines<LogLine>()
+          .filter((l) => /turn\.(register|spare)/.test(l.event ?? ''))
+          .map((l) => l.msg)
+          .join('; ')}`,
+      );
       assert.deepEqual(await listAlarms(c), []);
       await verifyHot(c, written);
       assertNoOverlap(await allDefragEvents(c));
@@ -164,17 +182,26 @@ for (const version of versionsUnderTest()) {
       const log = silentLogger();
       const lines: Record<string, unknown>[] = [];
       log.error = ((obj: Record<string, unknown>) => lines.push(obj)) as typeof log.error;
-      const turn = new Turn({ prefix: loaded.config.coordination.prefix, leaseTTL: 5000, command: 'test' },
-        { pool, endpoint: target.clientUrl, log, clock: realClock });
+      const turn = new Turn(
+        { prefix: loaded.config.coordination.prefix, leaseTTL: 5000, command: 'test' },
+        { pool, endpoint: target.clientUrl, log, clock: realClock },
+      );
       try {
-        const r = await run({
-          config: loaded.config, pool, log, clock: realClock, turn,
-          // The test double: the second member reports a different hash.
-          hashKV: async (p, m, rev) => {
-            const real = await p.get(m.endpoint).hashKV(rev);
-            return m.id === BigInt(`0x${c.members[1]!.id}`).toString() ? { ...real, hash: `${real.hash}0` } : real;
+        const r = await run(
+          {
+            config: loaded.config,
+            pool,
+            log,
+            clock: realClock,
+            turn,
+            // The test double: the second member reports a different hash.
+            hashKV: async (p, m, rev) => {
+              const real = await p.get(m.endpoint).hashKV(rev);
+              return m.id === BigInt(`0x${c.members[1]!.id}`).toString() ? { ...real, hash: `${real.hash}0` } : real;
+            },
           },
-        }, { mode: 'once' });
+          { mode: 'once' },
+        );
         assert.equal(r.outcome, 'failed');
         assert.equal(r.check, 'integrity');
         assert.equal(exitCodeFor(r), 1);

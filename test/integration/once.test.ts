@@ -66,7 +66,11 @@ for (const version of versionsUnderTest()) {
       assert.equal(done[0]!.beforeBytes, before.dbSize);
       assert.ok((done[0]!.afterBytes as number) < before.dbSize - 8 * MiB, `after ${done[0]!.afterBytes} before ${before.dbSize}`);
       assert.equal((await defragEvents(target)).length, 1, 'etcd logged one defragment on the target');
-      assert.deepEqual((await allDefragEvents(cluster)).map((e) => e.member), [target.name], 'no other member was defragmented');
+      assert.deepEqual(
+        (await allDefragEvents(cluster)).map((e) => e.member),
+        [target.name],
+        'no other member was defragmented',
+      );
       assert.equal(events(r.stderr, 'verify.ok').length, 1, 'HashKV compared after the defragment');
 
       const again = await once(cluster, target);
@@ -102,5 +106,12 @@ for (const version of versionsUnderTest()) {
 
 function baseEtcd(cluster: Cluster, i: number) {
   const m = cluster.members[i]!;
-  return { endpoint: m.clientUrl, caFile: cluster.pki!.caFile, certFile: cluster.pki!.clientCertFile, keyFile: cluster.pki!.clientKeyFile, dataDir: m.dataDir, requestTimeout: '2s' };
+  return {
+    endpoint: m.clientUrl,
+    caFile: cluster.pki!.caFile,
+    certFile: cluster.pki!.clientCertFile,
+    keyFile: cluster.pki!.clientKeyFile,
+    dataDir: m.dataDir,
+    requestTimeout: '2s',
+  };
 }

@@ -74,7 +74,11 @@ for (const version of versionsUnderTest()) {
       await fill(cluster, { inUseBytes: 8 * MiB, reclaimableBytes: 16 * MiB, prefix: `fill-${Date.now()}/` });
       const before = (await allDefragEvents(cluster)).length;
       // What run.ts writes after a HashKV mismatch.
-      await cluster.client().put('/etcd-defragd/halt').value(JSON.stringify({ member: 'abc', reason: 'integrity: HashKV differs (test)', at: new Date().toISOString() })).exec();
+      await cluster
+        .client()
+        .put('/etcd-defragd/halt')
+        .value(JSON.stringify({ member: 'abc', reason: 'integrity: HashKV differs (test)', at: new Date().toISOString() }))
+        .exec();
       const daemon = startDaemon(cluster, cluster.members[1]!, { schedule: { cron: EVERY_3S } });
       try {
         const skip = await daemon.waitForJson<LogLine>((l) => l.event === 'run.skip', 60_000);
@@ -85,12 +89,16 @@ for (const version of versionsUnderTest()) {
         const refused = await cli(['resume']);
         assert.equal(refused.code, 1, refused.stdout + refused.stderr);
         assert.match(refused.stdout, /not cleared: confirm with etcd-defragd resume --integrity-checked/);
-        assert.equal(await cluster.client().get('/etcd-defragd/halt').string() !== null, true, 'the halt is still there');
+        assert.equal((await cluster.client().get('/etcd-defragd/halt').string()) !== null, true, 'the halt is still there');
 
         const ok = await cli(['resume', '--integrity-checked']);
         assert.equal(ok.code, 0, ok.stdout + ok.stderr);
         assert.match(ok.stdout, /integrity halt cleared \(was: integrity: HashKV differs \(test\)/);
-        assert.match(ok.stdout, /^HashKV agrees on all 3 voting members at revision \d+ \([0-9a-f]+=\d+, /m, 'resume compared HashKV itself');
+        assert.match(
+          ok.stdout,
+          /^HashKV agrees on all 3 voting members at revision \d+ \([0-9a-f]+=\d+, /m,
+          'resume compared HashKV itself',
+        );
         assert.equal(await cluster.client().get('/etcd-defragd/halt').string(), null);
         await daemon.waitForJson<LogLine>((l) => l.event === 'defrag.done', 120_000);
         assert.equal((await allDefragEvents(cluster)).length, before + 1);
@@ -114,7 +122,11 @@ for (const version of versionsUnderTest()) {
 
     it('pause says clearly that NOSPACE refuses it; disarm says why the automatic disarm refused and disarms with --force', async () => {
       // An integrity halt, written while writes worked, keeps the automatic disarm from acting.
-      await cluster.client().put('/etcd-defragd/halt').value(JSON.stringify({ reason: 'integrity: test', at: new Date().toISOString() })).exec();
+      await cluster
+        .client()
+        .put('/etcd-defragd/halt')
+        .value(JSON.stringify({ reason: 'integrity: test', at: new Date().toISOString() }))
+        .exec();
       await fillUntilNoSpace(cluster, { prefix: 'full/' });
       const armed = async () => (await listAlarms(cluster)).some((a) => /nospace/i.test(a.alarm));
       assert.ok(await armed());

@@ -16,7 +16,10 @@ export class Owner {
   alive = true;
   paused = false;
   private held: (() => void)[] = [];
-  constructor(readonly name: string, private readonly sim: FakeClock) {}
+  constructor(
+    readonly name: string,
+    private readonly sim: FakeClock,
+  ) {}
 
   /** Runs `fn` for this process now, later (paused), or never (dead). */
   deliver(fn: () => void): void {
@@ -46,30 +49,44 @@ export class Owner {
     const sim = this.sim;
     return {
       now: () => sim.now(),
-      sleep: (ms, signal) => new Promise<void>((resolve) => {
-        if (signal?.aborted) return resolve();
-        const e = sim.at(sim.now() + Math.max(0, ms), () => {
-          signal?.removeEventListener('abort', onAbort);
-          resolve();
-        }, this);
-        const onAbort = () => {
-          e.cancel();
-          this.deliver(resolve);
-        };
-        signal?.addEventListener('abort', onAbort, { once: true });
-      }),
+      sleep: (ms, signal) =>
+        new Promise<void>((resolve) => {
+          if (signal?.aborted) return resolve();
+          const e = sim.at(
+            sim.now() + Math.max(0, ms),
+            () => {
+              signal?.removeEventListener('abort', onAbort);
+              resolve();
+            },
+            this,
+          );
+          const onAbort = () => {
+            e.cancel();
+            this.deliver(resolve);
+          };
+          signal?.addEventListener('abort', onAbort, { once: true });
+        }),
       every: (ms, fn) => {
         let current: Timer | undefined;
         let stopped = false;
         const arm = () => {
-          current = sim.at(sim.now() + ms, () => {
-            if (stopped) return;
-            arm();
-            fn();
-          }, this);
+          current = sim.at(
+            sim.now() + ms,
+            () => {
+              if (stopped) return;
+              arm();
+              fn();
+            },
+            this,
+          );
         };
         arm();
-        return { cancel: () => { stopped = true; current?.cancel(); } };
+        return {
+          cancel: () => {
+            stopped = true;
+            current?.cancel();
+          },
+        };
       },
     };
   }
@@ -101,7 +118,11 @@ export class FakeClock {
   at(at: number, fn: () => void, owner?: Owner): Timer {
     const e: Entry = { at: Math.max(at, this.t), seq: this.seq++, fn, owner, cancelled: false };
     this.push(e);
-    return { cancel: () => { e.cancelled = true; } };
+    return {
+      cancel: () => {
+        e.cancelled = true;
+      },
+    };
   }
 
   /** Runs every timer due up to `until`, letting promise chains settle between timers. */

@@ -8,7 +8,16 @@
 // per member is reachability (up, frozen, killed), its own defragment, its db sizes, its applied
 // index and the routing of its endpoint.
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
-import { prefixEnd, toDefragdError, type DefragmentReply, type EtcdMember, type EtcdPool, type Member, type RetryHooks, type ServerMetrics } from '../../src/etcd.ts';
+import {
+  prefixEnd,
+  toDefragdError,
+  type DefragmentReply,
+  type EtcdMember,
+  type EtcdPool,
+  type Member,
+  type RetryHooks,
+  type ServerMetrics,
+} from '../../src/etcd.ts';
 import type { Alarm, MemberStatus } from '../../src/view.ts';
 import type { FakeClock, Owner } from './clock.ts';
 
@@ -112,14 +121,27 @@ export class EtcdModel {
   routes = new Map<string, string>();
   private nextLease = 0x694d8a0000n;
 
-  constructor(readonly clock: FakeClock, readonly opts: ModelOptions) {
+  constructor(
+    readonly clock: FakeClock,
+    readonly opts: ModelOptions,
+  ) {
     const n = opts.members ?? 3;
     for (let i = 0; i < n; i++) {
       const id = (0x8e9e05c52164694dn + BigInt(i) * 0x1111n).toString();
       const endpoint = `https://10.0.0.${i + 1}:2379`;
       this.members.push({
-        id, name: `m${i + 1}`, endpoint, state: 'up', dbSize: 300 * MiB, dbSizeInUse: 100 * MiB, defragMs: 3000,
-        defragQueued: 0, corrupt: false, isLearner: false, defrags: 0, loseReplies: 0,
+        id,
+        name: `m${i + 1}`,
+        endpoint,
+        state: 'up',
+        dbSize: 300 * MiB,
+        dbSizeInUse: 100 * MiB,
+        defragMs: 3000,
+        defragQueued: 0,
+        corrupt: false,
+        isLearner: false,
+        defrags: 0,
+        loseReplies: 0,
       });
       this.routes.set(endpoint, id);
     }
@@ -340,11 +362,20 @@ export class EtcdModel {
         if (lease !== '0' && !this.leases.has(lease)) throw ERR.leaseNotFound();
         const prev = this.kv.get(key);
         if (prev && prev.lease !== '0') this.leases.get(prev.lease)?.keys.delete(key);
-        this.kv.set(key, { value: Buffer.from(op.request_put.value as Buffer ?? Buffer.alloc(0)), create: prev?.create ?? rev, mod: rev, version: (prev?.version ?? 0n) + 1n, lease });
+        this.kv.set(key, {
+          value: Buffer.from((op.request_put.value as Buffer) ?? Buffer.alloc(0)),
+          create: prev?.create ?? rev,
+          mod: rev,
+          version: (prev?.version ?? 0n) + 1n,
+          lease,
+        });
         if (lease !== '0') this.leases.get(lease)!.keys.add(key);
         changed = true;
       } else if (op.request_delete_range) {
-        for (const [key, kv] of this.range(op.request_delete_range.key as Buffer, op.request_delete_range.range_end as Buffer | undefined)) {
+        for (const [key, kv] of this.range(
+          op.request_delete_range.key as Buffer,
+          op.request_delete_range.range_end as Buffer | undefined,
+        )) {
           this.kv.delete(key);
           if (kv.lease !== '0') this.leases.get(kv.lease)?.keys.delete(key);
           changed = true;
@@ -412,7 +443,16 @@ export class EtcdModel {
    * LATENCY back. A killed member refuses the connection; otherwise the caller's deadline bounds it.
    * A lost reply (after the request was applied) ends at the deadline like a frozen member.
    */
-  request<T>(owner: Owner, endpoint: string, timeoutMs: number, kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics', apply: (m: ModelMember) => T, mutation = false, op: string = kind, detail?: string): Promise<T> {
+  request<T>(
+    owner: Owner,
+    endpoint: string,
+    timeoutMs: number,
+    kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics',
+    apply: (m: ModelMember) => T,
+    mutation = false,
+    op: string = kind,
+    detail?: string,
+  ): Promise<T> {
     // A slow HashKV: served after hashMs (the caller's deadline may end the wait first; the hash
     // goes on inside etcd regardless).
     const serviceMs = op === 'hash kv' ? (m: ModelMember) => this.hashMs.get(m.name) ?? 0 : () => 0;
@@ -430,12 +470,16 @@ export class EtcdModel {
       // The deadline timer exists only for a request that has to wait (most are served at once).
       let deadline: { cancel(): void } | undefined;
       const arm = () => {
-        deadline = this.clock.at(sentAt + timeoutMs, () => {
-          if (done) return;
-          done = true;
-          this.waiters = this.waiters.filter((w) => w !== waiter);
-          reject(ERR.timeout());
-        }, owner);
+        deadline = this.clock.at(
+          sentAt + timeoutMs,
+          () => {
+            if (done) return;
+            done = true;
+            this.waiters = this.waiters.filter((w) => w !== waiter);
+            reject(ERR.timeout());
+          },
+          owner,
+        );
       };
       const m = () => this.byId(this.routes.get(endpoint));
       const ready = () => {
@@ -504,8 +548,18 @@ export class EtcdModel {
   status(m: ModelMember): MemberStatus {
     const applied = m.appliedHeld ?? this.commitIndex;
     return {
-      endpoint: m.endpoint, memberId: m.id, leader: this.leader ?? '0', version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
-      raftIndex: applied, raftAppliedIndex: applied, raftTerm: 2n, revision: this.revision, isLearner: m.isLearner, errors: [],
+      endpoint: m.endpoint,
+      memberId: m.id,
+      leader: this.leader ?? '0',
+      version: '3.5.30',
+      dbSize: m.dbSize,
+      dbSizeInUse: m.dbSizeInUse,
+      raftIndex: applied,
+      raftAppliedIndex: applied,
+      raftTerm: 2n,
+      revision: this.revision,
+      isLearner: m.isLearner,
+      errors: [],
     };
   }
 
@@ -517,7 +571,8 @@ export class EtcdModel {
   startDefrag(m: ModelMember, by: string): void {
     this.defragLog.push({ member: m.name, at: this.clock.now(), by });
     const busy = this.defragmenting().filter((x) => x !== m);
-    if (busy.length > 0) this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);
+    if (busy.length > 0)
+      this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);
     if (this.halted()) this.violate(`defragment of ${m.name} while halted (sent by ${by})`);
     if (m.defragEndsAt !== undefined) {
       this.violate(`defragment sent to ${m.name} while it is still defragmenting (sent by ${by})`);
@@ -544,12 +599,16 @@ export class EtcdModel {
           else this.clock.at(this.clock.now() + LATENCY, () => resolve({ memberId: m.id }), owner);
         },
       };
-      const deadline = this.clock.at(this.clock.now() + timeoutMs, () => {
-        if (done) return;
-        done = true;
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(ERR.timeout());
-      }, owner);
+      const deadline = this.clock.at(
+        this.clock.now() + timeoutMs,
+        () => {
+          if (done) return;
+          done = true;
+          this.waiters = this.waiters.filter((w) => w !== waiter);
+          reject(ERR.timeout());
+        },
+        owner,
+      );
       if (waiter.ready()) waiter.run();
       else this.waiters.push(waiter);
     });
@@ -565,9 +624,17 @@ export class EtcdModel {
     if (this.rangeCache.gen !== this.kv.gen) this.rangeCache = { gen: this.kv.gen, results: new Map() };
     let kvs = this.rangeCache.results.get(id);
     if (!kvs) {
-      kvs = this.range(prefix, rangeEnd).map(([key, kv]) => ({
-        key: (kv.keyBuf ??= Buffer.from(key)), value: kv.value, create_revision: String(kv.create), mod_revision: String(kv.mod), version: String(kv.version), lease: kv.lease,
-      }) as IKeyValue);
+      kvs = this.range(prefix, rangeEnd).map(
+        ([key, kv]) =>
+          ({
+            key: (kv.keyBuf ??= Buffer.from(key)),
+            value: kv.value,
+            create_revision: String(kv.create),
+            mod_revision: String(kv.mod),
+            version: String(kv.version),
+            lease: kv.lease,
+          }) as IKeyValue,
+      );
       this.rangeCache.results.set(id, kvs);
     }
     return kvs;
@@ -633,19 +700,35 @@ function compareKV(c: ICompare, kv: KV): boolean {
   const target = c.target as string;
   let r: number;
   switch (target) {
-    case 'Version': r = cmp(kv.version, num((c as { version?: unknown }).version)); break;
-    case 'Create': r = cmp(kv.create, num((c as { create_revision?: unknown }).create_revision)); break;
-    case 'Mod': r = cmp(kv.mod, num((c as { mod_revision?: unknown }).mod_revision)); break;
-    case 'Lease': r = cmp(BigInt(kv.lease), num((c as { lease?: unknown }).lease)); break;
-    case 'Value': r = Buffer.compare(kv.value, Buffer.from((c as { value?: Buffer | string }).value ?? '')); break;
-    default: throw new Error(`model: unknown compare target ${target}`);
+    case 'Version':
+      r = cmp(kv.version, num((c as { version?: unknown }).version));
+      break;
+    case 'Create':
+      r = cmp(kv.create, num((c as { create_revision?: unknown }).create_revision));
+      break;
+    case 'Mod':
+      r = cmp(kv.mod, num((c as { mod_revision?: unknown }).mod_revision));
+      break;
+    case 'Lease':
+      r = cmp(BigInt(kv.lease), num((c as { lease?: unknown }).lease));
+      break;
+    case 'Value':
+      r = Buffer.compare(kv.value, Buffer.from((c as { value?: Buffer | string }).value ?? ''));
+      break;
+    default:
+      throw new Error(`model: unknown compare target ${target}`);
   }
   switch (c.result as string) {
-    case 'Equal': return r === 0;
-    case 'Greater': return r > 0;
-    case 'Less': return r < 0;
-    case 'NotEqual': return r !== 0;
-    default: throw new Error(`model: unknown compare result ${String(c.result)}`);
+    case 'Equal':
+      return r === 0;
+    case 'Greater':
+      return r > 0;
+    case 'Less':
+      return r < 0;
+    case 'NotEqual':
+      return r !== 0;
+    default:
+      throw new Error(`model: unknown compare result ${String(c.result)}`);
   }
 }
 
@@ -654,7 +737,10 @@ const cmp = (a: bigint, b: bigint) => (a < b ? -1 : a > b ? 1 : 0);
 /** One process's clients (what ClientPool is to the real daemon). */
 export class ModelPool implements EtcdPool {
   private clients = new Map<string, ModelClient>();
-  constructor(readonly model: EtcdModel, readonly owner: Owner) {}
+  constructor(
+    readonly model: EtcdModel,
+    readonly owner: Owner,
+  ) {}
   get(endpoint: string): ModelClient {
     let c = this.clients.get(endpoint);
     if (!c) {
@@ -670,13 +756,25 @@ export class ModelPool implements EtcdPool {
 
 /** MemberClient's behaviour over the model: reads retried on transient errors with backoff, mutations sent once. */
 export class ModelClient implements EtcdMember {
-  constructor(private readonly model: EtcdModel, private readonly owner: Owner, readonly endpoint: string) {}
+  constructor(
+    private readonly model: EtcdModel,
+    private readonly owner: Owner,
+    readonly endpoint: string,
+  ) {}
 
   private get o() {
     return this.model.opts;
   }
 
-  private async read<T>(what: string, kind: 'backend' | 'raft' | 'memory', fn: (m: ModelMember) => T, hooks: RetryHooks = {}, attempts = this.o.retry.attempts, timeout = this.o.requestTimeout, detail?: string): Promise<T> {
+  private async read<T>(
+    what: string,
+    kind: 'backend' | 'raft' | 'memory',
+    fn: (m: ModelMember) => T,
+    hooks: RetryHooks = {},
+    attempts = this.o.retry.attempts,
+    timeout = this.o.requestTimeout,
+    detail?: string,
+  ): Promise<T> {
     const clock = this.owner.clock();
     for (let i = 1; ; i++) {
       try {
@@ -689,7 +787,12 @@ export class ModelClient implements EtcdMember {
     }
   }
 
-  private async once<T>(what: string, kind: 'backend' | 'raft' | 'memory' | 'keepalive', fn: (m: ModelMember) => T, timeout = this.o.requestTimeout): Promise<T> {
+  private async once<T>(
+    what: string,
+    kind: 'backend' | 'raft' | 'memory' | 'keepalive',
+    fn: (m: ModelMember) => T,
+    timeout = this.o.requestTimeout,
+  ): Promise<T> {
     try {
       return await this.model.request(this.owner, this.endpoint, timeout, kind, fn, true, what);
     } catch (err) {
@@ -703,7 +806,15 @@ export class ModelClient implements EtcdMember {
 
   async probe(timeoutMs: number): Promise<MemberStatus | Error> {
     try {
-      return await this.model.request(this.owner, this.endpoint, timeoutMs, 'backend', (m) => ({ ...this.model.status(m), endpoint: this.endpoint }), false, 'probe');
+      return await this.model.request(
+        this.owner,
+        this.endpoint,
+        timeoutMs,
+        'backend',
+        (m) => ({ ...this.model.status(m), endpoint: this.endpoint }),
+        false,
+        'probe',
+      );
     } catch (err) {
       return toDefragdError(err, 'status', this.endpoint);
     }
@@ -731,23 +842,46 @@ export class ModelClient implements EtcdMember {
   defragment(): Promise<DefragmentReply> {
     // Defragment is served by the member itself, outside raft; it blocks the member while it runs.
     const by = this.owner.name;
-    return this.once('defragment', 'memory', (m) => {
-      this.model.startDefrag(m, by);
-      return m;
-    }, this.o.defragTimeout).then((m) => this.model.defragDone(this.owner, m, this.o.defragTimeout).catch((err: unknown) => {
-      throw toDefragdError(err, 'defragment', this.endpoint);
-    }));
+    return this.once(
+      'defragment',
+      'memory',
+      (m) => {
+        this.model.startDefrag(m, by);
+        return m;
+      },
+      this.o.defragTimeout,
+    ).then((m) =>
+      this.model.defragDone(this.owner, m, this.o.defragTimeout).catch((err: unknown) => {
+        throw toDefragdError(err, 'defragment', this.endpoint);
+      }),
+    );
   }
 
   moveLeader(targetId: string): Promise<unknown> {
     return this.once('move leader', 'memory', (m) => this.model.moveLeader(m, targetId));
   }
 
-  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
-    return this.read('hash kv', 'backend', (m) => {
-      if (revision <= this.model.compactRev && revision !== 0n) throw ERR.compacted();
-      return { hash: m.corrupt ? `bad-${m.name}` : `h${this.model.compactRev}`, compactRevision: this.model.compactRev, revision: this.model.revision };
-    }, hooks, attempts, timeoutMs);
+  hashKV(
+    revision: bigint,
+    hooks?: RetryHooks,
+    attempts?: number,
+    timeoutMs?: number,
+  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+    return this.read(
+      'hash kv',
+      'backend',
+      (m) => {
+        if (revision <= this.model.compactRev && revision !== 0n) throw ERR.compacted();
+        return {
+          hash: m.corrupt ? `bad-${m.name}` : `h${this.model.compactRev}`,
+          compactRevision: this.model.compactRev,
+          revision: this.model.revision,
+        };
+      },
+      hooks,
+      attempts,
+      timeoutMs,
+    );
   }
 
   compact(revision: bigint, _physical = false, timeoutMs = this.o.requestTimeout): Promise<unknown> {
@@ -759,7 +893,15 @@ export class ModelClient implements EtcdMember {
   }
 
   range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
-    return this.read('range', 'raft', () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }), hooks, attempts, undefined, prefix);
+    return this.read(
+      'range',
+      'raft',
+      () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }),
+      hooks,
+      attempts,
+      undefined,
+      prefix,
+    );
   }
 
   get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
@@ -771,7 +913,9 @@ export class ModelClient implements EtcdMember {
   }
 
   put(key: string, value: string, lease?: string): Promise<unknown> {
-    return this.once('put', 'raft', () => this.model.txn([], [{ request_put: { key: Buffer.from(key), value: Buffer.from(value), lease } }]));
+    return this.once('put', 'raft', () =>
+      this.model.txn([], [{ request_put: { key: Buffer.from(key), value: Buffer.from(value), lease } }]),
+    );
   }
 
   leaseGrant(ttlSeconds: number): Promise<string> {
@@ -789,14 +933,30 @@ export class ModelClient implements EtcdMember {
 
   // Served by etcd's HTTP handler: answers while the member defragments (facts).
   serverMetrics(timeoutMs = this.o.requestTimeout): Promise<ServerMetrics> {
-    return this.model.request(this.owner, this.endpoint, timeoutMs, 'metrics', (m) => ({
-      quotaBytes: this.o.quotaBytes, defragInflight: m.defragEndsAt !== undefined, version: '3.5.30', dbSize: m.dbSize, dbSizeInUse: m.dbSizeInUse,
-    }), false, 'metrics').catch((err: unknown) => {
-      throw toDefragdError(err, 'metrics', this.endpoint);
-    });
+    return this.model
+      .request(
+        this.owner,
+        this.endpoint,
+        timeoutMs,
+        'metrics',
+        (m) => ({
+          quotaBytes: this.o.quotaBytes,
+          defragInflight: m.defragEndsAt !== undefined,
+          version: '3.5.30',
+          dbSize: m.dbSize,
+          dbSizeInUse: m.dbSizeInUse,
+        }),
+        false,
+        'metrics',
+      )
+      .catch((err: unknown) => {
+        throw toDefragdError(err, 'metrics', this.endpoint);
+      });
   }
 
-  close(): void { /* nothing held */ }
+  close(): void {
+    /* nothing held */
+  }
 }
 
 /** The key space: a map, plus its keys in order for range reads (etcd's keys are byte strings; ours are ASCII). */

@@ -20,17 +20,29 @@ function addSpare(s: Sim, memberId?: string): string {
   const lease = hexId(id);
   const base = `${s.base.coordination.prefix}p/${lease}/`;
   const ops: IRequestOp[] = [
-    { request_put: { key: Buffer.from(`${base}info`), value: Buffer.from(JSON.stringify({ spare: true, memberId, since: new Date(s.clock.now()).toISOString() })), lease: id } },
+    {
+      request_put: {
+        key: Buffer.from(`${base}info`),
+        value: Buffer.from(JSON.stringify({ spare: true, memberId, since: new Date(s.clock.now()).toISOString() })),
+        lease: id,
+      },
+    },
     { request_put: { key: Buffer.from(`${base}spare`), value: Buffer.alloc(0), lease: id } },
   ];
-  for (let i = 0; i < 4; i++) ops.push({ request_put: { key: Buffer.from(`${base}t/${String(i).padStart(12, '0')}`), value: Buffer.alloc(0), lease: id } });
+  for (let i = 0; i < 4; i++)
+    ops.push({ request_put: { key: Buffer.from(`${base}t/${String(i).padStart(12, '0')}`), value: Buffer.alloc(0), lease: id } });
   s.model.applyTxn([], ops);
   return lease;
 }
 
 function spareLeases(s: Sim): Set<string> {
   const base = `${s.base.coordination.prefix}p/`;
-  return new Set(s.model.keys(base).filter((k) => k.endsWith('/spare')).map((k) => k.slice(base.length).split('/')[0]!));
+  return new Set(
+    s.model
+      .keys(base)
+      .filter((k) => k.endsWith('/spare'))
+      .map((k) => k.slice(base.length).split('/')[0]!),
+  );
 }
 
 describe('issue 10, the nine points, on the etcd model', () => {
@@ -99,7 +111,17 @@ describe('issue 10, the nine points, on the etcd model', () => {
       const lease = d.daemon!.turnState().participant!;
       assert.ok(lease);
       s.model.freeze('m1');
-      const extra = [addSpare(s), addSpare(s), addSpare(s), addSpare(s), addSpare(s, s.model.member('m1').id), addSpare(s, s.model.member('m2').id), addSpare(s, '424242'), addSpare(s, '424243'), addSpare(s)];
+      const extra = [
+        addSpare(s),
+        addSpare(s),
+        addSpare(s),
+        addSpare(s),
+        addSpare(s, s.model.member('m1').id),
+        addSpare(s, s.model.member('m2').id),
+        addSpare(s, '424242'),
+        addSpare(s, '424243'),
+        addSpare(s),
+      ];
       let lapsed = false;
       for (let t = 0; t < 12 * TTL; t += 250) {
         await s.run(250);
@@ -123,7 +145,10 @@ describe('issue 10, the nine points, on the etcd model', () => {
       await s.run(3000); // joined while writes work (and armed the halt fuse)
       s.model.member('m2').corrupt = true; // any defragment now ends in a HashKV mismatch
       s.model.fillToQuota('m1'); // only m1: once it is defragmented, every member is under the quota
-      assert.ok(await s.until(() => s.model.defragLog.length === 1 && s.model.halted(), 5 * 60_000), 'the mismatch was recorded although NOSPACE refuses the halt key');
+      assert.ok(
+        await s.until(() => s.model.defragLog.length === 1 && s.model.halted(), 5 * 60_000),
+        'the mismatch was recorded although NOSPACE refuses the halt key',
+      );
       const finder = [d1, d3].find((d) => d.member === s.model.defragLog[0]!.member)!;
       // The process that found it goes away (killed; a once exits; a daemon loses its lease or reloads).
       s.kill(finder);
@@ -145,7 +170,7 @@ describe('issue 10, the nine points, on the etcd model', () => {
     }
   });
 
-  it('point 5: a participant that runs out of tickets during NOSPACE continues on its member\'s reserve', async () => {
+  it("point 5: a participant that runs out of tickets during NOSPACE continues on its member's reserve", async () => {
     const s = sim({ seed: 15, tickets: 64 });
     try {
       const { turn } = s.newTurn('m1', { keepSpares: true, tickets: 64 });
@@ -207,7 +232,9 @@ describe('issue 10, the nine points, on the etcd model', () => {
     try {
       s.model.hashMs.set('m2', 10 * 60_000); // a huge keyspace: hashing takes ten minutes
       const sent: string[] = [];
-      s.model.onArrive = (_o, op, endpoint) => { if (op === 'hash kv') sent.push(s.model.member(endpoint).name); };
+      s.model.onArrive = (_o, op, endpoint) => {
+        if (op === 'hash kv') sent.push(s.model.member(endpoint).name);
+      };
       const r = s.runOnce('m1', { force: true });
       const t0 = s.clock.now();
       await s.until(() => r.settled !== undefined, 30 * 60_000);
@@ -258,7 +285,10 @@ describe('issue 10, the nine points, on the etcd model', () => {
       await s.run(3 * TTL);
       // Its daemon comes back during the alarm: it must still find a spare to join, and finish the recovery.
       s.startDaemon(other.name);
-      assert.ok(await s.until(() => s.model.alarms.length === 0, 5 * 60_000), `NOSPACE recovered (alarms ${JSON.stringify(s.model.alarms)}, defrags ${JSON.stringify(s.model.defragLog)})`);
+      assert.ok(
+        await s.until(() => s.model.alarms.length === 0, 5 * 60_000),
+        `NOSPACE recovered (alarms ${JSON.stringify(s.model.alarms)}, defrags ${JSON.stringify(s.model.defragLog)})`,
+      );
       assert.deepEqual(s.model.violations, []);
     } finally {
       s.dispose();

@@ -13,10 +13,22 @@ type Step =
 const member = fc.integer({ min: 0, max: 4 });
 const step: fc.Arbitrary<Step> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ t: fc.constant('wait' as const), ms: fc.integer({ min: 100, max: 15_000 }) }) },
-  { weight: 2, arbitrary: fc.record({ t: fc.constantFrom('freeze' as const, 'thaw' as const, 'kill' as const, 'restart' as const, 'fragment' as const, 'lose' as const), m: member }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constantFrom('freeze' as const, 'thaw' as const, 'kill' as const, 'restart' as const, 'fragment' as const, 'lose' as const),
+      m: member,
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ t: fc.constant('nospace' as const), m: member }) },
   { weight: 1, arbitrary: fc.record({ t: fc.constant('slow' as const), m: member, ms: fc.integer({ min: 500, max: 40_000 }) }) },
-  { weight: 2, arbitrary: fc.record({ t: fc.constantFrom('killDaemon' as const, 'startDaemon' as const, 'pauseDaemon' as const, 'resumeDaemon' as const, 'once' as const), m: member }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      t: fc.constantFrom('killDaemon' as const, 'startDaemon' as const, 'pauseDaemon' as const, 'resumeDaemon' as const, 'once' as const),
+      m: member,
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ t: fc.constantFrom('leader' as const, 'disarm' as const, 'trigger' as const) }) },
 );
 
@@ -32,7 +44,15 @@ export type Scenario = typeof scenario extends fc.Arbitrary<infer T> ? T : never
 export async function runScenario(s: Scenario): Promise<{ violations: string[]; needing: string[]; joinBlocked: boolean; sim: Sim }> {
   let now = () => 0;
   const sim = new Sim({
-    members: s.members, leader: s.leader, seed: s.seed, cronEvery: 10_000, leaseTTL: 3000, requestTimeout: 1000, defragTimeout: 10_000, compactTimeout: 10_000, maxWait: 60_000,
+    members: s.members,
+    leader: s.leader,
+    seed: s.seed,
+    cronEvery: 10_000,
+    leaseTTL: 3000,
+    requestTimeout: 1000,
+    defragTimeout: 10_000,
+    compactTimeout: 10_000,
+    maxWait: 60_000,
     log: process.env.MODEL_LOG ? traceLog(() => now()) : undefined,
   });
   now = () => sim.clock.now();
@@ -46,23 +66,61 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
     await sim.run(3000);
     for (const st of s.steps) {
       switch (st.t) {
-        case 'wait': await sim.run(st.ms); break;
-        case 'freeze': sim.model.freeze(at(st.m)); break;
-        case 'thaw': sim.model.thaw(at(st.m)); break;
-        case 'kill': sim.model.kill(at(st.m)); break;
-        case 'restart': sim.model.restart(at(st.m)); break;
-        case 'fragment': sim.model.fragment(at(st.m)); break;
-        case 'lose': sim.model.member(at(st.m)).loseReplies += 1; break;
-        case 'nospace': sim.model.fillToQuota(at(st.m)); break;
-        case 'slow': sim.model.member(at(st.m)).defragMs = st.ms; break;
-        case 'leader': sim.model.changeLeader(); break;
-        case 'disarm': sim.model.disarmAll(); break;
-        case 'trigger': for (const d of daemons.values()) d.daemon?.trigger('scheduled'); break;
-        case 'killDaemon': { const d = daemons.get(at(st.m)); if (d?.owner.alive) sim.kill(d); break; }
-        case 'startDaemon': { const d = daemons.get(at(st.m)); if (!d?.owner.alive) daemons.set(at(st.m), sim.startDaemon(at(st.m))); break; }
-        case 'pauseDaemon': daemons.get(at(st.m))?.owner.pause(); break;
-        case 'resumeDaemon': daemons.get(at(st.m))?.owner.resume(); break;
-        case 'once': sim.runOnce(at(st.m), { force: true }); break;
+        case 'wait':
+          await sim.run(st.ms);
+          break;
+        case 'freeze':
+          sim.model.freeze(at(st.m));
+          break;
+        case 'thaw':
+          sim.model.thaw(at(st.m));
+          break;
+        case 'kill':
+          sim.model.kill(at(st.m));
+          break;
+        case 'restart':
+          sim.model.restart(at(st.m));
+          break;
+        case 'fragment':
+          sim.model.fragment(at(st.m));
+          break;
+        case 'lose':
+          sim.model.member(at(st.m)).loseReplies += 1;
+          break;
+        case 'nospace':
+          sim.model.fillToQuota(at(st.m));
+          break;
+        case 'slow':
+          sim.model.member(at(st.m)).defragMs = st.ms;
+          break;
+        case 'leader':
+          sim.model.changeLeader();
+          break;
+        case 'disarm':
+          sim.model.disarmAll();
+          break;
+        case 'trigger':
+          for (const d of daemons.values()) d.daemon?.trigger('scheduled');
+          break;
+        case 'killDaemon': {
+          const d = daemons.get(at(st.m));
+          if (d?.owner.alive) sim.kill(d);
+          break;
+        }
+        case 'startDaemon': {
+          const d = daemons.get(at(st.m));
+          if (!d?.owner.alive) daemons.set(at(st.m), sim.startDaemon(at(st.m)));
+          break;
+        }
+        case 'pauseDaemon':
+          daemons.get(at(st.m))?.owner.pause();
+          break;
+        case 'resumeDaemon':
+          daemons.get(at(st.m))?.owner.resume();
+          break;
+        case 'once':
+          sim.runOnce(at(st.m), { force: true });
+          break;
       }
       await sim.run(1);
     }
@@ -83,12 +141,16 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
     // faults nothing can change after that but keep-alives and runs that find nothing to do.
     const end = sim.clock.now() + 90_000;
     while (sim.clock.now() < end && !quiescent(sim)) await sim.run(2000);
-    return { violations: sim.model.violations.map((v) => `${new Date(v.at).toISOString()} ${v.what}`), needing: sim.needing(), joinBlocked: joinBlocked(sim), sim };
+    return {
+      violations: sim.model.violations.map((v) => `${new Date(v.at).toISOString()} ${v.what}`),
+      needing: sim.needing(),
+      joinBlocked: joinBlocked(sim),
+      sim,
+    };
   } finally {
     sim.dispose();
   }
 }
-
 
 /**
  * MODEL_LOG=debug (or info) prints every simulated process's log on stderr, stamped with simulated
@@ -96,15 +158,28 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
  */
 function traceLog(now: () => number) {
   let start: number | undefined;
-  return pino({
-    level: process.env.MODEL_LOG, base: null, messageKey: 'msg',
-    timestamp: () => `,"t":${((now() - (start ??= now())) / 1000).toFixed(3)}`,
-    formatters: { level: (label) => ({ level: label }) },
-  }, pino.destination(2));
+  return pino(
+    {
+      level: process.env.MODEL_LOG,
+      base: null,
+      messageKey: 'msg',
+      timestamp: () => `,"t":${((now() - (start ??= now())) / 1000).toFixed(3)}`,
+      formatters: { level: (label) => ({ level: label }) },
+    },
+    pino.destination(2),
+  );
 }
 
 /** What the schedules exercised (so a property that passes is seen not to pass vacuously). */
-export const coverage = { schedules: 0, defrags: 0, withNoSpace: 0, withDefragTimeout: 0, lostReplies: 0, daemonsKilled: 0, knownLimitCannotJoin: 0 };
+export const coverage = {
+  schedules: 0,
+  defrags: 0,
+  withNoSpace: 0,
+  withDefragTimeout: 0,
+  lostReplies: 0,
+  daemonsKilled: 0,
+  knownLimitCannotJoin: 0,
+};
 
 /** The property: no violation during the schedule, and liveness once the faults stopped. */
 export async function checkScenario(s: Scenario): Promise<void> {
@@ -129,13 +204,19 @@ export async function checkScenario(s: Scenario): Promise<void> {
     }
     throw new Error('liveness: the NOSPACE alarm is still raised after the faults stopped');
   }
-  if (r.needing.length > 0 && !r.sim.model.halted()) throw new Error(`liveness: ${r.needing.join(', ')} still need a defragment after the faults stopped`);
+  if (r.needing.length > 0 && !r.sim.model.halted())
+    throw new Error(`liveness: ${r.needing.join(', ')} still need a defragment after the faults stopped`);
 }
 
 function quiescent(sim: Sim): boolean {
   const m = sim.model;
-  return (m.halted() || sim.needing().length === 0) && !m.alarms.some((a) => a.alarm === 'NOSPACE') && m.defragmenting().length === 0
-    && sim.holders().length === 0 && sim.procs.every((p) => p.kind !== 'once' || p.settled !== undefined || !p.result);
+  return (
+    (m.halted() || sim.needing().length === 0) &&
+    !m.alarms.some((a) => a.alarm === 'NOSPACE') &&
+    m.defragmenting().length === 0 &&
+    sim.holders().length === 0 &&
+    sim.procs.every((p) => p.kind !== 'once' || p.settled !== undefined || !p.result)
+  );
 }
 
 /** A running daemon is outside the turn and no spare participant is left for it to claim. */

@@ -18,7 +18,14 @@ import { build } from 'esbuild';
 
 const RUNS = Number(process.env.MODEL_RUNS ?? 2000);
 
-interface Report { count: number; seed: number; failed: boolean; path?: string; report: string; coverage: Record<string, number> }
+interface Report {
+  count: number;
+  seed: number;
+  failed: boolean;
+  path?: string;
+  report: string;
+  coverage: Record<string, number>;
+}
 
 /**
  * The worker, the model and the daemon's code in one plain JavaScript file: tsx keeps function
@@ -28,8 +35,14 @@ interface Report { count: number; seed: number; failed: boolean; path?: string; 
 async function bundle(): Promise<string> {
   const out = fileURLToPath(new URL('../../node_modules/.cache/etcd-defragd/model-worker.mjs', import.meta.url));
   await build({
-    entryPoints: [fileURLToPath(new URL('./schedules.worker.ts', import.meta.url))], outfile: out,
-    bundle: true, packages: 'external', platform: 'node', format: 'esm', target: 'node20', logLevel: 'warning',
+    entryPoints: [fileURLToPath(new URL('./schedules.worker.ts', import.meta.url))],
+    outfile: out,
+    bundle: true,
+    packages: 'external',
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    logLevel: 'warning',
   });
   return out;
 }
@@ -47,7 +60,9 @@ it(`${RUNS} random fault schedules keep the turn safe and every member defragmen
   const started = Date.now();
   const cpu0 = process.cpuUsage(); // the whole process: both workers and this thread
   const replay = process.env.MODEL_SEED;
-  const seeds = replay ? [Number(replay)] : Array.from({ length: Math.min(2, availableParallelism()) }, (_, i) => (Date.now() + i * 7919) % 2 ** 31);
+  const seeds = replay
+    ? [Number(replay)]
+    : Array.from({ length: Math.min(2, availableParallelism()) }, (_, i) => (Date.now() + i * 7919) % 2 ** 31);
   const file = await bundle();
   const reports = await Promise.all(seeds.map((seed) => worker(file, seed, Math.ceil(RUNS / seeds.length), process.env.MODEL_PATH)));
   const count = reports.reduce((n, r) => n + r.count, 0);
@@ -59,6 +74,7 @@ it(`${RUNS} random fault schedules keep the turn safe and every member defragmen
   t.diagnostic(msg);
   console.log(msg);
   for (const r of reports) {
-    if (r.failed) assert.fail(`${r.report}\nreplay: MODEL_SEED=${r.seed} MODEL_PATH=${r.path} node --import tsx --test test/model/schedules.test.ts`);
+    if (r.failed)
+      assert.fail(`${r.report}\nreplay: MODEL_SEED=${r.seed} MODEL_PATH=${r.path} node --import tsx --test test/model/schedules.test.ts`);
   }
 });

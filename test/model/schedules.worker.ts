@@ -9,11 +9,20 @@ const { seed, runs, path } = workerData as { seed: number; runs: number; path?: 
 // tenth of the time. A replay (MODEL_PATH) keeps them.
 if (!path) Error.stackTraceLimit = 0;
 let count = 0;
-const result = await fc.check(fc.asyncProperty(scenario, async (s) => {
-  count++;
-  await checkScenario(s);
-}), { numRuns: path ? 1 : runs, seed, path, endOnFailure: false });
+const result = await fc.check(
+  fc.asyncProperty(scenario, async (s) => {
+    count++;
+    await checkScenario(s);
+  }),
+  { numRuns: path ? 1 : runs, seed, path, endOnFailure: false },
+);
 parentPort!.postMessage({
-  count, seed, coverage, failed: result.failed, path: result.counterexamplePath,
-  report: result.failed ? `${fc.defaultReportMessage(result)}\n${result.errorInstance instanceof Error ? result.errorInstance.message : String(result.errorInstance)}` : '',
+  count,
+  seed,
+  coverage,
+  failed: result.failed,
+  path: result.counterexamplePath,
+  report: result.failed
+    ? `${fc.defaultReportMessage(result)}\n${result.errorInstance instanceof Error ? result.errorInstance.message : String(result.errorInstance)}`
+    : '',
 });

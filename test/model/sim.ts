@@ -79,20 +79,45 @@ export class Sim {
     this.random = prng(o.seed ?? 1);
     Math.random = this.random;
     const flags: Record<string, unknown> = {
-      'etcd.endpoint': 'https://10.0.0.1:2379', 'etcd.dataDir': '', 'etcd.requestTimeout': o.requestTimeout ?? 2000, 'etcd.defragTimeout': o.defragTimeout ?? 20_000,
-      'coordination.leaseTTL': o.leaseTTL ?? 6000, 'coordination.maxWait': o.maxWait ?? 120_000, 'coordination.settle': 500, 'coordination.leader': o.leader ?? 'transfer',
-      'retry.attempts': 3, 'retry.minDelay': 200, 'retry.maxDelay': 2000, 'nospace.checkInterval': 5000, 'nospace.compactTimeout': o.compactTimeout ?? 20_000, ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
-      'etcd.caFile': '', 'etcd.certFile': '', 'etcd.keyFile': '', // no certificate files to watch for renewals
-      'metrics.listen': '', 'policy.quotaBytes': o.quotaBytes ?? 2048 * MiB, 'policy.minReclaimable': '64MiB', 'log.level': 'silent',
+      'etcd.endpoint': 'https://10.0.0.1:2379',
+      'etcd.dataDir': '',
+      'etcd.requestTimeout': o.requestTimeout ?? 2000,
+      'etcd.defragTimeout': o.defragTimeout ?? 20_000,
+      'coordination.leaseTTL': o.leaseTTL ?? 6000,
+      'coordination.maxWait': o.maxWait ?? 120_000,
+      'coordination.settle': 500,
+      'coordination.leader': o.leader ?? 'transfer',
+      'retry.attempts': 3,
+      'retry.minDelay': 200,
+      'retry.maxDelay': 2000,
+      'nospace.checkInterval': 5000,
+      'nospace.compactTimeout': o.compactTimeout ?? 20_000,
+      ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
+      'etcd.caFile': '',
+      'etcd.certFile': '',
+      'etcd.keyFile': '', // no certificate files to watch for renewals
+      'metrics.listen': '',
+      'policy.quotaBytes': o.quotaBytes ?? 2048 * MiB,
+      'policy.minReclaimable': '64MiB',
+      'log.level': 'silent',
     };
     // Loaded once per set of flags: thousands of schedules share a handful of configs.
     const id = JSON.stringify(flags);
     let base = configs.get(id);
-    if (!base) configs.set(id, (base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config));
+    if (!base)
+      configs.set(
+        id,
+        (base = loadConfig({ path: '/nonexistent/etcd-defragd.yaml', pathExplicit: false, env: {}, flags, checkFiles: false }).config),
+      );
     this.base = base;
     this.model = new EtcdModel(this.clock, {
-      members: o.members ?? 3, quotaBytes: o.quotaBytes ?? 2048 * MiB, retry: this.base.retry, requestTimeout: this.base.etcd.requestTimeout,
-      defragTimeout: this.base.etcd.defragTimeout, haltKeys: [haltKey(this.base)], fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
+      members: o.members ?? 3,
+      quotaBytes: o.quotaBytes ?? 2048 * MiB,
+      retry: this.base.retry,
+      requestTimeout: this.base.etcd.requestTimeout,
+      defragTimeout: this.base.etcd.defragTimeout,
+      haltKeys: [haltKey(this.base)],
+      fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
     });
     this.clock.onStep = () => this.step();
   }
@@ -122,7 +147,11 @@ export class Sim {
     const clock = owner.clock();
     const every = this.o.cronEvery ?? 60_000;
     const daemon = new Daemon(config, {
-      log: this.procLog(owner), clock, loadOptions: {}, tickets: this.o.tickets ?? 16, metrics: (sharedMetrics ??= new Metrics('model')),
+      log: this.procLog(owner),
+      clock,
+      loadOptions: {},
+      tickets: this.o.tickets ?? 16,
+      metrics: (sharedMetrics ??= new Metrics('model')),
       pool: () => this.model.pool(owner),
       scheduler: (_cron, _tz, fn) => {
         const t = clock.every(every, fn);
@@ -140,12 +169,22 @@ export class Sim {
     const owner = this.clock.owner(`once-${member}-${++this.seq}`);
     const clock = owner.clock();
     const pool = this.model.pool(owner);
-    const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'etcd-defragd once', tickets: this.o.tickets ?? 16 },
-      { pool, endpoint: config.etcd.endpoint, log: this.procLog(owner), clock });
+    const turn = new Turn(
+      {
+        prefix: config.coordination.prefix,
+        leaseTTL: config.coordination.leaseTTL,
+        command: 'etcd-defragd once',
+        tickets: this.o.tickets ?? 16,
+      },
+      { pool, endpoint: config.etcd.endpoint, log: this.procLog(owner), clock },
+    );
     const p: Proc = { name: owner.name, member, owner, kind: 'once', turn };
     p.result = (async () => {
       try {
-        return await run({ config, pool, log: this.procLog(owner), clock, turn, onInspected: (v) => turn.identify(v.local.id) }, { mode: 'once', force: opts.force });
+        return await run(
+          { config, pool, log: this.procLog(owner), clock, turn, onInspected: (v) => turn.identify(v.local.id) },
+          { mode: 'once', force: opts.force },
+        );
       } catch (err) {
         return err as Error;
       } finally {
@@ -161,8 +200,16 @@ export class Sim {
   newTurn(member: string, opts: { keepSpares?: boolean; tickets?: number } = {}): { turn: Turn; owner: Owner } {
     const config = this.config(member);
     const owner = this.clock.owner(`turn-${member}-${++this.seq}`);
-    const turn = new Turn({ prefix: config.coordination.prefix, leaseTTL: config.coordination.leaseTTL, command: 'test', keepSpares: opts.keepSpares, tickets: opts.tickets ?? this.o.tickets ?? 16 },
-      { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.procLog(owner), clock: owner.clock() });
+    const turn = new Turn(
+      {
+        prefix: config.coordination.prefix,
+        leaseTTL: config.coordination.leaseTTL,
+        command: 'test',
+        keepSpares: opts.keepSpares,
+        tickets: opts.tickets ?? this.o.tickets ?? 16,
+      },
+      { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.procLog(owner), clock: owner.clock() },
+    );
     turn.identify(this.model.member(member).id);
     this.procs.push({ name: owner.name, member, owner, kind: 'once', turn });
     return { turn, owner };
@@ -180,7 +227,16 @@ export class Sim {
     let settled = false;
     let value: T | undefined;
     let error: unknown;
-    p.then((v) => { settled = true; value = v; }, (e: unknown) => { settled = true; error = e; });
+    p.then(
+      (v) => {
+        settled = true;
+        value = v;
+      },
+      (e: unknown) => {
+        settled = true;
+        error = e;
+      },
+    );
     await this.until(() => settled, maxMs);
     if (!settled) throw new Error(`did not settle within ${maxMs} ms of simulated time`);
     if (error !== undefined) throw error;
@@ -243,7 +299,9 @@ export class Sim {
       const since = this.strays.get(lease) ?? now;
       this.strays.set(lease, since);
       if (now - since > grace) {
-        this.model.violate(`the turn is held by ${lease} and nobody uses it (${owner ? `${owner.name} does not know it holds it` : 'no live process owns it'}) for ${now - since} ms`);
+        this.model.violate(
+          `the turn is held by ${lease} and nobody uses it (${owner ? `${owner.name} does not know it holds it` : 'no live process owns it'}) for ${now - since} ms`,
+        );
         this.strays.set(lease, now); // report once per grace period
       }
     }
@@ -256,7 +314,9 @@ export class Sim {
 
   /** Members that still need a defragment by the policy (liveness). */
   needing(): string[] {
-    return this.model.members.filter((m) => !m.isLearner && decide(m, this.base.policy, this.model.opts.quotaBytes).defrag).map((m) => m.name);
+    return this.model.members
+      .filter((m) => !m.isLearner && decide(m, this.base.policy, this.model.opts.quotaBytes).defrag)
+      .map((m) => m.name);
   }
 
   rng(): number {

@@ -62,7 +62,10 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
     assert.equal(r.code, 0, r.stdout + r.stderr);
     const s = JSON.parse(r.stdout) as { members: { name: string; local: boolean; status: unknown }[]; health: unknown };
     assert.deepEqual(s.members.map((m) => m.name).sort(), cluster.members.map((m) => m.name).sort());
-    assert.ok(s.members.every((m) => m.status), 'every member answered Status');
+    assert.ok(
+      s.members.every((m) => m.status),
+      'every member answered Status',
+    );
     assert.equal(s.members.find((m) => m.local)?.name, cluster.members[0]!.name);
     assert.equal(s.health, null);
   });
@@ -70,7 +73,11 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
   it('a normal start of the daemon writes nothing at warning priority or above (journal format)', async () => {
     const cfg = writeConfig(cluster, cluster.members[1]!, { schedule: { cron: '0 0 1 1 *' }, log: { format: 'journal', level: 'info' } });
     // As under systemd: JOURNAL_STREAM set, the unit's NODE_ENV, nothing else.
-    const child = spawn(exe, ['run', '--config', cfg], { cwd, env: { PATH: '/nonexistent', NODE_ENV: 'production', JOURNAL_STREAM: '8:1' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(exe, ['run', '--config', cfg], {
+      cwd,
+      env: { PATH: '/nonexistent', NODE_ENV: 'production', JOURNAL_STREAM: '8:1' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let out = '';
     let err = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
@@ -79,7 +86,8 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
     try {
       const t0 = Date.now();
       // Logs go to stderr (journald parses the <N> prefix on both streams); stdout is for machine output.
-      while (!/event=turn\.register\b/.test(err) && Date.now() - t0 < 30_000 && child.exitCode === null) await new Promise((r) => setTimeout(r, 200));
+      while (!/event=turn\.register\b/.test(err) && Date.now() - t0 < 30_000 && child.exitCode === null)
+        await new Promise((r) => setTimeout(r, 200));
       assert.match(err, /event=turn\.register\b/, `joined the turn:\n${out}${err}`);
     } finally {
       child.kill('SIGTERM');
@@ -89,7 +97,11 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
     const lines = err.split('\n').filter(Boolean);
     assert.ok(lines.length >= 3, err);
     // <6> info, <7> debug; <4> warning and below (more severe) must not appear in a normal start.
-    assert.deepEqual(lines.filter((l) => !/^<[67]>/.test(l)), [], 'every line is info or debug');
+    assert.deepEqual(
+      lines.filter((l) => !/^<[67]>/.test(l)),
+      [],
+      'every line is info or debug',
+    );
   });
 
   it('once defragments its member and no other', async () => {
@@ -101,8 +113,15 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
     assert.equal(done.length, 1, r.stderr);
     assert.equal(done[0]!.member, target.id);
     assert.ok((done[0]!.afterBytes as number) < before.dbSize - 8 * MiB, `after ${done[0]!.afterBytes} before ${before.dbSize}`);
-    assert.deepEqual((await allDefragEvents(cluster)).map((e) => e.member), [target.name]);
+    assert.deepEqual(
+      (await allDefragEvents(cluster)).map((e) => e.member),
+      [target.name],
+    );
     assert.equal(events(r.stderr, 'verify.ok').length, 1, 'HashKV compared after the defragment');
-    assert.deepEqual(events(r.stderr).filter((l) => l.level >= 40), [], 'nothing at warning or above');
+    assert.deepEqual(
+      events(r.stderr).filter((l) => l.level >= 40),
+      [],
+      'nothing at warning or above',
+    );
   });
 });

@@ -21,8 +21,11 @@ const NOBODY = 65534;
 
 describe('config', () => {
   it('ships a config file that lists every key with its default', () => {
-    assert.equal(readFileSync(new URL('../../config/etcd-defragd.yaml', import.meta.url), 'utf8'), renderDefaultConfig(),
-      'config/etcd-defragd.yaml is stale: run node --import tsx scripts/gen-config.ts');
+    assert.equal(
+      readFileSync(new URL('../../config/etcd-defragd.yaml', import.meta.url), 'utf8'),
+      renderDefaultConfig(),
+      'config/etcd-defragd.yaml is stale: run node --import tsx scripts/gen-config.ts',
+    );
     const loaded = loadConfig({ path: fileFromShipped(), env: {}, checkFiles: false });
     assert.equal(loaded.config.schedule.cron, '0 */3 * * *');
     assert.equal(loaded.config.policy.minReclaimable, 64 * 1024 ** 2);
@@ -36,8 +39,10 @@ describe('config', () => {
   it('takes a size or auto for policy.quotaBytes, and names what is accepted', () => {
     assert.equal(loadConfig({ path: file(`${plain}policy:\n  quotaBytes: 8GiB\n`), env: {} }).config.policy.quotaBytes, 8 * 1024 ** 3);
     assert.equal(loadConfig({ path: file(`${plain}policy:\n  quotaBytes: auto\n`), env: {} }).config.policy.quotaBytes, 'auto');
-    assert.throws(() => loadConfig({ path: file(`${plain}policy:\n  quotaBytes: automatic\n`), env: {} }),
-      /policy\.quotaBytes: "automatic" is not a size in .*; accepted: auto \(read each member's --quota-backend-bytes from etcd\), or a size/);
+    assert.throws(
+      () => loadConfig({ path: file(`${plain}policy:\n  quotaBytes: automatic\n`), env: {} }),
+      /policy\.quotaBytes: "automatic" is not a size in .*; accepted: auto \(read each member's --quota-backend-bytes from etcd\), or a size/,
+    );
   });
 
   it('loads a v0.1 config that still has nospace.keepRevisions, and warns that it is ignored', () => {
@@ -56,7 +61,12 @@ describe('config', () => {
     const table: { env: Record<string, string>; flags: Record<string, string>; cron: string; reclaim: number }[] = [
       { env: {}, flags: {}, cron: '5 * * * *', reclaim: 1024 ** 2 },
       { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '10 * * * *' }, flags: {}, cron: '10 * * * *', reclaim: 1024 ** 2 },
-      { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '10 * * * *' }, flags: { 'schedule.cron': '15 * * * *' }, cron: '15 * * * *', reclaim: 1024 ** 2 },
+      {
+        env: { ETCD_DEFRAGD_SCHEDULE_CRON: '10 * * * *' },
+        flags: { 'schedule.cron': '15 * * * *' },
+        cron: '15 * * * *',
+        reclaim: 1024 ** 2,
+      },
       { env: { ETCD_DEFRAGD_POLICY_MIN_RECLAIMABLE: '2MiB' }, flags: {}, cron: '5 * * * *', reclaim: 2 * 1024 ** 2 },
     ];
     for (const row of table) {
@@ -84,7 +94,10 @@ describe('config', () => {
     assert.deepEqual(loaded.sources['nospace.keepHistory'], { source: 'default' });
     assert.equal(loaded.config.etcd.caFile, join(creds, 'etcd-ca'), 'a systemd credential wins over a flag');
     assert.equal(loaded.sources['etcd.caFile']!.source, 'credential');
-    assert.throws(() => loadConfig({ path: file(plain), env: {}, flags: { 'etcd.toString': 'x' } }), /^ConfigError: etcd\.toString: unknown key given on the command line/);
+    assert.throws(
+      () => loadConfig({ path: file(plain), env: {}, flags: { 'etcd.toString': 'x' } }),
+      /^ConfigError: etcd\.toString: unknown key given on the command line/,
+    );
   });
 
   it('names env vars after section and key', () => {
@@ -97,37 +110,71 @@ describe('config', () => {
     ['unknown section', `${plain}sched:\n  cron: x\n`, /^sched: unknown section/],
     ['key named like an Object method', `${plain}  toString: x\n`, /^etcd\.toString: unknown key in /],
     ['section named like an Object method', `${plain}constructor:\n  x: 1\n`, /^constructor: unknown section/],
-    ['malformed cron', `${plain}schedule:\n  cron: "0 */3 * *"\n`, /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/],
+    [
+      'malformed cron',
+      `${plain}schedule:\n  cron: "0 */3 * *"\n`,
+      /^schedule\.cron: ".*" is not a cron expression \(5 fields expected.*accepted: a 5-field cron/,
+    ],
     ['negative duration', `${plain}  requestTimeout: -5s\n`, /^etcd\.requestTimeout: "-5s" is negative in .*accepted: a positive duration/],
-    ['endpoint not a URL', 'etcd:\n  endpoint: 127.0.0.1:2379x\n', /^etcd\.endpoint: "127\.0\.0\.1:2379x" .*accepted: an http:\/\/ or https:\/\/ URL/],
-    ['ratio above 1', `${plain}policy:\n  minFragmentation: 1.5\n`, /^policy\.minFragmentation: 1\.5 is above 1 .*accepted: a number from 0 to 1/],
-    ['unknown size unit', `${plain}policy:\n  minReclaimable: 64XB\n`, /^policy\.minReclaimable: "64XB" has an unknown unit "XB" .*accepted: a size such as 64MiB/],
+    [
+      'endpoint not a URL',
+      'etcd:\n  endpoint: 127.0.0.1:2379x\n',
+      /^etcd\.endpoint: "127\.0\.0\.1:2379x" .*accepted: an http:\/\/ or https:\/\/ URL/,
+    ],
+    [
+      'ratio above 1',
+      `${plain}policy:\n  minFragmentation: 1.5\n`,
+      /^policy\.minFragmentation: 1\.5 is above 1 .*accepted: a number from 0 to 1/,
+    ],
+    [
+      'unknown size unit',
+      `${plain}policy:\n  minReclaimable: 64XB\n`,
+      /^policy\.minReclaimable: "64XB" has an unknown unit "XB" .*accepted: a size such as 64MiB/,
+    ],
     ['bad timezone', `${plain}schedule:\n  timezone: Mars/Base\n`, /^schedule\.timezone: "Mars\/Base" is not a time zone/],
-    ['bad enum', `${plain}coordination:\n  leader: first\n`, /^coordination\.leader: "first" is not accepted .*accepted: one of transfer, last/],
-    ['unreadable CA', 'etcd:\n  caFile: /nonexistent/ca.crt\n', /^etcd\.caFile: "\/nonexistent\/ca\.crt" does not exist in .*accepted: a readable file/],
+    [
+      'bad enum',
+      `${plain}coordination:\n  leader: first\n`,
+      /^coordination\.leader: "first" is not accepted .*accepted: one of transfer, last/,
+    ],
+    [
+      'unreadable CA',
+      'etcd:\n  caFile: /nonexistent/ca.crt\n',
+      /^etcd\.caFile: "\/nonexistent\/ca\.crt" does not exist in .*accepted: a readable file/,
+    ],
     ['not YAML', 'etcd: [\n', /not valid YAML/],
   ];
   for (const [name, text, re] of bad) {
     it(`rejects ${name} with one line naming key, value and what is accepted`, () => {
       const path = file(text);
-      assert.throws(() => loadConfig({ path, env: {} }), (err: unknown) => {
-        assert.ok(err instanceof ConfigError, String(err));
-        assert.match(err.message, re);
-        assert.ok(!err.message.includes('\n'), 'one line');
-        if (!/not valid YAML/.test(err.message)) assert.ok(err.message.includes(path) || /unknown section/.test(err.message), 'names the file');
-        return true;
-      });
+      assert.throws(
+        () => loadConfig({ path, env: {} }),
+        (err: unknown) => {
+          assert.ok(err instanceof ConfigError, String(err));
+          assert.match(err.message, re);
+          assert.ok(!err.message.includes('\n'), 'one line');
+          if (!/not valid YAML/.test(err.message))
+            assert.ok(err.message.includes(path) || /unknown section/.test(err.message), 'names the file');
+          return true;
+        },
+      );
     });
   }
 
   it('says when a bad value came from the environment', () => {
-    assert.throws(() => loadConfig({ path: file(plain), env: { ETCD_DEFRAGD_RETRY_ATTEMPTS: 'many' } }), /retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS/);
+    assert.throws(
+      () => loadConfig({ path: file(plain), env: { ETCD_DEFRAGD_RETRY_ATTEMPTS: 'many' } }),
+      /retry\.attempts: "many" is not a whole number from environment variable ETCD_DEFRAGD_RETRY_ATTEMPTS/,
+    );
   });
 
   it('rejects a certificate file that is not PEM', () => {
     const junk = join(dir, 'junk.crt');
     writeFileSync(junk, 'hello');
-    assert.throws(() => loadConfig({ path: file(`etcd:\n  caFile: ${junk}\n  certFile: ""\n  keyFile: ""\n`), env: {} }), /etcd\.caFile: ".*junk\.crt" is not a PEM certificate/);
+    assert.throws(
+      () => loadConfig({ path: file(`etcd:\n  caFile: ${junk}\n  certFile: ""\n  keyFile: ""\n`), env: {} }),
+      /etcd\.caFile: ".*junk\.crt" is not a PEM certificate/,
+    );
   });
 
   it('rejects an unreadable password file, also when the tests run as root', () => {
@@ -151,7 +198,9 @@ describe('config', () => {
       console.log(JSON.stringify({ uid: process.getuid(), ...out }));`;
     const code = new URL('../../src/config.ts', import.meta.url).href;
     const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', child, code, path], {
-      cwd: fileURLToPath(new URL('../..', import.meta.url)), encoding: 'utf8', timeout: 30_000,
+      cwd: fileURLToPath(new URL('../..', import.meta.url)),
+      encoding: 'utf8',
+      timeout: 30_000,
     });
     assert.equal(r.status, 0, `child: ${r.stderr}`);
     const got = JSON.parse(r.stdout) as { uid: number; loaded?: boolean; name?: string; message?: string };
@@ -171,8 +220,15 @@ describe('config', () => {
   });
 
   it('a missing default config file means defaults, an explicit one is an error', () => {
-    assert.throws(() => loadConfig({ path: join(dir, 'missing.yaml'), pathExplicit: true, env: {} }), /cannot read config file .*no such file/);
-    const c = loadConfig({ path: join(dir, 'missing.yaml'), pathExplicit: false, env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' } });
+    assert.throws(
+      () => loadConfig({ path: join(dir, 'missing.yaml'), pathExplicit: true, env: {} }),
+      /cannot read config file .*no such file/,
+    );
+    const c = loadConfig({
+      path: join(dir, 'missing.yaml'),
+      pathExplicit: false,
+      env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' },
+    });
     assert.equal(c.path, undefined);
   });
 });
@@ -202,8 +258,14 @@ describe('config bounds', () => {
   it('rejects durations a timer cannot hold and a zero quota', () => {
     const path = join(dir, 'bounds.yaml');
     writeFileSync(path, 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
-    assert.throws(() => loadConfig({ path, env: {}, flags: { 'nospace.checkInterval': '30d' } }), /nospace\.checkInterval: "30d" is too long .*at most 24d/);
+    assert.throws(
+      () => loadConfig({ path, env: {}, flags: { 'nospace.checkInterval': '30d' } }),
+      /nospace\.checkInterval: "30d" is too long .*at most 24d/,
+    );
     assert.throws(() => loadConfig({ path, env: {}, flags: { 'policy.quotaBytes': '0' } }), /policy\.quotaBytes: "0" must be above zero/);
-    assert.throws(() => loadConfig({ path, env: {}, flags: { 'coordination.leaseTTL': '1s' } }), /coordination\.leaseTTL: "1s" is below the minimum of 2000ms/);
+    assert.throws(
+      () => loadConfig({ path, env: {}, flags: { 'coordination.leaseTTL': '1s' } }),
+      /coordination\.leaseTTL: "1s" is below the minimum of 2000ms/,
+    );
   });
 });

@@ -7,20 +7,27 @@ import { assertNoOverlap, goDurationMs, parseDefragLog, type DefragEvent } from 
 const lines = (...ls: string[]): string => `${ls.join('\n')}\n`;
 
 const v34 = {
-  server: '{"level":"info","ts":"2026-11-28T19:21:25.283Z","caller":"embed/etcd.go:305","msg":"starting an etcd server","etcd-version":"3.4.23","name":"m0","data-dir":"/tmp/etcd-3.4-zwO6fO/m0.etcd"}',
+  server:
+    '{"level":"info","ts":"2026-11-28T19:21:25.283Z","caller":"embed/etcd.go:305","msg":"starting an etcd server","etcd-version":"3.4.23","name":"m0","data-dir":"/tmp/etcd-3.4-zwO6fO/m0.etcd"}',
   start: '{"level":"info","ts":"2026-11-28T19:21:25.617Z","caller":"v3rpc/maintenance.go:82","msg":"starting defragment"}',
-  before: '{"level":"info","ts":"2026-11-28T19:21:25.619Z","caller":"backend/backend.go:403","msg":"defragmenting","path":"/tmp/etcd-3.4-zwO6fO/m0.etcd/member/snap/db","current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes":118784,"current-db-size-in-use":"119 kB"}',
-  after: '{"level":"info","ts":"2026-11-28T19:21:25.626Z","caller":"backend/backend.go:475","msg":"defragmented","path":"/tmp/etcd-3.4-zwO6fO/m0.etcd/member/snap/db","current-db-size-bytes-diff":0,"current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes-diff":-4096,"current-db-size-in-use-bytes":114688,"current-db-size-in-use":"115 kB","took":"4.589149ms"}',
+  before:
+    '{"level":"info","ts":"2026-11-28T19:21:25.619Z","caller":"backend/backend.go:403","msg":"defragmenting","path":"/tmp/etcd-3.4-zwO6fO/m0.etcd/member/snap/db","current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes":118784,"current-db-size-in-use":"119 kB"}',
+  after:
+    '{"level":"info","ts":"2026-11-28T19:21:25.626Z","caller":"backend/backend.go:475","msg":"defragmented","path":"/tmp/etcd-3.4-zwO6fO/m0.etcd/member/snap/db","current-db-size-bytes-diff":0,"current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes-diff":-4096,"current-db-size-in-use-bytes":114688,"current-db-size-in-use":"115 kB","took":"4.589149ms"}',
   end: '{"level":"info","ts":"2026-11-28T19:21:25.626Z","caller":"v3rpc/maintenance.go:96","msg":"finished defragment"}',
 };
 
 const v35 = {
-  server: '{"level":"info","ts":"2026-11-28T19:21:25.727118Z","caller":"embed/etcd.go:323","msg":"starting an etcd server","etcd-version":"3.5.30","name":"m0","data-dir":"/tmp/etcd-3.5-E3K8Ap/m0.etcd"}',
+  server:
+    '{"level":"info","ts":"2026-11-28T19:21:25.727118Z","caller":"embed/etcd.go:323","msg":"starting an etcd server","etcd-version":"3.5.30","name":"m0","data-dir":"/tmp/etcd-3.5-E3K8Ap/m0.etcd"}',
   start: '{"level":"info","ts":"2026-11-28T19:21:26.008297Z","caller":"v3rpc/maintenance.go:97","msg":"starting defragment"}',
-  before: '{"level":"info","ts":"2026-11-28T19:21:26.010417Z","caller":"backend/backend.go:527","msg":"defragmenting","path":"/tmp/etcd-3.5-E3K8Ap/m0.etcd/member/snap/db","current-db-size-bytes":20480,"current-db-size":"20 kB","current-db-size-in-use-bytes":16384,"current-db-size-in-use":"16 kB"}',
-  after: '{"level":"info","ts":"2026-11-28T19:21:26.022471Z","caller":"backend/backend.go:589","msg":"finished defragmenting directory","path":"/tmp/etcd-3.5-E3K8Ap/m0.etcd/member/snap/db","current-db-size-bytes-diff":102400,"current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes-diff":98304,"current-db-size-in-use-bytes":114688,"current-db-size-in-use":"115 kB","took":"14.080856ms"}',
+  before:
+    '{"level":"info","ts":"2026-11-28T19:21:26.010417Z","caller":"backend/backend.go:527","msg":"defragmenting","path":"/tmp/etcd-3.5-E3K8Ap/m0.etcd/member/snap/db","current-db-size-bytes":20480,"current-db-size":"20 kB","current-db-size-in-use-bytes":16384,"current-db-size-in-use":"16 kB"}',
+  after:
+    '{"level":"info","ts":"2026-11-28T19:21:26.022471Z","caller":"backend/backend.go:589","msg":"finished defragmenting directory","path":"/tmp/etcd-3.5-E3K8Ap/m0.etcd/member/snap/db","current-db-size-bytes-diff":102400,"current-db-size-bytes":122880,"current-db-size":"123 kB","current-db-size-in-use-bytes-diff":98304,"current-db-size-in-use-bytes":114688,"current-db-size-in-use":"115 kB","took":"14.080856ms"}',
   end: '{"level":"info","ts":"2026-11-28T19:21:26.022535Z","caller":"v3rpc/maintenance.go:105","msg":"finished defragment"}',
-  failed: '{"level":"warn","ts":"2026-11-28T19:21:27.500000Z","caller":"v3rpc/maintenance.go:103","msg":"failed to defragment","error":"etcdserver: request timed out"}',
+  failed:
+    '{"level":"warn","ts":"2026-11-28T19:21:27.500000Z","caller":"v3rpc/maintenance.go:103","msg":"failed to defragment","error":"etcdserver: request timed out"}',
 };
 
 describe('parseDefragLog', () => {
@@ -68,7 +75,10 @@ describe('parseDefragLog', () => {
 
   test('a restart ("starting an etcd server") ends a defragment that never finished', () => {
     const restart = v34.server.replace('19:21:25.283Z', '19:22:00.000Z');
-    const evs = parseDefragLog(lines(v34.server, v34.start, v34.before, restart, v34.start.replace('19:21:25.617Z', '19:22:05.000Z')), 'm0');
+    const evs = parseDefragLog(
+      lines(v34.server, v34.start, v34.before, restart, v34.start.replace('19:21:25.617Z', '19:22:05.000Z')),
+      'm0',
+    );
     assert.equal(evs.length, 2);
     assert.deepEqual(evs[0]!.end, new Date('2026-11-28T19:22:00.000Z'));
     assert.equal(evs[0]!.interrupted, true);
@@ -96,12 +106,21 @@ describe('parseDefragLog', () => {
 
   test('back-to-back defragments pair up in order', () => {
     const later = (l: string): string => l.replace('19:21:26.', '19:21:30.');
-    const evs = parseDefragLog(lines(v35.start, v35.before, v35.after, v35.end, later(v35.start), later(v35.before), later(v35.after), later(v35.end)), 'm0');
-    assert.deepEqual(evs.map((e) => [e.start.toISOString(), e.end?.toISOString()]), [
-      ['2026-11-28T19:21:26.008Z', '2026-11-28T19:21:26.022Z'],
-      ['2026-11-28T19:21:30.008Z', '2026-11-28T19:21:30.022Z'],
-    ]);
-    assert.deepEqual(evs.map((e) => e.backendTookMs), [14.080856, 14.080856]);
+    const evs = parseDefragLog(
+      lines(v35.start, v35.before, v35.after, v35.end, later(v35.start), later(v35.before), later(v35.after), later(v35.end)),
+      'm0',
+    );
+    assert.deepEqual(
+      evs.map((e) => [e.start.toISOString(), e.end?.toISOString()]),
+      [
+        ['2026-11-28T19:21:26.008Z', '2026-11-28T19:21:26.022Z'],
+        ['2026-11-28T19:21:30.008Z', '2026-11-28T19:21:30.022Z'],
+      ],
+    );
+    assert.deepEqual(
+      evs.map((e) => e.backendTookMs),
+      [14.080856, 14.080856],
+    );
   });
 });
 

@@ -18,10 +18,24 @@ async function exposedNames(): Promise<Set<string>> {
   const m = new Metrics('0.0.0');
   m.duration.observe(1);
   // the member's series appear with the first inspection
-  const local = { id: '10', hex: 'a', name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status: { dbSize: 2, dbSizeInUse: 1 } as MemberStatus, quotaBytes: 100 };
+  const local = {
+    id: '10',
+    hex: 'a',
+    name: 'm',
+    endpoint: 'x',
+    isLearner: false,
+    isLocal: true,
+    status: { dbSize: 2, dbSizeInUse: 1 } as MemberStatus,
+    quotaBytes: 100,
+  };
   m.recordView({ members: [local], local, alarms: [] });
   const text = await m.registry.metrics();
-  return new Set(text.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]));
+  return new Set(
+    text
+      .split('\n')
+      .filter((l) => l && !l.startsWith('#'))
+      .map((l) => l.match(/^[a-zA-Z_:][a-zA-Z0-9_:]*/)![0]),
+  );
 }
 
 describe('shipped rules and dashboard', () => {
@@ -40,7 +54,14 @@ describe('shipped rules and dashboard', () => {
   it('the rules cover what the issue asks for', () => {
     const doc = parseYaml(readFileSync(RULES, 'utf8')) as { groups: { rules: { alert: string }[] }[] };
     const alerts = doc.groups.flatMap((g) => g.rules).map((r) => r.alert);
-    for (const a of ['EtcdDefragdNoSuccessfulRun', 'EtcdDefragdRunsSkipped', 'EtcdNoSpaceNotRecovered', 'EtcdDefragdIntegrityHalt', 'EtcdQuotaNearlyFullAfterDefrag']) assert.ok(alerts.includes(a), a);
+    for (const a of [
+      'EtcdDefragdNoSuccessfulRun',
+      'EtcdDefragdRunsSkipped',
+      'EtcdNoSpaceNotRecovered',
+      'EtcdDefragdIntegrityHalt',
+      'EtcdQuotaNearlyFullAfterDefrag',
+    ])
+      assert.ok(alerts.includes(a), a);
   });
 
   it('every metric the rules and the dashboard query exists', async () => {
@@ -52,7 +73,10 @@ describe('shipped rules and dashboard', () => {
   });
 
   it('the name extraction finds a misspelt metric', () => {
-    assert.deepEqual(metricNames('sum by (check) (increase(etcd_defragd_skiped_runs_total{check!="x_y"}[1h])) / process_cpu_seconds_total'), ['etcd_defragd_skiped_runs_total', 'process_cpu_seconds_total']);
+    assert.deepEqual(
+      metricNames('sum by (check) (increase(etcd_defragd_skiped_runs_total{check!="x_y"}[1h])) / process_cpu_seconds_total'),
+      ['etcd_defragd_skiped_runs_total', 'process_cpu_seconds_total'],
+    );
   });
 
   it('the dashboard is valid JSON with unique panel ids, all on the datasource variable', () => {

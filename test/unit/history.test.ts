@@ -47,7 +47,13 @@ describe('parseServerMetrics', () => {
       'etcd_server_version{server_version="3.5.30"} 1',
       'etcd_server_quota_backend_bytes_other 5',
     ].join('\n');
-    assert.deepEqual(parseServerMetrics(text), { quotaBytes: 8589934592, defragInflight: true, dbSize: 67108864, dbSizeInUse: 16384, version: '3.5.30' });
+    assert.deepEqual(parseServerMetrics(text), {
+      quotaBytes: 8589934592,
+      defragInflight: true,
+      dbSize: 67108864,
+      dbSizeInUse: 16384,
+      version: '3.5.30',
+    });
     assert.deepEqual(parseServerMetrics('etcd_disk_defrag_inflight 0\n'), { defragInflight: false });
     assert.deepEqual(parseServerMetrics('go_goroutines 12\n'), {});
   });

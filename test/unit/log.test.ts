@@ -22,7 +22,10 @@ describe('log', () => {
     log.info({ event: 'defrag.done', member: 'abc', beforeBytes: 10 }, 'defragmented abc');
     log.warn({ event: 'run.skip', reason: 'member x is down' }, 'run skipped');
     log.error({ event: 'defrag.fail' }, 'failed');
-    assert.deepEqual(lines.map((l) => l.slice(0, 3)), ['<7>', '<6>', '<4>', '<3>']);
+    assert.deepEqual(
+      lines.map((l) => l.slice(0, 3)),
+      ['<7>', '<6>', '<4>', '<3>'],
+    );
     assert.equal(lines[1], '<6>defragmented abc event=defrag.done member=abc beforeBytes=10');
     assert.match(lines[2]!, /reason="member x is down"/);
   });

@@ -12,7 +12,16 @@ const SRC = join(import.meta.dirname, '../../src');
 
 function view(localHex: string, dbSize = 100, extra: Partial<MemberView> = {}): ClusterView {
   const status = { dbSize, dbSizeInUse: 40 } as MemberStatus;
-  const local: MemberView = { id: decimalId(localHex), hex: localHex, name: 'm', endpoint: 'x', isLearner: false, isLocal: true, status, ...extra };
+  const local: MemberView = {
+    id: decimalId(localHex),
+    hex: localHex,
+    name: 'm',
+    endpoint: 'x',
+    isLearner: false,
+    isLocal: true,
+    status,
+    ...extra,
+  };
   const other: MemberView = { id: '7', hex: '7', name: 'o', endpoint: 'y', isLearner: false, isLocal: false, status };
   return { members: [local, other], local, alarms: [] };
 }
@@ -41,7 +50,10 @@ describe('metrics', () => {
     assert.doesNotMatch(text, /^etcd_defragd_(process|nodejs)_/m);
     const gauges = [...text.matchAll(/^# TYPE (\S+) gauge$/gm)].map((x) => x[1]!);
     assert.ok(gauges.length > 10);
-    assert.deepEqual(gauges.filter((g) => g.endsWith('_total')), []);
+    assert.deepEqual(
+      gauges.filter((g) => g.endsWith('_total')),
+      [],
+    );
   });
 
   it('the textfile gets only etcd_defragd_* (node_exporter exports its own process_*)', async () => {
@@ -55,12 +67,22 @@ describe('metrics', () => {
     const text = await new Metrics('9.9.9').registry.metrics();
     assert.equal(series(text, 'etcd_defragd_runs_total').length, 8);
     assert.ok(series(text, 'etcd_defragd_runs_total').every((l) => l.endsWith(' 0')));
-    assert.deepEqual(series(text, 'etcd_defragd_skipped_runs_total').map((l) => l.match(/check="([^"]+)"/)![1]).sort(), [...SKIP_CHECKS].sort());
+    assert.deepEqual(
+      series(text, 'etcd_defragd_skipped_runs_total')
+        .map((l) => l.match(/check="([^"]+)"/)![1])
+        .sort(),
+      [...SKIP_CHECKS].sort(),
+    );
     assert.equal(series(text, 'etcd_defragd_defrags_total').length, 2);
     assert.equal(series(text, 'etcd_defragd_last_run_result').length, 4);
     assert.equal(series(text, 'etcd_defragd_alarms').length, 2);
     assert.match(text, /^etcd_defragd_build_info\{version="9\.9\.9",nodejs="v\d+[^"]*"\} 1$/m);
-    for (const g of ['etcd_defragd_paused', 'etcd_defragd_halted', 'etcd_defragd_turn_held', 'etcd_defragd_last_success_timestamp_seconds']) {
+    for (const g of [
+      'etcd_defragd_paused',
+      'etcd_defragd_halted',
+      'etcd_defragd_turn_held',
+      'etcd_defragd_last_success_timestamp_seconds',
+    ]) {
       assert.deepEqual(series(text, g), [`${g} 0`]);
     }
   });
@@ -71,7 +93,10 @@ describe('metrics', () => {
     let text = await m.registry.metrics();
     assert.match(series(text, 'etcd_defragd_last_run_timestamp_seconds')[0]!, / 1\d{9}(\.\d+)?$/);
     assert.equal(series(text, 'etcd_defragd_last_success_timestamp_seconds')[0], 'etcd_defragd_last_success_timestamp_seconds 0');
-    assert.match(series(text, 'etcd_defragd_skipped_runs_total').find((l) => l.includes('check="status"'))!, / 1$/);
+    assert.match(
+      series(text, 'etcd_defragd_skipped_runs_total').find((l) => l.includes('check="status"'))!,
+      / 1$/,
+    );
     m.recordRun('not-needed', 'scheduled');
     text = await m.registry.metrics();
     assert.match(series(text, 'etcd_defragd_last_success_timestamp_seconds')[0]!, / 1\d{9}(\.\d+)?$/);
@@ -116,6 +141,7 @@ describe('metrics', () => {
     }
     found.delete('integrity'); // a failed run, counted by etcd_defragd_integrity_failures_total
     assert.ok(found.size >= 10, [...found].join(','));
-    for (const c of found) assert.ok((SKIP_CHECKS as readonly string[]).includes(c), `check "${c}" is missing from SKIP_CHECKS in src/metrics.ts`);
+    for (const c of found)
+      assert.ok((SKIP_CHECKS as readonly string[]).includes(c), `check "${c}" is missing from SKIP_CHECKS in src/metrics.ts`);
   });
 });

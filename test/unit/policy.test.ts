@@ -6,14 +6,40 @@ import { hexId, type ClusterView, type MemberStatus, type MemberView } from '../
 
 const MiB = 1024 ** 2;
 const q = 2048 * MiB;
-const c = loadConfig({ env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' }, path: '/nonexistent/none.yaml', pathExplicit: false }).config;
+const c = loadConfig({
+  env: { ETCD_DEFRAGD_ETCD_ENDPOINT: 'http://127.0.0.1:2379' },
+  path: '/nonexistent/none.yaml',
+  pathExplicit: false,
+}).config;
 
 function status(id: string, o: Partial<MemberStatus> = {}): MemberStatus {
-  return { endpoint: `http://m${id}`, memberId: id, leader: '1', version: '3.5.30', dbSize: 100 * MiB, dbSizeInUse: 90 * MiB,
-    raftIndex: 100n, raftAppliedIndex: 100n, raftTerm: 2n, revision: 50n, isLearner: false, errors: [], ...o };
+  return {
+    endpoint: `http://m${id}`,
+    memberId: id,
+    leader: '1',
+    version: '3.5.30',
+    dbSize: 100 * MiB,
+    dbSizeInUse: 90 * MiB,
+    raftIndex: 100n,
+    raftAppliedIndex: 100n,
+    raftTerm: 2n,
+    revision: 50n,
+    isLearner: false,
+    errors: [],
+    ...o,
+  };
 }
 function member(id: string, o: Partial<MemberView> = {}, s: Partial<MemberStatus> | null = {}): MemberView {
-  return { id, hex: hexId(id), name: `m${id}`, endpoint: `http://m${id}`, isLearner: false, isLocal: id === '1', status: s === null ? undefined : status(id, s), ...o };
+  return {
+    id,
+    hex: hexId(id),
+    name: `m${id}`,
+    endpoint: `http://m${id}`,
+    isLearner: false,
+    isLocal: id === '1',
+    status: s === null ? undefined : status(id, s),
+    ...o,
+  };
 }
 function view(members: MemberView[], o: Partial<ClusterView> = {}): ClusterView {
   return { members, local: members.find((m) => m.isLocal)!, alarms: [], ...o };
@@ -30,7 +56,11 @@ describe('decide', () => {
   it('defragments near the quota when anything can be reclaimed', () => {
     assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy, q).defrag, true);
     assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.85 * q }, c.policy, q).defrag, false);
-    assert.equal(decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy, 8 * q).defrag, false, 'the same member under an 8x larger quota');
+    assert.equal(
+      decide({ dbSize: 0.85 * q, dbSizeInUse: 0.84 * q }, c.policy, 8 * q).defrag,
+      false,
+      'the same member under an 8x larger quota',
+    );
   });
   it('force always defragments', () => {
     assert.equal(decide({ dbSize: 10, dbSizeInUse: 10 }, c.policy, q, true).defrag, true);
@@ -95,7 +125,7 @@ describe('healthGate', () => {
 });
 
 describe('quota', () => {
-  it('takes etcd\'s own figure under auto, Status before /metrics, and a configured size over both', () => {
+  it("takes etcd's own figure under auto, Status before /metrics, and a configured size over both", () => {
     assert.deepEqual(resolveQuota('auto', undefined, 64 * MiB), { bytes: 64 * MiB, source: 'metrics', etcd: 64 * MiB });
     assert.deepEqual(resolveQuota('auto', 8 * q, 64 * MiB), { bytes: 8 * q, source: 'status', etcd: 8 * q });
     assert.deepEqual(resolveQuota(q, undefined, 8 * q), { bytes: q, source: 'config', etcd: 8 * q });
@@ -109,7 +139,10 @@ describe('quota', () => {
   });
   it('names both numbers when the configured quota disagrees with the member', () => {
     const m = member('2', { quotaBytes: q, quotaSource: 'config', etcdQuotaBytes: 4 * q });
-    assert.match(quotaMismatch(m)!, /policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m2 .* --quota-backend-bytes 8\.00GiB \(8589934592 bytes\)/);
+    assert.match(
+      quotaMismatch(m)!,
+      /policy\.quotaBytes is 2\.00GiB \(2147483648 bytes\) but member m2 .* --quota-backend-bytes 8\.00GiB \(8589934592 bytes\)/,
+    );
     assert.equal(quotaMismatch(member('2', { quotaBytes: q, quotaSource: 'config', etcdQuotaBytes: q })), undefined);
     assert.equal(quotaMismatch(member('2', { quotaBytes: q, quotaSource: 'metrics', etcdQuotaBytes: q })), undefined);
   });
@@ -117,7 +150,12 @@ describe('quota', () => {
 
 describe('transferTarget', () => {
   it('picks the most caught-up voting follower, never a learner or a member that defragments', () => {
-    const ms = [member('1'), member('2', {}, { raftAppliedIndex: 90n }), member('3', {}, { raftAppliedIndex: 99n }), member('4', { isLearner: true }, { raftAppliedIndex: 200n })];
+    const ms = [
+      member('1'),
+      member('2', {}, { raftAppliedIndex: 90n }),
+      member('3', {}, { raftAppliedIndex: 99n }),
+      member('4', { isLearner: true }, { raftAppliedIndex: 200n }),
+    ];
     assert.equal(transferTarget(view(ms))!.id, '3');
     ms[2] = member('3', { defragmenting: true }, { raftAppliedIndex: 99n });
     assert.equal(transferTarget(view(ms))!.id, '2');

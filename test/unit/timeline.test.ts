@@ -15,8 +15,16 @@ function disruption(): Disruption {
     requests.push({ seq: i, t0, t1: t0 + (blocked ? 2000 : 5), ok: !blocked, member: 'm0' });
   }
   return {
-    id: 'b', title: '(b) `etcdctl` at once', members: ['m0', 'm1', 'm2'], triggerAt: T, endAt: T + 3500,
-    load: { requests }, defrags: [{ member: 'm0', start: new Date(T + 1000), end: new Date(T + 3000) }, { member: 'm1', start: new Date(T + 1200), end: new Date(T + 3500) }],
+    id: 'b',
+    title: '(b) `etcdctl` at once',
+    members: ['m0', 'm1', 'm2'],
+    triggerAt: T,
+    endAt: T + 3500,
+    load: { requests },
+    defrags: [
+      { member: 'm0', start: new Date(T + 1000), end: new Date(T + 3000) },
+      { member: 'm1', start: new Date(T + 1200), end: new Date(T + 3500) },
+    ],
   } as unknown as Disruption;
 }
 
@@ -27,15 +35,23 @@ describe('benchmark timeline', () => {
     assert.equal(tl.writes.length, 95); // 5 s + 3.5 s + 1 s
     assert.equal(tl.writes.find((w) => w.t === 0)!.n, 2);
     assert.equal(tl.writes.find((w) => w.t === 2)!.n, 0, 'nothing succeeds while blocked');
-    assert.equal(tl.writes.reduce((s, w) => s + w.n, 0), 200 - 40 - 10, 'the failed ones and those after the tail are not counted');
-    assert.deepEqual(tl.defrags, [{ member: 'm0', start: 1, end: 3, failed: false }, { member: 'm1', start: 1.2, end: 3.5, failed: false }]);
+    assert.equal(
+      tl.writes.reduce((s, w) => s + w.n, 0),
+      200 - 40 - 10,
+      'the failed ones and those after the tail are not counted',
+    );
+    assert.deepEqual(tl.defrags, [
+      { member: 'm0', start: 1, end: 3, failed: false },
+      { member: 'm1', start: 1.2, end: 3.5, failed: false },
+    ]);
     assert.equal(tl.title, '(b) etcdctl at once');
   });
 
   it('renders an SVG with the title, both charts and a band per defragment', async () => {
     const svg = await renderSvg(timelineSpec('etcd 3.5.30: writes', [timeline(disruption(), 5000, 1000)]));
     assert.match(svg, /^<svg /);
-    for (const text of ['etcd 3.5.30: writes', '(b) etcdctl at once', 'writes / 100 ms', 'defrag', 'seconds from the trigger']) assert.ok(svg.includes(`>${text}</text>`), text);
+    for (const text of ['etcd 3.5.30: writes', '(b) etcdctl at once', 'writes / 100 ms', 'defrag', 'seconds from the trigger'])
+      assert.ok(svg.includes(`>${text}</text>`), text);
     assert.equal((svg.match(/aria-roledescription="bar"/g) ?? []).length, 2, 'one band per defragment');
   });
 });

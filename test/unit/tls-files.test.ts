@@ -54,7 +54,10 @@ describe('stage-tls and the TLS watch', () => {
     stageTlsFiles(config().config, rt, 'config.yaml');
     const c = config().config;
     const broken = { ...c, etcd: { ...c.etcd, keyFile: join(src, 'missing.key') } };
-    assert.throws(() => stageTlsFiles(broken, rt, 'config.yaml'), (e: unknown) => e instanceof ConfigError && /etcd\.keyFile: ".*missing\.key" does not exist \(in config\.yaml\)/.test(e.message));
+    assert.throws(
+      () => stageTlsFiles(broken, rt, 'config.yaml'),
+      (e: unknown) => e instanceof ConfigError && /etcd\.keyFile: ".*missing\.key" does not exist \(in config\.yaml\)/.test(e.message),
+    );
     assert.deepEqual(readFileSync(join(rt, 'credentials', 'etcd-key')), readFileSync(pki.clientKeyFile));
   });
 
