@@ -331,7 +331,8 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
     if (r.written.length || r.removed.length) {
       log.info(
         { event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') },
-        `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service from the paths in ${loaded.path ?? 'the defaults'}`,
+        `staged ${[...r.written, ...r.removed.map((file) => `-${file}`)].join(', ')} for the service ` +
+          `from the paths in ${loaded.path ?? 'the defaults'}`,
       );
     }
     return EXIT.ok;

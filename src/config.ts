@@ -158,7 +158,10 @@ const endpointUrl = text((s) => {
 const cron = text((s) => {
   const fields = s.trim().split(/\s+/);
   if (fields.length !== 5 && fields.length !== 6)
-    return `is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week, or 6 with seconds first; got ${fields.length})`;
+    return (
+      'is not a cron expression (5 fields expected: minute hour day-of-month month day-of-week, ' +
+      `or 6 with seconds first; got ${fields.length})`
+    );
   const detail = validateDetailed(s);
   if (!detail.valid) {
     const first = detail.errors[0];
@@ -353,7 +356,8 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !explicit) return undefined;
     throw new ConfigError(
-      `cannot read config file ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (err as Error).message}`,
+      `cannot read config file ${path}: ` +
+        `${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (err as Error).message}`,
     );
   }
   let doc: unknown;
@@ -384,7 +388,9 @@ function readYaml(path: string, explicit: boolean, warnings: string[]): Record<s
         // A file written by v0.1 lists every v0.1 default; this one changed for a reason.
         if ((value as Record<string, unknown>).compact === false || (value as Record<string, unknown>).compact === 'false') {
           warnings.push(
-            `nospace.compact: false in ${path} looks like v0.1's default written out: with it, history that fills the quota is never freed during NOSPACE and the cluster stays read-only (the API server cannot compact during the alarm); delete the line to get the default (true)`,
+            `nospace.compact: false in ${path} looks like v0.1's default written out: ` +
+              'with it, history that fills the quota is never freed during NOSPACE and the cluster stays read-only ' +
+              '(the API server cannot compact during the alarm); delete the line to get the default (true)',
           );
         }
         delete (value as Record<string, unknown>)[key];
@@ -493,12 +499,14 @@ function crossCheck(c: Config, sources: LoadedConfig['sources'], path: string, c
   if (Boolean(c.etcd.certFile) !== Boolean(c.etcd.keyFile)) {
     const missing = c.etcd.certFile ? 'etcd.keyFile' : 'etcd.certFile';
     throw new ConfigError(
-      `${missing}: "" ${where(missing)} but ${missing === 'etcd.keyFile' ? 'etcd.certFile' : 'etcd.keyFile'} is set; accepted: both a client certificate and its key, or neither`,
+      `${missing}: "" ${where(missing)} but ${missing === 'etcd.keyFile' ? 'etcd.certFile' : 'etcd.keyFile'} is set; ` +
+        'accepted: both a client certificate and its key, or neither',
     );
   }
   if (c.etcd.username && !c.etcd.passwordFile) {
     throw new ConfigError(
-      `etcd.passwordFile: "" ${where('etcd.passwordFile')} but etcd.username is ${show(c.etcd.username)}; accepted: a file holding the password`,
+      `etcd.passwordFile: "" ${where('etcd.passwordFile')} but etcd.username is ${show(c.etcd.username)}; ` +
+        'accepted: a file holding the password',
     );
   }
   if (!checkFiles) return;

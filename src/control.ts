@@ -94,7 +94,8 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
     if (kindOf(err) === 'nospace') {
       throw new DefragdError(
         'EDD_ETCD',
-        `cannot pause: etcd refuses every write while the NOSPACE alarm is raised, and a pause is a key written to etcd (${pauseKey(c)}). ` +
+        'cannot pause: etcd refuses every write while the NOSPACE alarm is raised, ' +
+          `and a pause is a key written to etcd (${pauseKey(c)}). ` +
           'To stop defragmentation now, stop the service on every control-plane node (systemctl stop etcd-defragd); ' +
           'or let the NOSPACE recovery finish, then pause',
         { cause: err, permanent: false },

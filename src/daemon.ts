@@ -150,7 +150,8 @@ export class Daemon {
         metrics: this.metricsAddress ?? '',
         nextRun: this.task?.nextRuns(1)[0]?.toISOString(),
       },
-      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), next ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`,
+      `etcd-defragd started for ${c.etcd.endpoint}; runs at "${c.schedule.cron}" (${c.schedule.timezone}), ` +
+        `next ${this.task?.nextRuns(1)[0]?.toISOString() ?? 'never'}`,
     );
     void this.join();
     void this.checkQuota();
@@ -186,6 +187,8 @@ export class Daemon {
       );
       const local = view.local;
       const mismatch = quotaMismatch(local);
+      const quotaFrom =
+        local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics";
       if (mismatch)
         this.deps.log.warn(
           { event: 'quota.mismatch', member: local.hex, configured: local.quotaBytes, etcd: local.etcdQuotaBytes },
@@ -196,7 +199,7 @@ export class Daemon {
       else
         this.deps.log.info(
           { event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource },
-          `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics"})`,
+          `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${quotaFrom})`,
         );
     } catch (err) {
       this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
@@ -355,7 +358,8 @@ export class Daemon {
     for (const a of corrupt) {
       this.deps.log.error(
         { event: 'alarm.corrupt', member: hexId(a.memberId) },
-        `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; an operator must check the data (never disarmed automatically)`,
+        `CORRUPT alarm raised for member ${hexId(a.memberId)}: defragmentation stopped; ` +
+          'an operator must check the data (never disarmed automatically)',
       );
     }
     if (!alarms.some((a) => a.alarm === 'NOSPACE')) {

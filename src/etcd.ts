@@ -75,13 +75,15 @@ export function toDefragdError(err: unknown, what: string, endpoint: string): De
     case 'tls':
       return new DefragdError(
         'EDD_TLS',
-        `${what} on ${endpoint}: TLS failed (${raw}); check etcd.caFile signs the server certificate and etcd.certFile/keyFile are a client pair signed by it`,
+        `${what} on ${endpoint}: TLS failed (${raw}); ` +
+          'check etcd.caFile signs the server certificate and etcd.certFile/keyFile are a client pair signed by it',
         { cause: err, permanent: true },
       );
     case 'auth':
       return new DefragdError(
         'EDD_AUTH',
-        `${what} on ${endpoint}: etcd refused our credentials (${raw}); with etcd auth enabled defragment, alarm disarm and move-leader need the root role`,
+        `${what} on ${endpoint}: etcd refused our credentials (${raw}); ` +
+          'with etcd auth enabled defragment, alarm disarm and move-leader need the root role',
         { cause: err, permanent: true },
       );
     case 'unavailable':

@@ -46,7 +46,10 @@ function applyMetrics(view: MemberView, r: Awaited<ReturnType<typeof readMetrics
   view.quotaSource = q.source;
   view.etcdQuotaBytes = q.etcd;
   if (q.bytes === undefined) {
-    view.quotaError = `cannot read the quota of member ${memberLabel(view)}: ${r.error ?? `${view.endpoint}/metrics has no etcd_server_quota_backend_bytes`}; set policy.quotaBytes to the members' --quota-backend-bytes`;
+    view.quotaError =
+      `cannot read the quota of member ${memberLabel(view)}: ` +
+      `${r.error ?? `${view.endpoint}/metrics has no etcd_server_quota_backend_bytes`}; ` +
+      `set policy.quotaBytes to the members' --quota-backend-bytes`;
   }
 }
 

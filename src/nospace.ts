@@ -38,7 +38,8 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   if (halt === undefined && (await fuseBlown(deps.pool.get(c.etcd.endpoint), c, { log })).blown) {
     log.error(
       { event: 'nospace.blocked', reason: 'halt' },
-      `NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm (${fuseKey(c)} was deleted); check the members first`,
+      'NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm ' +
+        `(${fuseKey(c)} was deleted); check the members first`,
     );
     return 'blocked';
   }
@@ -74,7 +75,8 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   for (const a of gone) {
     log.error(
       { event: 'nospace.blocked', reason: 'unknown-member', member: hexId(a.memberId) },
-      `NOSPACE stays armed: it was raised by member ${hexId(a.memberId)}, which is not in the member list, so its size cannot be checked; disarm it by hand once you know why`,
+      `NOSPACE stays armed: it was raised by member ${hexId(a.memberId)}, which is not in the member list, ` +
+        'so its size cannot be checked; disarm it by hand once you know why',
     );
   }
   if (gone.length > 0) return 'blocked';
@@ -87,9 +89,14 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
     const detail = tooBig
       .map((m) => `${m.hex}: ${formatBytes(m.status!.dbSizeInUse)} in use after a defragment, quota ${formatBytes(enforcedQuota(m)!)}`)
       .join(', ');
+    const cannotHelp = c.nospace.compact
+      ? 'compaction and defragmentation cannot help'
+      : 'defragmenting cannot help, and nospace.compact is false';
+    const orCompact = c.nospace.compact ? '' : ', or compact history (nospace.compact: true)';
     log.error(
       { event: 'nospace.blocked', reason: 'live-data', members: tooBig.map((m) => m.hex), quotaBytes: enforcedQuota(tooBig[0]!) },
-      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ${c.nospace.compact ? 'compaction and defragmentation cannot help' : 'defragmenting cannot help, and nospace.compact is false'}. Raise --quota-backend-bytes on every member, or delete data${c.nospace.compact ? '' : ', or compact history (nospace.compact: true)'}`,
+      `NOSPACE stays armed: live data alone is above ${formatPercent(c.nospace.disarmBelow)} of the quota (${detail}); ` +
+        `${cannotHelp}. Raise --quota-backend-bytes on every member, or delete data${orCompact}`,
     );
     return 'blocked';
   }
@@ -102,14 +109,16 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
       if (m.isLearner) {
         log.error(
           { ...fields, event: 'nospace.unattended' },
-          `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; etcd-defragd never defragments learners: defragment it by hand or remove it`,
+          `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; ` +
+            'etcd-defragd never defragments learners: defragment it by hand or remove it',
         );
       } else if (m.isLocal || reg?.members.has(m.id)) {
         log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
       } else if (reg && reg.unknown === 0) {
         log.error(
           { ...fields, event: 'nospace.unattended' },
-          `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; start etcd-defragd on its node, or defragment it by hand`,
+          `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; ` +
+            'start etcd-defragd on its node, or defragment it by hand',
         );
       } else {
         log.warn(fields, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; is etcd-defragd running on its node?`);

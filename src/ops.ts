@@ -70,7 +70,8 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
     if (!opts.integrityChecked) {
       log.error(
         { event: 'resume.refused', reason: 'halt' },
-        `still halted after an integrity mismatch: ${describeHalt(before.halt)}. Check that the members hold the same data (the hashes above; etcd's own log on each member), ` +
+        `still halted after an integrity mismatch: ${describeHalt(before.halt)}. ` +
+          `Check that the members hold the same data (the hashes above; etcd's own log on each member), ` +
           'then confirm with: etcd-defragd resume --integrity-checked',
       );
       lines.push(
@@ -89,7 +90,8 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
     if (await clearKey(client, haltKey(c))) {
       log.warn(
         { event: 'halt.clear', by: who.by, host: who.host },
-        `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ${hash.detail} (was: ${describeHalt(before.halt)})`,
+        `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ` +
+          `${hash.detail} (was: ${describeHalt(before.halt)})`,
       );
       lines.push(`integrity halt cleared (was: ${describeHalt(before.halt)})`, hash.detail);
     }
@@ -169,7 +171,8 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   } catch (err) {
     const again = kindOf(err) === 'nospace';
     const why = again
-      ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
+      ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. ' +
+        'Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
       : `a test write still fails: ${errorMessage(err)}`;
     log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE by hand, but ${why}`);
     return { code: EXIT.failed, out: `disarmed NOSPACE of ${done.join(', ')}, but ${why}\n` };

@@ -29,7 +29,11 @@ export function enforcedQuota(m: Pick<MemberView, 'quotaBytes' | 'etcdQuotaBytes
 /** A configured policy.quotaBytes that disagrees with what the member itself enforces. */
 export function quotaMismatch(m: MemberView): string | undefined {
   if (m.quotaSource !== 'config' || m.etcdQuotaBytes === undefined || m.quotaBytes === m.etcdQuotaBytes) return undefined;
-  return `policy.quotaBytes is ${formatBytes(m.quotaBytes!)} (${m.quotaBytes} bytes) but member ${memberLabel(m)} runs with --quota-backend-bytes ${formatBytes(m.etcdQuotaBytes)} (${m.etcdQuotaBytes} bytes); set policy.quotaBytes: auto to use etcd's own figure`;
+  return (
+    `policy.quotaBytes is ${formatBytes(m.quotaBytes!)} (${m.quotaBytes} bytes) ` +
+    `but member ${memberLabel(m)} runs with --quota-backend-bytes ${formatBytes(m.etcdQuotaBytes)} (${m.etcdQuotaBytes} bytes); ` +
+    `set policy.quotaBytes: auto to use etcd's own figure`
+  );
 }
 
 /** Why a run must not defragment now, or undefined when the cluster is healthy enough. */
@@ -54,7 +58,9 @@ export function healthGate(view: ClusterView, c: Pick<Config, 'health'>): { chec
       return {
         check: 'busy',
         member: m.hex,
-        reason: `member ${memberLabel(m)} does not answer Status and its /metrics cannot tell (${m.metricsError}): taken to be defragmenting (fallback: silence)`,
+        reason:
+          `member ${memberLabel(m)} does not answer Status and its /metrics cannot tell (${m.metricsError}): ` +
+          'taken to be defragmenting (fallback: silence)',
       };
     }
     return { check: 'status', member: m.hex, reason: `member ${memberLabel(m)} does not answer Status: ${m.error ?? 'no answer'}` };
@@ -110,7 +116,9 @@ export function decide(
   const reclaimable = Math.max(0, s.dbSize - s.dbSizeInUse);
   const fragmentation = s.dbSize > 0 ? reclaimable / s.dbSize : 0;
   const quotaUsage = quotaBytes > 0 ? s.dbSize / quotaBytes : 0;
-  const numbers = `db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.dbSizeInUse)}, reclaimable ${formatBytes(reclaimable)} (${formatPercent(fragmentation)}), quota usage ${formatPercent(quotaUsage)}`;
+  const numbers =
+    `db ${formatBytes(s.dbSize)}, in use ${formatBytes(s.dbSizeInUse)}, ` +
+    `reclaimable ${formatBytes(reclaimable)} (${formatPercent(fragmentation)}), quota usage ${formatPercent(quotaUsage)}`;
   const base = { fragmentation, reclaimable, quotaUsage };
   if (force) return { ...base, defrag: true, reason: `policy.force is set; ${numbers}` };
   if (fragmentation >= p.minFragmentation && reclaimable >= p.minReclaimable) {
@@ -122,7 +130,10 @@ export function decide(
   return {
     ...base,
     defrag: false,
-    reason: `not needed: ${numbers} (needs fragmentation >= ${formatPercent(p.minFragmentation)} and reclaimable >= ${formatBytes(p.minReclaimable)}, or quota usage >= ${formatPercent(p.quotaUsageTrigger)} with at least 1MiB to reclaim)`,
+    reason:
+      `not needed: ${numbers} ` +
+      `(needs fragmentation >= ${formatPercent(p.minFragmentation)} and reclaimable >= ${formatBytes(p.minReclaimable)}, ` +
+      `or quota usage >= ${formatPercent(p.quotaUsageTrigger)} with at least 1MiB to reclaim)`,
   };
 }
 
@@ -146,7 +157,9 @@ export function decideNoSpace(
     return {
       ...normal,
       defrag: true,
-      reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; defragmenting to find what the live data really takes (${normal.reason})`,
+      reason:
+        `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; ` +
+        `defragmenting to find what the live data really takes (${normal.reason})`,
     };
   }
   if (s.dbSizeInUse >= limit - NEAR_QUOTA_MIN_RECLAIM) {

@@ -180,7 +180,8 @@ async function runSteps(state: RunState): Promise<RunResult> {
   // NOSPACE writes are refused anyway, so recovery goes ahead.
   if (voting(view).length === 1 && state.mode !== 'nospace' && !c.policy.singleMember) {
     return skip(
-      `member ${memberLabel(local)} is the cluster's only voting member: defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it`,
+      `member ${memberLabel(local)} is the cluster's only voting member: ` +
+        'defragmenting it stops every read and write (the API server) until it ends; set policy.singleMember: true to allow it',
       { check: 'single-member', member: local.hex, view },
     );
   }
@@ -414,11 +415,18 @@ async function diskGuard(deps: RunDeps, s: MemberStatus): Promise<string | undef
   try {
     free = await (deps.freeDisk ?? defaultFreeDisk)(dir);
   } catch (err) {
-    return `cannot check free disk space of etcd.dataDir ${dir}: ${(err as NodeJS.ErrnoException).code ?? errorMessage(err)} (set etcd.dataDir to the member's data dir, or "" to skip this check)`;
+    return (
+      `cannot check free disk space of etcd.dataDir ${dir}: ${(err as NodeJS.ErrnoException).code ?? errorMessage(err)} ` +
+      `(set etcd.dataDir to the member's data dir, or "" to skip this check)`
+    );
   }
   const need = s.dbSizeInUse + deps.config.policy.freeDiskMargin;
   if (free < need) {
-    return `not enough free disk in ${dir}: ${formatBytes(free)} free (${free} bytes), defragment needs in-use ${formatBytes(s.dbSizeInUse)} + policy.freeDiskMargin ${formatBytes(deps.config.policy.freeDiskMargin)} = ${formatBytes(need)} (${need} bytes)`;
+    return (
+      `not enough free disk in ${dir}: ${formatBytes(free)} free (${free} bytes), ` +
+      `defragment needs in-use ${formatBytes(s.dbSizeInUse)} + policy.freeDiskMargin ${formatBytes(deps.config.policy.freeDiskMargin)} ` +
+      `= ${formatBytes(need)} (${need} bytes)`
+    );
   }
   return undefined;
 }
@@ -462,7 +470,8 @@ async function waitNotBusy(deps: RunDeps, view: ClusterView, until: number): Pro
       for (const b of busy.filter((x) => x.fallback)) {
         deps.log.warn(
           { event: 'busy.fallback', member: b.member.hex, error: b.fallback },
-          `member ${memberLabel(b.member)}: /metrics cannot tell whether it defragments (${b.fallback}); taking its silence on Status as a defragment`,
+          `member ${memberLabel(b.member)}: /metrics cannot tell whether it defragments (${b.fallback}); ` +
+            'taking its silence on Status as a defragment',
         );
       }
       logged = true;
@@ -544,14 +553,17 @@ async function compactForNoSpace(deps: RunDeps, view: ClusterView, alarmSeenAt: 
     };
     log.info(
       fields,
-      `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`,
+      `NOSPACE compaction (${step.name}): history compacted up to revision ${step.revision}; ` +
+        `member ${local.hex} in use ${formatBytes(inUse)} -> ${formatBytes(after)}, ${after < mark ? 'under' : 'still over'} ${markText}`,
     );
     inUse = after;
     if (after < mark) return undefined;
   }
   log.warn(
     { event: 'compact.insufficient', member: local.hex, inUseBytes: inUse, markBytes: Math.floor(mark) },
-    `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: live data fills the quota, which neither compaction nor defragmentation can fix (defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data`,
+    `NOSPACE: even with no history kept, member ${local.hex} has ${formatBytes(inUse)} in use, over ${markText}: ` +
+      'live data fills the quota, which neither compaction nor defragmentation can fix ' +
+      '(defragmenting anyway to measure it exactly); raise --quota-backend-bytes or delete data',
   );
   return undefined;
 }
@@ -580,7 +592,8 @@ function keepHistoryRevision(deps: RunDeps, latest: bigint, alarmSeenAt: number 
   if (oldest && oldest.revision < latest) {
     deps.log.info(
       { event: 'compact.history', revision: oldest.revision.toString(), seenMsAgo: now - oldest.at },
-      `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`,
+      `no revision sample ${formatDuration(keep)} old (nospace.keepHistory) yet: ` +
+        `keeping the history this daemon has seen, since revision ${oldest.revision} (${formatDuration(now - oldest.at)} ago)`,
     );
     return {
       revision: oldest.revision,
@@ -588,7 +601,9 @@ function keepHistoryRevision(deps: RunDeps, latest: bigint, alarmSeenAt: number 
     };
   }
   return {
-    what: `no revision older than the latest was seen since this daemon started, so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept`,
+    what:
+      'no revision older than the latest was seen since this daemon started, ' +
+      `so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept`,
   };
 }
 
@@ -601,7 +616,11 @@ async function compactTo(deps: RunDeps, client: EtcdMember, revision: bigint): P
     const kind = kindOf(err);
     if (kind === 'compacted') return undefined; // someone compacted this far already
     if (kind === 'timeout') {
-      return `compaction to revision ${revision} did not finish within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); it goes on inside etcd, and the defragment waits for the next run`;
+      return (
+        `compaction to revision ${revision} did not finish ` +
+        `within nospace.compactTimeout (${formatDuration(deps.config.nospace.compactTimeout)}); ` +
+        'it goes on inside etcd, and the defragment waits for the next run'
+      );
     }
     deps.log.warn(
       { event: 'compact.fail', revision: revision.toString(), error: errorMessage(err) },
@@ -627,7 +646,9 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
     const reply = await client.defragment();
     if (reply.memberId && reply.memberId !== local.id) {
       // Behind DNS or a load balancer the endpoint reached another member, outside the turn.
-      const reason = `defragment sent to ${local.endpoint} was done by member ${hexId(reply.memberId)}, not the local member ${local.hex}: point etcd.endpoint at this node's member only`;
+      const reason =
+        `defragment sent to ${local.endpoint} was done by member ${hexId(reply.memberId)}, ` +
+        `not the local member ${local.hex}: point etcd.endpoint at this node's member only`;
       log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex, answeredBy: hexId(reply.memberId) }, reason);
       deps.onDefrag?.({ member: local.hex, ok: false, tookMs: deps.clock.now() - t0, reclaimed: 0 });
       return { outcome: 'failed', reason, member: local.hex, check: 'member', tookMs: deps.clock.now() - t0 };
@@ -687,7 +708,9 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
   if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
-    reason: `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
+    reason:
+      `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} ` +
+      `in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
     member: local.hex,
     beforeBytes: before.dbSize,
     afterBytes: after.dbSize,
@@ -762,7 +785,9 @@ async function verifyIntegrity(
       const local = statuses[members.findIndex((m) => m.isLocal)];
       if (local && local.revision < before.revision) {
         return {
-          reason: `integrity: revision of member ${view.local.hex} went backwards after defragment (${before.revision} -> ${local.revision})`,
+          reason:
+            `integrity: revision of member ${view.local.hex} went backwards after defragment ` +
+            `(${before.revision} -> ${local.revision})`,
           fields: { before: before.revision.toString(), after: local.revision.toString() },
         };
       }
@@ -792,7 +817,9 @@ async function verifyIntegrity(
     }
     const detail = hashes.map((h) => `${h.m.hex}=${h.hash}`).join(', ');
     return {
-      reason: `integrity: HashKV differs between members at revision ${rev} after defragmenting ${view.local.hex} (${detail}); stopping defragmentation, check the members with etcdctl endpoint hashkv`,
+      reason:
+        `integrity: HashKV differs between members at revision ${rev} after defragmenting ${view.local.hex} (${detail}); ` +
+        'stopping defragmentation, check the members with etcdctl endpoint hashkv',
       fields: { revision: rev.toString(), hashes: Object.fromEntries(hashes.map((h) => [h.m.hex, h.hash])) },
     };
   }

@@ -55,7 +55,8 @@ export function stageTlsFiles(config: Config, runtimeDir: string, configPath: st
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       throw new ConfigError(
-        `${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} (${configPath ? `in ${configPath}` : 'the default'}); accepted: a readable file`,
+        `${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} ` +
+          `(${configPath ? `in ${configPath}` : 'the default'}); accepted: a readable file`,
       );
     }
   }
@@ -64,7 +65,9 @@ export function stageTlsFiles(config: Config, runtimeDir: string, configPath: st
       checkPair(data.get('etcd-cert'), data.get('etcd-key'), data.get('etcd-ca'));
     } catch (err) {
       throw new ConfigError(
-        `etcd.certFile and etcd.keyFile: ${files.get('etcd-cert')?.path} and ${files.get('etcd-key')?.path} are not a matching certificate and key (${(err as Error).message}); if they are being renewed right now, this is retried`,
+        `etcd.certFile and etcd.keyFile: ${files.get('etcd-cert')?.path} and ${files.get('etcd-key')?.path} ` +
+          `are not a matching certificate and key (${(err as Error).message}); ` +
+          'if they are being renewed right now, this is retried',
       );
     }
   }

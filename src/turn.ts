@@ -338,7 +338,8 @@ export class Turn {
       if (!this.opts.keepSpares) {
         throw new DefragdError(
           'EDD_ETCD',
-          'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; the running etcd-defragd daemons recover it (spare participants are kept for them)',
+          'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; ' +
+            'the running etcd-defragd daemons recover it (spare participants are kept for them)',
           { cause: err, permanent: false },
         );
       }
@@ -378,7 +379,8 @@ export class Turn {
     }
     throw new DefragdError(
       'EDD_ETCD',
-      'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; a daemon that was running before the alarm recovers it',
+      'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; ' +
+        'a daemon that was running before the alarm recovers it',
       { permanent: false },
     );
   }
