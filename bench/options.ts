@@ -63,25 +63,24 @@ function size(name: string, v: string | undefined, dflt: number): number {
   return n;
 }
 
+/** The benchmark's flags (docs/benchmark.md says what each does). */
+const FLAGS = {
+  etcd: { type: 'string' },
+  quick: { type: 'boolean' },
+  'in-use': { type: 'string' },
+  reclaim: { type: 'string' },
+  rate: { type: 'string' },
+  'nospace-check': { type: 'string' },
+  'nospace-compact': { type: 'boolean' },
+  only: { type: 'string' },
+  out: { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
 export function parseOptions(argv: string[]): BenchOptions | 'help' {
   let parsed;
   try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: false,
-      options: {
-        etcd: { type: 'string' },
-        quick: { type: 'boolean' },
-        'in-use': { type: 'string' },
-        reclaim: { type: 'string' },
-        rate: { type: 'string' },
-        'nospace-check': { type: 'string' },
-        'nospace-compact': { type: 'boolean' },
-        only: { type: 'string' },
-        out: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
+    parsed = parseArgs({ args: argv, options: FLAGS });
   } catch (err) {
     throw new UsageError((err as Error).message);
   }

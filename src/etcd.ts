@@ -228,6 +228,13 @@ export interface DefragmentReply {
   memberId: string;
 }
 
+/** A member's HashKV answer: the hash of its keyspace up to a revision, and its compaction point. */
+export interface HashKV {
+  hash: string;
+  compactRevision: bigint;
+  revision: bigint;
+}
+
 /**
  * The part of one member's API that the turn, the run and the daemon use. MemberClient is the
  * real one; test/model/etcd-model.ts is an in-memory model of it driven by a fake clock.
@@ -242,12 +249,7 @@ export interface EtcdMember {
   disarm(alarm: Alarm): Promise<unknown>;
   defragment(): Promise<DefragmentReply>;
   moveLeader(targetId: string): Promise<unknown>;
-  hashKV(
-    revision: bigint,
-    hooks?: RetryHooks,
-    attempts?: number,
-    timeoutMs?: number,
-  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }>;
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<HashKV>;
   compact(revision: bigint, physical?: boolean, timeoutMs?: number): Promise<unknown>;
   linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown>;
   range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }>;
@@ -411,12 +413,7 @@ export class MemberClient implements EtcdMember {
   }
 
   /** HashKV through the raw pool: the etcd3 wrapper calls a method name the proto does not have. */
-  hashKV(
-    revision: bigint,
-    hooks?: RetryHooks,
-    attempts?: number,
-    timeoutMs?: number,
-  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<HashKV> {
     return this.read(
       'hash kv',
       async (d) => {

@@ -38,6 +38,12 @@ export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
 // the per-type gauges without the suffix carry the same numbers (sum() them).
 const MISNAMED_DEFAULTS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
 
+/** A gauge or counter in `registers`, with every label name it can have (none by default). */
+const gauge = <L extends string = never>(registers: Registry[], name: string, help: string, labelNames: readonly L[] = []) =>
+  new Gauge<L>({ name, help, labelNames, registers });
+const counter = <L extends string = never>(registers: Registry[], name: string, help: string, labelNames: readonly L[] = []) =>
+  new Counter<L>({ name, help, labelNames, registers });
+
 export class Metrics {
   /** etcd_defragd_* only: what the textfile collector gets (node_exporter has its own process_*). */
   readonly own = new Registry();
@@ -46,118 +52,70 @@ export class Metrics {
   readonly registry: Registry;
   private readonly r = [this.own];
 
-  readonly buildInfo = new Gauge({
-    name: 'etcd_defragd_build_info',
-    help: 'Always 1; the labels say which etcd-defragd and Node.js run',
-    labelNames: ['version', 'nodejs'],
-    registers: this.r,
-  });
-  readonly startTime = new Gauge({
-    name: 'etcd_defragd_start_time_seconds',
-    help: 'When this daemon started (for alerts that must not fire before it had a chance to run)',
-    registers: this.r,
-  });
-  readonly lastRunTime = new Gauge({
-    name: 'etcd_defragd_last_run_timestamp_seconds',
-    help: 'When the last run ended, whatever its outcome',
-    registers: this.r,
-  });
-  readonly lastSuccessTime = new Gauge({
-    name: 'etcd_defragd_last_success_timestamp_seconds',
-    help: 'When the last run ended done or not-needed (0: none since start)',
-    registers: this.r,
-  });
-  readonly lastRunResult = new Gauge({
-    name: 'etcd_defragd_last_run_result',
-    help: '1 for the outcome of the last run, 0 for the others',
-    labelNames: ['outcome'],
-    registers: this.r,
-  });
-  readonly runs = new Counter({
-    name: 'etcd_defragd_runs_total',
-    help: 'Runs by outcome and mode',
-    labelNames: ['outcome', 'mode'],
-    registers: this.r,
-  });
-  readonly skips = new Counter({
-    name: 'etcd_defragd_skipped_runs_total',
-    help: 'Skipped runs by the check that stopped them',
-    labelNames: ['check'],
-    registers: this.r,
-  });
-  readonly defrags = new Counter({
-    name: 'etcd_defragd_defrags_total',
-    help: 'Defragments of the local member by result',
-    labelNames: ['result'],
-    registers: this.r,
-  });
-  readonly reclaimed = new Counter({
-    name: 'etcd_defragd_reclaimed_bytes_total',
-    help: 'Bytes of db file given back by defragments',
-    registers: this.r,
-  });
+  readonly buildInfo = gauge(this.r, 'etcd_defragd_build_info', 'Always 1; the labels say which etcd-defragd and Node.js run', [
+    'version',
+    'nodejs',
+  ]);
+  readonly startTime = gauge(
+    this.r,
+    'etcd_defragd_start_time_seconds',
+    'When this daemon started (for alerts that must not fire before it had a chance to run)',
+  );
+  readonly lastRunTime = gauge(this.r, 'etcd_defragd_last_run_timestamp_seconds', 'When the last run ended, whatever its outcome');
+  readonly lastSuccessTime = gauge(
+    this.r,
+    'etcd_defragd_last_success_timestamp_seconds',
+    'When the last run ended done or not-needed (0: none since start)',
+  );
+  readonly lastRunResult = gauge(this.r, 'etcd_defragd_last_run_result', '1 for the outcome of the last run, 0 for the others', [
+    'outcome',
+  ]);
+  readonly runs = counter(this.r, 'etcd_defragd_runs_total', 'Runs by outcome and mode', ['outcome', 'mode']);
+  readonly skips = counter(this.r, 'etcd_defragd_skipped_runs_total', 'Skipped runs by the check that stopped them', ['check']);
+  readonly defrags = counter(this.r, 'etcd_defragd_defrags_total', 'Defragments of the local member by result', ['result']);
+  readonly reclaimed = counter(this.r, 'etcd_defragd_reclaimed_bytes_total', 'Bytes of db file given back by defragments');
   readonly duration = new Histogram({
     name: 'etcd_defragd_defrag_duration_seconds',
     help: 'Time a defragment took, until the member caught up',
     buckets: [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
     registers: this.r,
   });
-  readonly dbSize = new Gauge({
-    name: 'etcd_defragd_member_db_size_bytes',
-    help: 'Db file size of the local member at the last inspection',
-    labelNames: ['member'],
-    registers: this.r,
-  });
-  readonly dbInUse = new Gauge({
-    name: 'etcd_defragd_member_db_size_in_use_bytes',
-    help: 'Db size in use (live data) of the local member at the last inspection',
-    labelNames: ['member'],
-    registers: this.r,
-  });
-  readonly quotaUsage = new Gauge({
-    name: 'etcd_defragd_member_quota_usage_ratio',
-    help: 'Db file size / quota of the local member at the last inspection',
-    labelNames: ['member'],
-    registers: this.r,
-  });
-  readonly quotaBytes = new Gauge({
-    name: 'etcd_defragd_member_quota_bytes',
-    help: "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)",
-    labelNames: ['member'],
-    registers: this.r,
-  });
-  readonly defragmenting = new Gauge({
-    name: 'etcd_defragd_member_defragmenting',
-    help: '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)',
-    labelNames: ['member'],
-    registers: this.r,
-  });
-  readonly alarms = new Gauge({
-    name: 'etcd_defragd_alarms',
-    help: 'Alarms raised in the cluster at the last check',
-    labelNames: ['alarm'],
-    registers: this.r,
-  });
-  readonly nextRun = new Gauge({
-    name: 'etcd_defragd_next_run_timestamp_seconds',
-    help: 'When the next scheduled run starts',
-    registers: this.r,
-  });
-  readonly scheduleInterval = new Gauge({
-    name: 'etcd_defragd_schedule_interval_seconds',
-    help: 'Time between the next two scheduled runs (for "no success for 2x the schedule" alerts)',
-    registers: this.r,
-  });
-  readonly integrityFailures = new Counter({
-    name: 'etcd_defragd_integrity_failures_total',
-    help: 'HashKV mismatches found after a defragment',
-    registers: this.r,
-  });
-  readonly disarms = new Counter({
-    name: 'etcd_defragd_nospace_disarms_total',
-    help: 'NOSPACE alarms disarmed by this daemon',
-    registers: this.r,
-  });
+  readonly dbSize = gauge(this.r, 'etcd_defragd_member_db_size_bytes', 'Db file size of the local member at the last inspection', [
+    'member',
+  ]);
+  readonly dbInUse = gauge(
+    this.r,
+    'etcd_defragd_member_db_size_in_use_bytes',
+    'Db size in use (live data) of the local member at the last inspection',
+    ['member'],
+  );
+  readonly quotaUsage = gauge(
+    this.r,
+    'etcd_defragd_member_quota_usage_ratio',
+    'Db file size / quota of the local member at the last inspection',
+    ['member'],
+  );
+  readonly quotaBytes = gauge(
+    this.r,
+    'etcd_defragd_member_quota_bytes',
+    "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)",
+    ['member'],
+  );
+  readonly defragmenting = gauge(
+    this.r,
+    'etcd_defragd_member_defragmenting',
+    '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)',
+    ['member'],
+  );
+  readonly alarms = gauge(this.r, 'etcd_defragd_alarms', 'Alarms raised in the cluster at the last check', ['alarm']);
+  readonly nextRun = gauge(this.r, 'etcd_defragd_next_run_timestamp_seconds', 'When the next scheduled run starts');
+  readonly scheduleInterval = gauge(
+    this.r,
+    'etcd_defragd_schedule_interval_seconds',
+    'Time between the next two scheduled runs (for "no success for 2x the schedule" alerts)',
+  );
+  readonly integrityFailures = counter(this.r, 'etcd_defragd_integrity_failures_total', 'HashKV mismatches found after a defragment');
+  readonly disarms = counter(this.r, 'etcd_defragd_nospace_disarms_total', 'NOSPACE alarms disarmed by this daemon');
   // Read at scrape (and textfile) time: the turn changes inside a run, between our updates.
   readonly turnHeld: Gauge = new Gauge({
     name: 'etcd_defragd_turn_held',
@@ -165,16 +123,12 @@ export class Metrics {
     registers: this.r,
     collect: () => this.turnHeld.set(this.turnProbe() ? 1 : 0),
   });
-  readonly paused = new Gauge({
-    name: 'etcd_defragd_paused',
-    help: '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read',
-    registers: this.r,
-  });
-  readonly halted = new Gauge({
-    name: 'etcd_defragd_halted',
-    help: '1 while defragmentation is halted after an integrity mismatch, as last read',
-    registers: this.r,
-  });
+  readonly paused = gauge(
+    this.r,
+    'etcd_defragd_paused',
+    '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read',
+  );
+  readonly halted = gauge(this.r, 'etcd_defragd_halted', '1 while defragmentation is halted after an integrity mismatch, as last read');
 
   private server: Server | undefined;
   private member: string | undefined;

@@ -14,6 +14,7 @@ import {
   type DefragmentReply,
   type EtcdMember,
   type EtcdPool,
+  type HashKV,
   type Member,
   type RetryHooks,
   type ServerMetrics,
@@ -861,12 +862,7 @@ export class ModelClient implements EtcdMember {
     return this.once('move leader', 'memory', (m) => this.model.moveLeader(m, targetId));
   }
 
-  hashKV(
-    revision: bigint,
-    hooks?: RetryHooks,
-    attempts?: number,
-    timeoutMs?: number,
-  ): Promise<{ hash: string; compactRevision: bigint; revision: bigint }> {
+  hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<HashKV> {
     return this.read(
       'hash kv',
       'backend',
