@@ -23,7 +23,7 @@ const HELP = `etcd-defragd - defragments the local etcd member, one member at a 
 
 Usage:
   etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics
-  etcd-defragd once           one gated pass now (exit 0 done or not needed, 75 skipped, 1 failed)
+  etcd-defragd once           one gated run now (exit 0 done or not needed, 75 skipped, 1 failed)
       --dry-run               decide and report, change nothing
       --force                 defragment even when not needed (policy.force); the only
                               voting member of a cluster still needs policy.singleMember
