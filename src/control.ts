@@ -74,6 +74,24 @@ export async function readControl(client: EtcdMember, c: Prefixed, hooks: RetryH
   return { pause: parsePause(pause), halt: parseHalt(halt) };
 }
 
+/** An integrity halt either way it is recorded: the halt key, or (during NOSPACE) the blown fuse. */
+export interface HaltState {
+  halt?: HaltRecord;
+  fuse: { blown: boolean; armed: boolean };
+}
+
+/** The halt key and the fuse, read together. */
+export async function readHalt(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<HaltState> {
+  const [halt, fuse] = await Promise.all([client.get(haltKey(c), hooks), fuseBlown(client, c, hooks)]);
+  return { halt: parseHalt(halt), fuse };
+}
+
+/** Everything that stops runs, in one round of reads: the pause, the halt key and the fuse. */
+export async function readStops(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<ControlState & HaltState> {
+  const [pause, halt] = await Promise.all([client.get(pauseKey(c), hooks), readHalt(client, c, hooks)]);
+  return { pause: parsePause(pause), ...halt };
+}
+
 /** Who runs this command, for the pause record: the sudo caller if any. */
 export function operator(env: NodeJS.ProcessEnv = process.env): { by: string; host: string } {
   let user = env.SUDO_USER;

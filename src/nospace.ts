@@ -2,7 +2,7 @@
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
 import type { EtcdPool } from './etcd.ts';
-import { fuseBlown, fuseKey, haltKey } from './control.ts';
+import { fuseKey, haltKey, readHalt } from './control.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
@@ -33,9 +33,9 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   );
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
-  const halt = await deps.pool.get(c.etcd.endpoint).get(haltKey(c), { log });
+  const { halt, fuse } = await readHalt(deps.pool.get(c.etcd.endpoint), c, { log });
   // A mismatch found during NOSPACE is recorded by deleting the halt fuse (the halt key's put is refused).
-  if (halt === undefined && (await fuseBlown(deps.pool.get(c.etcd.endpoint), c, { log })).blown) {
+  if (halt === undefined && fuse.blown) {
     log.error(
       { event: 'nospace.blocked', reason: 'halt' },
       'NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm ' +

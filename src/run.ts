@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
-import { armHaltFuse, blowFuse, describeHalt, describePause, fuseBlown, haltFromBlownFuse, haltKey, readControl } from './control.ts';
+import { armHaltFuse, blowFuse, describeHalt, describePause, haltFromBlownFuse, haltKey, readStops } from './control.ts';
 import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
@@ -329,12 +329,11 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
 async function readStop(deps: RunDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
   const hooks = { log: deps.log, signal: deps.signal };
   const client = deps.pool.get(deps.config.etcd.endpoint);
-  const { pause, halt } = await readControl(client, deps.config, hooks);
+  const { pause, halt, fuse } = await readStops(client, deps.config, hooks);
   const resume = 'after checking the members, resume with: etcd-defragd resume --integrity-checked';
   if (halt) return { check: 'halt', reason: `defragmentation is halted after an integrity mismatch: ${describeHalt(halt)}; ${resume}` };
   // A dry run (no turn) writes nothing: it neither arms the fuse nor turns a blown one into the key.
   const writes = deps.turn !== undefined;
-  const fuse = await fuseBlown(client, deps.config, hooks);
   if (!fuse.armed && writes) await armHaltFuse(deps.pool, deps.config);
   if (fuse.blown) {
     const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
