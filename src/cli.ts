@@ -14,6 +14,7 @@ import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
 import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
+import { fileLock } from './node-lock.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatPercent } from './units.ts';
 import { versionLine } from './version.ts';
@@ -153,6 +154,7 @@ async function once(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number> 
         clock: realClock,
         turn,
         signal: abort.signal,
+        nodeLock: fileLock(),
         onInspected: (v) => turn?.identify(v.local.id),
       },
       { dryRun: p.values['dry-run'], force: p.values.force, mode: 'once' },

@@ -64,32 +64,42 @@ export function describeHalt(h: HaltRecord): string {
   return `${h.reason}${h.at ? ` (at ${h.at})` : ''}`;
 }
 
-export interface ControlState {
+/**
+ * Everything that stops runs: an operator's pause, and an integrity halt either way it is recorded
+ * (the halt key, or during NOSPACE the blown fuse). Read in one atomic read, so a blown fuse turned
+ * into the halt key between two reads is never missed.
+ */
+export interface Stops {
   pause?: PauseRecord;
-  halt?: HaltRecord;
-}
-
-export async function readControl(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<ControlState> {
-  const [pause, halt] = await Promise.all([client.get(pauseKey(c), hooks), client.get(haltKey(c), hooks)]);
-  return { pause: parsePause(pause), halt: parseHalt(halt) };
-}
-
-/** An integrity halt either way it is recorded: the halt key, or (during NOSPACE) the blown fuse. */
-export interface HaltState {
   halt?: HaltRecord;
   fuse: { blown: boolean; armed: boolean };
 }
 
-/** The halt key and the fuse, read together. */
-export async function readHalt(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<HaltState> {
-  const [halt, fuse] = await Promise.all([client.get(haltKey(c), hooks), fuseBlown(client, c, hooks)]);
-  return { halt: parseHalt(halt), fuse };
+const FUSE_HALT = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
+
+export async function readStops(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<Stops> {
+  const v = await client.readKeys([pauseKey(c), haltKey(c), fuseKey(c), fuseArmedKey(c)], hooks);
+  const armed = v.has(fuseArmedKey(c));
+  return { pause: parsePause(v.get(pauseKey(c))), halt: parseHalt(v.get(haltKey(c))), fuse: { armed, blown: armed && !v.has(fuseKey(c)) } };
 }
 
-/** Everything that stops runs, in one round of reads: the pause, the halt key and the fuse. */
-export async function readStops(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<ControlState & HaltState> {
-  const [pause, halt] = await Promise.all([client.get(pauseKey(c), hooks), readHalt(client, c, hooks)]);
-  return { pause: parsePause(pause), ...halt };
+/** The integrity halt, whether the halt key or the blown fuse records it. */
+export function haltOf(s: Stops): HaltRecord | undefined {
+  return s.halt ?? (s.fuse.blown ? { reason: FUSE_HALT } : undefined);
+}
+
+/** Why runs must not go, with the check a skipped run reports, or undefined. */
+export function stopReason(s: Stops): { check: 'halt' | 'pause'; reason: string } | undefined {
+  const halt = haltOf(s);
+  if (halt)
+    return {
+      check: 'halt',
+      reason:
+        `defragmentation is halted after an integrity mismatch: ${describeHalt(halt)}; ` +
+        'after checking the members, resume with: etcd-defragd resume --integrity-checked',
+    };
+  if (s.pause) return { check: 'pause', reason: `defragmentation is ${describePause(s.pause)}; resume with: etcd-defragd resume` };
+  return undefined;
 }
 
 /** Who runs this command, for the pause record: the sudo caller if any. */
@@ -123,24 +133,33 @@ export async function writePause(client: EtcdMember, c: Prefixed, record: PauseR
   }
 }
 
-/** Deletes a control key (a delete works during NOSPACE); true when it was there. */
+/** Deletes a control key (a plain delete: works during NOSPACE on every etcd version); true when it was there. */
 export async function clearKey(client: EtcdMember, key: string): Promise<boolean> {
-  const res = await client.txn(`delete ${key}`, [exists(key)], [{ request_delete_range: { key: Buffer.from(key) } }]);
-  return res.succeeded;
+  return (await client.deleteKey(key)) > 0;
+}
+
+/**
+ * Lifts an integrity halt (`resume --integrity-checked`): deletes the halt key and, for a halt the
+ * fuse recorded, `fuse-armed` (deletes, so this works during NOSPACE too); the next daemon that can
+ * write arms the fuse again. True when there was a halt to lift.
+ */
+export async function clearHalt(client: EtcdMember, c: Prefixed): Promise<boolean> {
+  const s = await readStops(client, c);
+  const key = s.halt !== undefined && (await clearKey(client, haltKey(c)));
+  const fuse = s.fuse.blown && (await clearKey(client, fuseArmedKey(c)));
+  return key || fuse;
 }
 
 /**
  * The halt must survive NOSPACE, which refuses the put of the halt key, and the process that found
  * the mismatch (a `once` exiting, a restart, a lost lease). So while writes work, a lease-less
  * `fuse` key is written once, beside `fuse-armed`; a mismatch under NOSPACE deletes `fuse` (a
- * delete works under NOSPACE), and a blown fuse halts like the halt key. The first daemon that can
- * write again turns a blown fuse into the halt key and restores the fuse, so the operator's
- * `etcdctl del <prefix>halt` stays the one way to resume.
+ * delete works under NOSPACE), and a blown fuse halts like the halt key, in every reader (runs,
+ * `status`, the metrics). `resume --integrity-checked` lifts both (clearHalt).
  */
 export const fuseKey = (c: Prefixed): string => `${c.coordination.prefix}fuse`;
 const fuseArmedKey = (c: Prefixed): string => `${c.coordination.prefix}fuse-armed`;
 
-const exists = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
 const absent = (key: string): ICompare => ({ key: Buffer.from(key), target: 'Version', result: 'Equal', version: 0 }) as ICompare;
 const putOp = (key: string, value: string): IRequestOp => ({ request_put: { key: Buffer.from(key), value: Buffer.from(value) } });
 
@@ -152,27 +171,41 @@ export async function armHaltFuse(pool: EtcdPool, c: Pick<Config, 'coordination'
     .catch(() => undefined);
 }
 
-/** Is the halt fuse blown (armed, and its key deleted)? */
-export async function fuseBlown(client: EtcdMember, c: Prefixed, hooks: RetryHooks = {}): Promise<{ blown: boolean; armed: boolean }> {
-  const [fuse, armed] = await Promise.all([client.get(fuseKey(c), hooks), client.get(fuseArmedKey(c), hooks)]);
-  return { blown: armed !== undefined && fuse === undefined, armed: armed !== undefined };
-}
-
-/** A blown fuse becomes the halt key again, and the fuse is restored (needs writes). */
-export async function haltFromBlownFuse(client: EtcdMember, c: Prefixed, reason: string, at: string): Promise<void> {
-  await client.txn(
-    'record halt',
-    [absent(fuseKey(c)), exists(fuseArmedKey(c))],
-    [putOp(haltKey(c), JSON.stringify({ reason, at })), putOp(fuseKey(c), 'intact')],
-  );
-}
-
-/** Records a halt where the halt key cannot be written (NOSPACE): deletes the fuse; false when it was never armed. */
+/**
+ * Records a halt where the halt key cannot be written (NOSPACE): deletes the fuse with a plain
+ * delete (never quota-checked, unlike a Txn on etcd before 3.4.20/3.5.7). True when the fuse is
+ * blown afterwards (by us or before us); false when it was never armed.
+ */
 export async function blowFuse(client: EtcdMember, c: Prefixed): Promise<boolean> {
-  const res = await client.txn(
-    'blow fuse',
-    [exists(fuseArmedKey(c)), exists(fuseKey(c))],
-    [{ request_delete_range: { key: Buffer.from(fuseKey(c)) } }],
-  );
-  return res.succeeded;
+  await client.deleteKey(fuseKey(c));
+  return (await readStops(client, c)).fuse.blown;
+}
+
+/**
+ * Records an integrity halt so that every daemon stops: the halt key where writes work, else the
+ * fuse; on whichever member answers, retried until `until`. True once it is recorded.
+ */
+export async function recordHalt(
+  members: EtcdMember[],
+  c: Prefixed,
+  record: HaltRecord,
+  opts: { until: number; now: () => number; sleep: (ms: number) => Promise<void>; onError: (err: unknown) => void },
+): Promise<boolean> {
+  for (;;) {
+    for (const client of members) {
+      try {
+        await client.put(haltKey(c), JSON.stringify(record));
+        return true;
+      } catch (err) {
+        opts.onError(err);
+      }
+      try {
+        if (await blowFuse(client, c)) return true;
+      } catch (err) {
+        opts.onError(err);
+      }
+    }
+    if (opts.now() >= opts.until) return false;
+    await opts.sleep(1000);
+  }
 }

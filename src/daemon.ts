@@ -4,11 +4,13 @@ import { randomBytes } from 'node:crypto';
 import { createTask } from 'node-cron';
 import type { Clock, Timer } from './clock.ts';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
-import { armHaltFuse, readControl } from './control.ts';
-import { accessFromConfig, ClientPool, type EtcdPool } from './etcd.ts';
+import { armHaltFuse, haltOf, readStops } from './control.ts';
+import { describeVersionNotes } from './etcd-versions.ts';
+import { accessFromConfig, ClientPool, kindOf, type EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
+import { fileLock, type NodeLock } from './node-lock.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
@@ -47,6 +49,8 @@ export interface DaemonDeps {
   tickets?: number;
   /** The model tests share one registry among their many daemons (each new one samples the event loop). */
   metrics?: Metrics;
+  /** One process per member on this node in the NOSPACE order (default: a lock file, src/node-lock.ts). */
+  nodeLock?: NodeLock;
 }
 
 type Mode = 'scheduled' | 'nospace';
@@ -83,6 +87,7 @@ export class Daemon {
   /** The cluster's revision over time, for NOSPACE compaction (nospace.keepHistory). */
   private revisions: RevisionLog;
   metricsAddress: string | undefined;
+  private readonly nodeLock: NodeLock;
 
   constructor(
     config: Config,
@@ -95,6 +100,7 @@ export class Daemon {
     this.metrics.watchTurn(() => this.turn.holding());
     this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
     this.tls = new TlsWatch(config);
+    this.nodeLock = deps.nodeLock ?? fileLock();
   }
 
   /** Before each run and alarm check: new certificate files mean new connections (between runs). */
@@ -115,7 +121,6 @@ export class Daemon {
         prefix: this.config.coordination.prefix,
         leaseTTL: this.config.coordination.leaseTTL,
         command: 'etcd-defragd run',
-        keepSpares: true,
         tickets: this.deps.tickets,
       },
       { pool: this.pool, endpoint: this.config.etcd.endpoint, log: this.deps.log, clock: this.deps.clock },
@@ -160,7 +165,10 @@ export class Daemon {
     else void this.checkAlarms();
   }
 
-  /** Joins the cluster-wide turn early, while writes work, so it does not need a spare later. */
+  /**
+   * Joins the cluster-wide turn (scheduled runs). During NOSPACE no lease is granted: recovery then
+   * follows the NOSPACE order, which needs no registration, and the daemon joins once writes work.
+   */
   private async join(): Promise<void> {
     try {
       const s = await this.pool.get(this.config.etcd.endpoint).status({ log: this.deps.log, signal: this.abort.signal });
@@ -168,6 +176,14 @@ export class Daemon {
       await this.turn.register();
       await armHaltFuse(this.pool, this.config);
     } catch (err) {
+      if (kindOf(err) === 'nospace') {
+        this.deps.log.info(
+          { event: 'turn.register.later', error: errorMessage(err) },
+          'NOSPACE: etcd grants no lease, so this daemon joins the cluster-wide turn once writes work again; ' +
+            'recovery does not need it (NOSPACE order)',
+        );
+        return;
+      }
       this.deps.log.warn(
         { event: 'turn.register.fail', error: errorMessage(err) },
         `could not join the cluster-wide turn yet: ${errorMessage(err)}; trying again at the next run`,
@@ -201,6 +217,9 @@ export class Daemon {
           { event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource },
           `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${quotaFrom})`,
         );
+      for (const m of view.members.filter((x) => x.status))
+        for (const note of describeVersionNotes(m.hex, m.status!.version))
+          this.deps.log.warn({ event: 'etcd.version', member: m.hex, version: m.status!.version }, note);
     } catch (err) {
       this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }
@@ -285,6 +304,7 @@ export class Daemon {
           signal: this.abort.signal,
           hashKV: this.deps.hashKV,
           revisions: this.revisions,
+          nodeLock: this.nodeLock,
           onInspected: (v) => {
             if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
             this.metrics.recordView(v);
@@ -303,6 +323,7 @@ export class Daemon {
         },
         { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since },
       );
+      if (result.mode === 'nospace' || result.mode === 'scheduled') mode = result.mode;
       this.metrics.recordRun(result.outcome, mode, result.check);
       if (mode === 'nospace' && result.outcome === 'done' && this.alarmEpisode) this.alarmEpisode.defraggedSinceAlarm = true;
       if (result.check === 'integrity') {
@@ -321,7 +342,6 @@ export class Daemon {
           log,
           onDisarm: () => this.metrics.disarms.inc(),
           defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
-          registered: () => this.turn.registeredMembers(),
         });
       } catch (err) {
         log.error({ event: 'nospace.check.fail', error: errorMessage(err) }, `NOSPACE check failed: ${errorMessage(err)}`);
@@ -386,12 +406,13 @@ export class Daemon {
   private async checkControl(): Promise<void> {
     let state;
     try {
-      state = await readControl(this.pool.get(this.config.etcd.endpoint), this.config, { signal: this.abort.signal });
+      state = await readStops(this.pool.get(this.config.etcd.endpoint), this.config, { signal: this.abort.signal });
     } catch {
       return; // the alarm check that just worked will try again
     }
-    this.metrics.recordControl({ paused: Boolean(state.pause), halted: Boolean(state.halt) || Boolean(this.halted) });
-    if (this.halted && this.haltRecorded && !state.halt) {
+    const halt = haltOf(state);
+    this.metrics.recordControl({ paused: Boolean(state.pause), halted: Boolean(halt) || Boolean(this.halted) });
+    if (this.halted && this.haltRecorded && !halt) {
       this.deps.log.info(
         { event: 'halt.cleared' },
         'the integrity halt was cleared (etcd-defragd resume --integrity-checked): runs go again',

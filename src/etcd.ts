@@ -223,10 +223,12 @@ export interface RetryHooks {
   signal?: AbortSignal;
 }
 
-/** What a Defragment reply says: which member did it (the header's member_id, decimal). */
-export interface DefragmentReply {
-  memberId: string;
-}
+/**
+ * A Defragment reply says nothing: etcd 3.4 and 3.5 send `DefragmentResponse{}` with no header
+ * (maintenance.go), so it cannot tell which member did it. The sender checks the member on the
+ * connection before sending instead (run.ts).
+ */
+export type DefragmentReply = void;
 
 /** A member's HashKV answer: the hash of its keyspace up to a revision, and its compaction point. */
 export interface HashKV {
@@ -254,6 +256,10 @@ export interface EtcdMember {
   linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown>;
   range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }>;
   get(key: string, hooks?: RetryHooks): Promise<string | undefined>;
+  /** Several keys in one atomic read (values by key; absent keys are left out). */
+  readKeys(keys: string[], hooks?: RetryHooks): Promise<Map<string, string>>;
+  /** A plain DeleteRange of one key: never quota-checked, on any etcd version. Returns how many keys it deleted. */
+  deleteKey(key: string): Promise<number>;
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<Pick<ITxnResponse, 'succeeded'>>;
   put(key: string, value: string, lease?: string): Promise<unknown>;
   leaseGrant(ttlSeconds: number): Promise<string>;
@@ -399,13 +405,7 @@ export class MemberClient implements EtcdMember {
 
   /** Never retried: a client deadline does not cancel the server-side defrag. */
   async defragment(): Promise<DefragmentReply> {
-    const res = await this.sendOnce(
-      'defragment',
-      (deadline) => this.client.maintenance.defragment({ deadline }),
-      this.access.defragTimeout,
-    );
-    // The header names the member that did it: behind DNS or a load balancer it may not be ours.
-    return { memberId: String((res as { header?: { member_id?: string } }).header?.member_id ?? '') };
+    await this.sendOnce('defragment', (deadline) => this.client.maintenance.defragment({ deadline }), this.access.defragTimeout);
   }
 
   moveLeader(targetId: string): Promise<unknown> {
@@ -464,6 +464,40 @@ export class MemberClient implements EtcdMember {
   async get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
     const res = await this.read('get', (deadline) => this.client.kv.range({ key: Buffer.from(key) }, { deadline }), hooks);
     return res.kvs[0]?.value.toString();
+  }
+
+  /**
+   * One read-only Txn (atomic). etcd before 3.4.20 and 3.5.7 refuses even a read-only Txn on a
+   * member whose db is at its quota (BackendQuota.Available has no cost-0 pass-through there); then
+   * the keys are read one by one: with writes refused, none of them can be written in between.
+   */
+  async readKeys(keys: string[], hooks?: RetryHooks): Promise<Map<string, string>> {
+    const out = new Map<string, string>();
+    try {
+      const res = await this.read(
+        'read keys',
+        (deadline) =>
+          this.client.kv.txn(
+            { compare: [], success: keys.map((k) => ({ request_range: { key: Buffer.from(k) } })), failure: [] },
+            { deadline },
+          ),
+        hooks,
+      );
+      for (const r of res.responses) for (const kv of r.response_range?.kvs ?? []) out.set(kv.key.toString(), kv.value.toString());
+      return out;
+    } catch (err) {
+      if (kindOf(err) !== 'nospace') throw err;
+    }
+    const values = await Promise.all(keys.map((k) => this.get(k, hooks)));
+    keys.forEach((k, i) => {
+      if (values[i] !== undefined) out.set(k, values[i]);
+    });
+    return out;
+  }
+
+  async deleteKey(key: string): Promise<number> {
+    const res = await this.sendOnce('delete', (deadline) => this.client.kv.deleteRange({ key: Buffer.from(key) }, { deadline }));
+    return Number(res.deleted);
   }
 
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<ITxnResponse> {
@@ -546,6 +580,10 @@ export class MemberClient implements EtcdMember {
     this.client.close();
   }
 }
+
+/** The compare "this key exists" (its version is above 0). */
+export const keyExists = (key: string): ICompare =>
+  ({ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 }) as ICompare;
 
 export function prefixEnd(prefix: string): Buffer {
   const b = Buffer.from(prefix);

@@ -66,6 +66,7 @@ export async function inspect(pool: EtcdPool, localEndpoint: string, hooks: Retr
         hex: hexId(m.id),
         name: m.name,
         endpoint: isLocal ? localEndpoint : (m.clientURLs[0] ?? '(no client URL)'),
+        clientURLs: m.clientURLs,
         isLearner: m.isLearner,
         isLocal,
       };
@@ -116,6 +117,7 @@ export async function inspect(pool: EtcdPool, localEndpoint: string, hooks: Retr
       hex: hexId(localStatus.memberId),
       name: '',
       endpoint: localEndpoint,
+      clientURLs: [],
       isLearner: localStatus.isLearner,
       isLocal: true,
       status: localStatus,

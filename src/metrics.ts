@@ -7,6 +7,7 @@
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { OUTCOMES, type Outcome } from './errors.ts';
+import { versionNotes } from './etcd-versions.ts';
 import type { ClusterView } from './view.ts';
 
 export const MODES = ['scheduled', 'nospace'] as const;
@@ -107,6 +108,12 @@ export class Metrics {
     '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)',
     ['member'],
   );
+  readonly etcdVersion = gauge(
+    this.r,
+    'etcd_defragd_member_etcd_version_info',
+    "1, labelled with the local member's etcd version and the ids of the known etcd issues that version has (README, etcd versions)",
+    ['member', 'version', 'notes'],
+  );
   readonly alarms = gauge(this.r, 'etcd_defragd_alarms', 'Alarms raised in the cluster at the last check', ['alarm']);
   readonly nextRun = gauge(this.r, 'etcd_defragd_next_run_timestamp_seconds', 'When the next scheduled run starts');
   readonly scheduleInterval = gauge(
@@ -181,6 +188,11 @@ export class Metrics {
     else this.quotaBytes.remove({ member: m.hex });
     this.defragmenting.set({ member: m.hex }, this.defragInFlight || m.defragmenting ? 1 : 0);
     if (!m.status) return;
+    const notes = versionNotes(m.status.version)
+      .map((n) => n.id)
+      .join(',');
+    this.etcdVersion.reset();
+    this.etcdVersion.set({ member: m.hex, version: m.status.version, notes }, 1);
     this.dbSize.set({ member: m.hex }, m.status.dbSize);
     this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
     if (quota) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);
@@ -192,6 +204,7 @@ export class Metrics {
     const member = this.member;
     if (member === undefined) return;
     for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove({ member });
+    this.etcdVersion.reset();
     this.member = undefined;
   }
 

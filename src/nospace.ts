@@ -2,7 +2,7 @@
 // member is back under the quota with a margin; otherwise say what keeps it armed and what to do.
 import type { Config } from './config.ts';
 import type { EtcdPool } from './etcd.ts';
-import { fuseKey, haltKey, readHalt } from './control.ts';
+import { describeHalt, haltOf, readStops } from './control.ts';
 import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
@@ -19,8 +19,6 @@ export interface DisarmDeps {
   onDisarm?: () => void;
   /** The local member was defragmented since the alarm was raised: its in-use figure is real. */
   defraggedSinceAlarm?: boolean;
-  /** Member IDs with a registered etcd-defragd; `unknown` counts daemons that joined as a spare. */
-  registered?: () => Promise<{ members: Set<string>; unknown: number }>;
 }
 
 export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
@@ -33,20 +31,12 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   );
   const nospace = view.alarms.filter((a) => a.alarm === 'NOSPACE');
   if (nospace.length === 0) return 'not-needed';
-  const { halt, fuse } = await readHalt(deps.pool.get(c.etcd.endpoint), c, { log });
   // A mismatch found during NOSPACE is recorded by deleting the halt fuse (the halt key's put is refused).
-  if (halt === undefined && fuse.blown) {
+  const halt = haltOf(await readStops(deps.pool.get(c.etcd.endpoint), c, { log }));
+  if (halt) {
     log.error(
       { event: 'nospace.blocked', reason: 'halt' },
-      'NOSPACE stays armed: defragmentation is halted after an integrity mismatch found during the alarm ' +
-        `(${fuseKey(c)} was deleted); check the members first`,
-    );
-    return 'blocked';
-  }
-  if (halt !== undefined) {
-    log.error(
-      { event: 'nospace.blocked', reason: 'halt' },
-      `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${haltKey(c)}); check the members first`,
+      `NOSPACE stays armed: defragmentation is halted after an integrity mismatch (${describeHalt(halt)}); check the members first`,
     );
     return 'blocked';
   }
@@ -102,7 +92,6 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   }
   const over = checked.filter((m) => m.status!.dbSize >= limitOf(m));
   if (over.length > 0) {
-    const reg = await deps.registered?.().catch(() => undefined);
     for (const m of over) {
       const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${markOf(m)}`;
       const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limitOf(m)) };
@@ -112,16 +101,15 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
           `learner ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; ` +
             'etcd-defragd never defragments learners: defragment it by hand or remove it',
         );
-      } else if (m.isLocal || reg?.members.has(m.id)) {
+      } else if (m.isLocal) {
         log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
-      } else if (reg && reg.unknown === 0) {
-        log.error(
-          { ...fields, event: 'nospace.unattended' },
-          `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}, and no etcd-defragd is registered for it; ` +
-            'start etcd-defragd on its node, or defragment it by hand',
-        );
       } else {
-        log.warn(fields, `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; is etcd-defragd running on its node?`);
+        // Daemons started during the alarm cannot register (no lease is granted), so who runs where is unknown.
+        log.warn(
+          fields,
+          `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; its etcd-defragd defragments it in the NOSPACE order ` +
+            '(is etcd-defragd running on its node?)',
+        );
       }
     }
     return 'waiting';

@@ -4,15 +4,17 @@
 import { createTask } from 'node-cron';
 import type { Config } from './config.ts';
 import {
+  clearHalt,
   clearKey,
   describeHalt,
   describePause,
-  haltKey,
+  haltOf,
   operator,
   pauseKey,
-  readControl,
+  readStops,
   writePause,
-  type ControlState,
+  type HaltRecord,
+  type Stops,
 } from './control.ts';
 import { kindOf, type ClientPool } from './etcd.ts';
 import { EXIT, errorMessage } from './errors.ts';
@@ -37,7 +39,7 @@ interface OpDeps {
 export async function pause(deps: OpDeps, reason: string): Promise<OpResult> {
   const { config: c, log } = deps;
   const client = deps.pool.get(c.etcd.endpoint);
-  const before = await readControl(client, c, { log });
+  const before = await readStops(client, c, { log });
   const record = { ...operator(), at: new Date((deps.now ?? Date.now)()).toISOString(), reason };
   await writePause(client, c, record);
   const was = before.pause ? ` (replaces: ${describePause(before.pause)})` : '';
@@ -49,14 +51,16 @@ export async function pause(deps: OpDeps, reason: string): Promise<OpResult> {
     `paused: ${describePause(record)}`,
     'every etcd-defragd skips its runs (a defragment already running finishes first); undo with: etcd-defragd resume',
   ];
-  if (before.halt) lines.push(`note: also halted after an integrity mismatch: ${describeHalt(before.halt)}`);
+  const halt = haltOf(before);
+  if (halt) lines.push(`note: also halted after an integrity mismatch: ${describeHalt(halt)}`);
   return { code: EXIT.ok, out: `${lines.join('\n')}\n` };
 }
 
 export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }): Promise<OpResult> {
   const { config: c, log } = deps;
   const client = deps.pool.get(c.etcd.endpoint);
-  const before = await readControl(client, c, { log });
+  const before = await readStops(client, c, { log });
+  const halt = haltOf(before);
   const lines: string[] = [];
   const who = operator();
   if (before.pause && (await clearKey(client, pauseKey(c)))) {
@@ -66,16 +70,16 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
     );
     lines.push(`pause lifted (was ${describePause(before.pause)})`);
   }
-  if (before.halt) {
+  if (halt) {
     if (!opts.integrityChecked) {
       log.error(
         { event: 'resume.refused', reason: 'halt' },
-        `still halted after an integrity mismatch: ${describeHalt(before.halt)}. ` +
+        `still halted after an integrity mismatch: ${describeHalt(halt)}. ` +
           `Check that the members hold the same data (the hashes above; etcd's own log on each member), ` +
           'then confirm with: etcd-defragd resume --integrity-checked',
       );
       lines.push(
-        `still halted (integrity): ${describeHalt(before.halt)}`,
+        `still halted (integrity): ${describeHalt(halt)}`,
         'not cleared: confirm with etcd-defragd resume --integrity-checked once the members are checked',
       );
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
@@ -84,16 +88,16 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
     const hash = await compareHashKV(deps);
     if (!hash.ok) {
       log.error({ event: 'resume.refused', reason: 'hashkv' }, `integrity halt not cleared: ${hash.detail}`);
-      lines.push(`still halted (integrity): ${describeHalt(before.halt)}`, `not cleared: ${hash.detail}`);
+      lines.push(`still halted (integrity): ${describeHalt(halt)}`, `not cleared: ${hash.detail}`);
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }
-    if (await clearKey(client, haltKey(c))) {
+    if (await clearHalt(client, c)) {
       log.warn(
         { event: 'halt.clear', by: who.by, host: who.host },
         `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ` +
-          `${hash.detail} (was: ${describeHalt(before.halt)})`,
+          `${hash.detail} (was: ${describeHalt(halt)})`,
       );
-      lines.push(`integrity halt cleared (was: ${describeHalt(before.halt)})`, hash.detail);
+      lines.push(`integrity halt cleared (was: ${describeHalt(halt)})`, hash.detail);
     }
   }
   if (lines.length === 0) lines.push('nothing to resume: not paused, not halted');
@@ -180,7 +184,7 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   return { code: EXIT.ok, out: `disarmed NOSPACE of ${done.join(', ')} (--force); a test write succeeded\n` };
 }
 
-export interface ClusterControl extends ControlState {
+export interface ClusterControl extends Partial<Stops> {
   nextRun?: string;
   holder?: string;
   participants: number;
@@ -203,14 +207,14 @@ export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
   const client = deps.pool.get(c.etcd.endpoint);
   const out: ClusterControl = { nextRun: nextScheduledRun(c), participants: 0, errors: [] };
   try {
-    Object.assign(out, await readControl(client, c, { log }));
+    Object.assign(out, await readStops(client, c, { log }));
   } catch (err) {
     out.errors.push(`pause/halt: ${errorMessage(err)}`);
   }
   try {
     const res = await client.range(`${c.coordination.prefix}p/`, { log }, 1);
     const v = parseView(c.coordination.prefix, res.kvs, res.revision);
-    const live = [...v.participants.values()].filter((p) => p.tickets.length > 0 && !p.spare);
+    const live = [...v.participants.values()].filter((p) => p.tickets.length > 0);
     out.participants = live.length;
     const h = live.find((p) => p.holding);
     if (h) {
@@ -226,12 +230,17 @@ export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
   return out;
 }
 
+/** The integrity halt status shows: the halt key, or the blown fuse. */
+export function clusterHalt(cc: ClusterControl): HaltRecord | undefined {
+  return cc.fuse ? haltOf({ ...cc, fuse: cc.fuse }) : cc.halt;
+}
+
 export function describeClusterControl(cc: ClusterControl): string[] {
   return [
     `next run: ${cc.nextRun ?? 'never'} (schedule.cron of this node's config)`,
     `turn: ${cc.holder ? `held by ${cc.holder}` : 'free'}; ${cc.participants} etcd-defragd registered`,
     `pause: ${cc.pause ? describePause(cc.pause) : 'no'}`,
-    `halt: ${cc.halt ? `halted after an integrity mismatch: ${describeHalt(cc.halt)}` : 'no'}`,
+    `halt: ${clusterHalt(cc) ? `halted after an integrity mismatch: ${describeHalt(clusterHalt(cc)!)}` : 'no'}`,
     ...cc.errors.map((e) => `could not read ${e}`),
   ];
 }

@@ -152,7 +152,10 @@ export function decideNoSpace(
   const normal = decide(s, c.policy, quotaBytes, false);
   const limit = quotaBytes * c.nospace.disarmBelow;
   const mark = `${formatPercent(c.nospace.disarmBelow)} of the quota ${formatBytes(quotaBytes)}`;
-  if (s.dbSize < limit) return normal;
+  // Under the mark, a member does not keep the alarm armed: it waits for the scheduled runs after
+  // the disarm, and stays out of the NOSPACE order (nospaceNext) like every member under the mark.
+  if (s.dbSize < limit)
+    return { ...normal, defrag: false, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is under ${mark}: not in the NOSPACE order` };
   if (!defraggedSinceAlarm) {
     return {
       ...normal,
@@ -173,6 +176,24 @@ export function decideNoSpace(
     return { ...normal, defrag: true, reason: `NOSPACE: db ${formatBytes(s.dbSize)} is above ${mark}; ${normal.reason}` };
   }
   return normal;
+}
+
+/** Is this member at or above the disarm mark (what keeps NOSPACE armed)? Unknown quota: no. */
+export function overDisarmMark(m: MemberView, c: Pick<Config, 'nospace'>): boolean {
+  const quota = enforcedQuota(m);
+  return m.status !== undefined && quota !== undefined && m.status.dbSize >= quota * c.nospace.disarmBelow;
+}
+
+/**
+ * The member that goes next in the NOSPACE order (run.ts nospaceSteps): among the voting members
+ * at or above the disarm mark, the lowest member ID. Member IDs never change, and a member leaves
+ * the order only by shrinking under the mark, so every daemon that reads the same sizes finds the
+ * same member.
+ */
+export function nospaceNext(view: ClusterView, c: Pick<Config, 'nospace'>): MemberView | undefined {
+  return voting(view)
+    .filter((m) => overDisarmMark(m, c))
+    .sort((a, b) => (BigInt(a.id) < BigInt(b.id) ? -1 : BigInt(a.id) > BigInt(b.id) ? 1 : 0))[0];
 }
 
 /** The voting follower most caught up, to receive leadership; undefined when none is healthy. */

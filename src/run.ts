@@ -4,18 +4,20 @@
 import { statfs } from 'node:fs/promises';
 import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
-import { armHaltFuse, blowFuse, describeHalt, describePause, haltFromBlownFuse, haltKey, readStops } from './control.ts';
+import { armHaltFuse, readStops, recordHalt, stopReason } from './control.ts';
 import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
 import type { Log } from './log.ts';
+import type { NodeLock } from './node-lock.ts';
 import {
   NEAR_QUOTA_MIN_RECLAIM,
   decide,
   decideNoSpace,
   enforcedQuota,
   healthGate,
+  nospaceNext,
   quotaMismatch,
   transferTarget,
   type Decision,
@@ -33,8 +35,10 @@ export interface RunResult {
   afterBytes?: number;
   tookMs?: number;
   view?: ClusterView;
-  /** After an integrity mismatch: whether the halt key reached etcd. */
+  /** After an integrity mismatch: whether the halt reached etcd (the halt key or the fuse). */
   haltRecorded?: boolean;
+  /** The mode the run ended in: a run that finds NOSPACE raised becomes a recovery run, and one whose alarm is gone a scheduled one. */
+  mode?: NonNullable<RunOptions['mode']>;
 }
 
 export type HashKVFn = (
@@ -60,6 +64,8 @@ export interface RunDeps {
   onDefragStart?: (member: string) => void;
   /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
   revisions?: RevisionLog;
+  /** One process per member on this node in the NOSPACE order (src/node-lock.ts); required for NOSPACE recovery. */
+  nodeLock?: NodeLock;
 }
 
 export interface RunOptions {
@@ -131,7 +137,7 @@ export async function run(deps: RunDeps, opts: RunOptions = {}): Promise<RunResu
     { event: 'run.start', mode: state.mode, dryRun: Boolean(opts.dryRun) },
     `run started (${state.mode}${opts.dryRun ? ', dry run' : ''})`,
   );
-  return finish(deps, state.started, await runSteps(state));
+  return finish(deps, state.started, { ...(await runSteps(state)), mode: state.mode });
 }
 
 /** inspect, halt, gate, decide, guard the disk, then the steps that need the turn. */
@@ -147,10 +153,15 @@ async function runSteps(state: RunState): Promise<RunResult> {
     throw err;
   }
 
-  // A recovery run queued while another daemon disarmed: nothing to recover, run as scheduled.
-  if (state.mode === 'nospace' && !view.alarms.some((a) => a.alarm === 'NOSPACE')) {
+  // A recovery run queued while another daemon disarmed: nothing to recover, run as scheduled. Any
+  // run that finds NOSPACE raised recovers: the lease-based turn cannot be joined then.
+  const nospace = view.alarms.some((a) => a.alarm === 'NOSPACE');
+  if (state.mode === 'nospace' && !nospace) {
     deps.log.info({ event: 'nospace.gone' }, 'the NOSPACE alarm is gone: running as a scheduled run');
     state.mode = 'scheduled';
+  } else if (state.mode !== 'nospace' && nospace) {
+    deps.log.info({ event: 'nospace.raised' }, 'a NOSPACE alarm is raised: this run recovers it (NOSPACE order)');
+    state.mode = 'nospace';
   }
 
   // an integrity mismatch anywhere halts every daemon until an operator has looked; a pause too
@@ -217,13 +228,11 @@ async function runSteps(state: RunState): Promise<RunResult> {
       view,
     };
   if (!deps.turn) throw new DefragdError('EDD_USAGE', 'internal: a defragmenting run needs the cluster-wide turn');
+  if (state.mode === 'nospace') return nospaceSteps(state);
 
   // The leader waits for the others when it cannot (or must not) hand leadership away.
   const isLeader = local.status!.leader === local.id;
-  // During NOSPACE the leader always hands leadership away when it can: a leader defragmenting stalls
-  // every keep-alive, and leases lost then (the spares with them) cannot be granted again.
-  const lastByChoice = c.coordination.leader === 'last' && state.mode !== 'nospace';
-  const leaderGoesLast = isLeader && (lastByChoice || !transferTarget(view));
+  const leaderGoesLast = isLeader && (c.coordination.leader === 'last' || !transferTarget(view));
   if (isLeader && c.coordination.leader === 'transfer' && leaderGoesLast) {
     deps.log.warn(
       { event: 'leader.transfer.impossible', member: local.hex },
@@ -304,77 +313,67 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
       return skip('leadership came back to the local member after the transfer', { check: 'leader', member: view.local.hex, view });
   }
 
-  if (state.mode === 'nospace' && c.nospace.compact) {
-    // Only the holder compacts: make sure we still are one before dropping history.
-    const lost = await turn.fence(async () => undefined);
-    if (lost) return skip(`not compacting: ${lost}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
-    const stuck = await compactForNoSpace(deps, view, opts.alarmSeenAt);
-    if (stuck) return skip(stuck, { check: 'compact', member: view.local.hex, view });
-    // A compaction can take a while: the cluster must still be healthy before the defragment.
-    view = await state.inspect();
-    const after = healthGate(view, c);
-    if (after) return skip(after.reason, { check: after.check, member: after.member, view });
-  }
-
   // The point of no return: a fresh keep-alive, our ticket still there, and a fresh look at every
-  // member showing none of them defragmenting, all within a third of the lease TTL.
-  let busyAtFence: Awaited<ReturnType<typeof busyNow>>;
-  const fenced = await turn.fence(async () => (busyAtFence = await busyNow(deps, view))?.reason);
-  if (busyAtFence) return skip(busyAtFence.reason, { check: busyAtFence.check, member: busyAtFence.member, view });
+  // member showing none of them defragmenting, no halt, pause or NOSPACE alarm recorded since, all
+  // within a third of the lease TTL.
+  let stopAtFence: Awaited<ReturnType<typeof fenceLook>>;
+  const fenced = await turn.fence(async () => (stopAtFence = await fenceLook(deps, view))?.reason);
+  if (stopAtFence) return skip(stopAtFence.reason, { check: stopAtFence.check, member: stopAtFence.member ?? view.local.hex, view });
   if (fenced) return skip(`not defragmenting: ${fenced}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
-  return defragmentLocal(deps, view, opts);
+  return defragmentLocal(deps, view, state.mode);
+}
+
+/**
+ * The fence's fresh look: no voting member defragmenting or down, no halt or pause (one atomic
+ * read: a halt written by the holder before us after our first read), no NOSPACE alarm (recovery
+ * then follows the NOSPACE order, which does not take this turn).
+ */
+async function fenceLook(deps: RunDeps, view: ClusterView): Promise<{ reason: string; check: string; member?: string } | undefined> {
+  const busy = await busyNow(deps, view);
+  if (busy) return busy;
+  const client = deps.pool.get(deps.config.etcd.endpoint);
+  const hooks = { log: deps.log, signal: deps.signal };
+  const [stops, alarms] = await Promise.all([readStops(client, deps.config, hooks), client.alarms(hooks)]);
+  const stop = stopReason(stops);
+  if (stop) return stop;
+  if (alarms.some((a) => a.alarm === 'NOSPACE'))
+    return { check: 'nospace', reason: 'a NOSPACE alarm was raised meanwhile: the recovery run takes over (NOSPACE order)' };
+  return undefined;
 }
 
 /** Why no run may go now: an integrity halt (the key, or a blown fuse), or an operator's pause (src/control.ts). */
 async function readStop(deps: RunDeps): Promise<{ check: 'halt' | 'pause'; reason: string } | undefined> {
-  const hooks = { log: deps.log, signal: deps.signal };
-  const client = deps.pool.get(deps.config.etcd.endpoint);
-  const { pause, halt, fuse } = await readStops(client, deps.config, hooks);
-  const resume = 'after checking the members, resume with: etcd-defragd resume --integrity-checked';
-  if (halt) return { check: 'halt', reason: `defragmentation is halted after an integrity mismatch: ${describeHalt(halt)}; ${resume}` };
-  // A dry run (no turn) writes nothing: it neither arms the fuse nor turns a blown one into the key.
-  const writes = deps.turn !== undefined;
-  if (!fuse.armed && writes) await armHaltFuse(deps.pool, deps.config);
-  if (fuse.blown) {
-    const reason = 'an integrity mismatch was found during a NOSPACE alarm (the halt fuse was deleted)';
-    if (writes) {
-      await haltFromBlownFuse(client, deps.config, reason, new Date(deps.clock.now()).toISOString()).catch(() => undefined);
-    }
-    return { check: 'halt', reason: `defragmentation is halted: ${reason}; ${resume}` };
-  }
-  if (pause) return { check: 'pause', reason: `defragmentation is ${describePause(pause)}; resume with: etcd-defragd resume` };
-  return undefined;
+  const stops = await readStops(deps.pool.get(deps.config.etcd.endpoint), deps.config, { log: deps.log, signal: deps.signal });
+  // A dry run (no turn) writes nothing, so it does not arm the fuse.
+  if (!stops.fuse.armed && deps.turn !== undefined) await armHaltFuse(deps.pool, deps.config);
+  return stopReason(stops);
 }
 
-/** Stops the round on every node: the others find this key (or the blown fuse) and skip until an operator deletes it. */
+/**
+ * Stops the round on every node: the others find this key (or the blown fuse) and skip until an
+ * operator resumes. Recorded on whichever voting member answers, retried for up to
+ * etcd.defragTimeout, before the turn is given back.
+ */
 async function writeHalt(deps: RunDeps, view: ClusterView, reason: string): Promise<boolean> {
-  const client = deps.pool.get(view.local.endpoint);
-  try {
-    await client.put(
-      haltKey(deps.config),
-      JSON.stringify({ member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() }),
-    );
-    return true;
-  } catch (err) {
-    deps.log.error(
-      { event: 'halt.fail', error: errorMessage(err) },
-      `could not write the halt key: ${errorMessage(err)}; deleting the halt fuse instead`,
-    );
-  }
-  try {
-    // A delete works under NOSPACE; a fuse never armed cannot be blown.
-    if (await blowFuse(client, deps.config)) return true;
+  const members = [view.local, ...voting(view).filter((m) => !m.isLocal)].map((m) => deps.pool.get(m.endpoint));
+  const recorded = await recordHalt(
+    members,
+    deps.config,
+    { member: view.local.hex, reason, at: new Date(deps.clock.now()).toISOString() },
+    {
+      until: deps.clock.now() + deps.config.etcd.defragTimeout,
+      now: () => deps.clock.now(),
+      sleep: (ms) => deps.clock.sleep(ms),
+      onError: (err) => deps.log.warn({ event: 'halt.retry', error: errorMessage(err) }, `recording the halt: ${errorMessage(err)}`),
+    },
+  );
+  if (!recorded)
     deps.log.error(
       { event: 'halt.fail' },
-      'could not record the halt: the halt fuse was never armed (no write has worked since etcd-defragd first ran)',
+      'could not record the halt in etcd (no member took the halt key, and the halt fuse was never armed or could not be deleted): ' +
+        'this daemon stops defragmenting; the others check HashKV themselves before each NOSPACE defragment',
     );
-  } catch (err) {
-    deps.log.error(
-      { event: 'halt.fail', error: errorMessage(err) },
-      `could not record the halt for the other daemons: ${errorMessage(err)}`,
-    );
-  }
-  return false;
+  return recorded;
 }
 
 /**
@@ -629,11 +628,17 @@ async function compactTo(deps: RunDeps, client: EtcdMember, revision: bigint): P
   }
 }
 
-async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOptions): Promise<RunResult> {
+async function defragmentLocal(deps: RunDeps, view: ClusterView, mode: RunState['mode']): Promise<RunResult> {
   const { log, config: c } = deps;
   const local = view.local;
-  const client = deps.pool.get(local.endpoint);
   const before = local.status!;
+  // etcd's reply carries no header: which member defragmented cannot be learned afterwards.
+  const sender = await localConnection(deps, local);
+  if ('error' in sender) {
+    log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex }, sender.error);
+    return { outcome: 'failed', reason: sender.error, member: local.hex, check: 'member' };
+  }
+  const client = sender.client;
   const t0 = deps.clock.now();
   deps.onDefragStart?.(local.hex);
   log.info(
@@ -642,16 +647,7 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
   );
   let failure: string | undefined;
   try {
-    const reply = await client.defragment();
-    if (reply.memberId && reply.memberId !== local.id) {
-      // Behind DNS or a load balancer the endpoint reached another member, outside the turn.
-      const reason =
-        `defragment sent to ${local.endpoint} was done by member ${hexId(reply.memberId)}, ` +
-        `not the local member ${local.hex}: point etcd.endpoint at this node's member only`;
-      log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex, answeredBy: hexId(reply.memberId) }, reason);
-      deps.onDefrag?.({ member: local.hex, ok: false, tookMs: deps.clock.now() - t0, reclaimed: 0 });
-      return { outcome: 'failed', reason, member: local.hex, check: 'member', tookMs: deps.clock.now() - t0 };
-    }
+    await client.defragment();
   } catch (err) {
     failure = errorMessage(err);
     // A timed-out defragment goes on inside etcd: never send another, wait for the member instead.
@@ -686,30 +682,17 @@ async function defragmentLocal(deps: RunDeps, view: ClusterView, opts: RunOption
   deps.onDefrag?.({ member: local.hex, ok: true, tookMs, reclaimed: Math.max(0, before.dbSize - after.dbSize) });
 
   if (c.verify.hashKV) {
-    const bad = await verifyIntegrity(deps, view, before);
-    if (bad) {
-      log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: local.hex, ...bad.fields }, bad.reason);
-      const haltRecorded = await writeHalt(deps, view, bad.reason);
-      return {
-        outcome: 'failed',
-        reason: bad.reason,
-        member: local.hex,
-        beforeBytes: before.dbSize,
-        afterBytes: after.dbSize,
-        tookMs,
-        check: 'integrity',
-        haltRecorded,
-      };
-    }
+    const bad = await verifyIntegrity(deps, view, `after defragmenting ${view.local.hex}`, before);
+    if (bad) return integrityFailure(deps, view, bad, { beforeBytes: before.dbSize, afterBytes: after.dbSize, tookMs });
   }
   // The settle pause lets the write load recover before the next member goes down. During NOSPACE
   // etcd refuses writes anyway, and every second of it is a second the API server cannot write.
-  if (c.coordination.settle > 0 && opts.mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
+  if (c.coordination.settle > 0 && mode !== 'nospace') await deps.clock.sleep(c.coordination.settle, deps.signal);
   return {
     outcome: 'done',
     reason:
       `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} ` +
-      `in ${formatDuration(tookMs)}${opts.mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
+      `in ${formatDuration(tookMs)}${mode === 'nospace' ? ' (NOSPACE recovery)' : ''}`,
     member: local.hex,
     beforeBytes: before.dbSize,
     afterBytes: after.dbSize,
@@ -768,7 +751,8 @@ async function settle(
 async function verifyIntegrity(
   deps: RunDeps,
   view: ClusterView,
-  before: MemberStatus,
+  when: string,
+  before?: MemberStatus,
 ): Promise<{ reason: string; fields: Record<string, unknown> } | undefined> {
   const hashKV = deps.hashKV ?? defaultHashKV;
   const members = voting(view);
@@ -782,7 +766,7 @@ async function verifyIntegrity(
     try {
       const statuses = await Promise.all(members.map((m) => deps.pool.get(m.endpoint).status({ log: deps.log }, 2)));
       const local = statuses[members.findIndex((m) => m.isLocal)];
-      if (local && local.revision < before.revision) {
+      if (before && local && local.revision < before.revision) {
         return {
           reason:
             `integrity: revision of member ${view.local.hex} went backwards after defragment ` +
@@ -817,7 +801,7 @@ async function verifyIntegrity(
     const detail = hashes.map((h) => `${h.m.hex}=${h.hash}`).join(', ');
     return {
       reason:
-        `integrity: HashKV differs between members at revision ${rev} after defragmenting ${view.local.hex} (${detail}); ` +
+        `integrity: HashKV differs between members at revision ${rev} ${when} (${detail}); ` +
         'stopping defragmentation, check the members with etcdctl endpoint hashkv',
       fields: { revision: rev.toString(), hashes: Object.fromEntries(hashes.map((h) => [h.m.hex, h.hash])) },
     };
@@ -827,4 +811,225 @@ async function verifyIntegrity(
     left() <= 0 ? 'HashKV not compared: the check ran out of time' : 'HashKV not compared: compactions kept moving during the check',
   );
   return undefined;
+}
+
+/**
+ * The Defragment goes to the local member only, and its reply cannot say which member did it. So
+ * right before sending, on the very client (connection) that sends it, Status must name the local
+ * member, and the URL must be one the member advertises (not a load balancer or a shared DNS
+ * name). etcd.endpoint is used when it is advertised; otherwise (kubeadm advertises the node's IP
+ * and listens on 127.0.0.1 too) the member's advertised client URLs are tried in order.
+ */
+async function localConnection(deps: RunDeps, local: MemberView): Promise<{ client: EtcdMember } | { error: string }> {
+  const advertised = local.clientURLs ?? [];
+  const urls = advertised.includes(local.endpoint) ? [local.endpoint] : advertised;
+  const seen: string[] = [];
+  for (const url of urls) {
+    const client = deps.pool.get(url);
+    const s = await client.probe(Math.min(deps.config.etcd.requestTimeout, 5000));
+    if (!(s instanceof Error) && s.memberId === local.id) return { client };
+    seen.push(`${url}: ${s instanceof Error ? s.message : `answers as member ${hexId(s.memberId)}`}`);
+  }
+  return {
+    error:
+      `not defragmenting: no advertised client URL of the local member ${memberLabel(local)} answers as that member ` +
+      `(${seen.join('; ') || 'it advertises none'}); the Defragment is only sent where Status confirms the member on the same connection`,
+  };
+}
+
+/** How far apart the two looks of the NOSPACE order are (see nospaceSteps). */
+export const NOSPACE_CONFIRM_MS = 1000;
+
+/** One look for the NOSPACE order: the view when the local member goes now, else why it waits or why the run ends. */
+type OrderLook =
+  { view: ClusterView; start: number; end: number } | { wait: string; check: string; first?: MemberView } | { result: RunResult };
+
+/**
+ * NOSPACE: etcd grants no lease and accepts no put, so the lease-based turn cannot be joined by a
+ * daemon that was not in it before the alarm. Recovery follows an order that writes nothing
+ * instead: the voting members still at or above the disarm mark go one at a time, lowest member ID
+ * first, each defragmented by its own daemon. A daemon goes when two looks at least
+ * NOSPACE_CONFIRM_MS apart, the second right before its Defragment, both show: its member first in
+ * that order, every voting member answering and healthy, none defragmenting
+ * (etcd_disk_defrag_inflight), no participant holding the lease-based turn, no halt or pause, and
+ * the alarm still raised. A member leaves the order only by shrinking under the mark, which takes a
+ * defragment, and a Defragment starts within the confirmation time of being sent, so a second
+ * daemon's look sees the first member defragmenting or done. Before it defragments, the daemon
+ * compacts (nospace.compact) and compares HashKV across the members: a mismatch left by the member
+ * before it stops the order even if that daemon could not record its halt.
+ */
+async function nospaceSteps(state: RunState): Promise<RunResult> {
+  const lock = state.deps.nodeLock;
+  if (!lock) throw new DefragdError('EDD_USAGE', 'internal: NOSPACE recovery needs the node lock');
+  const locked: { release?: () => Promise<void> } = {};
+  try {
+    return await nospaceOrder(state, lock, locked);
+  } finally {
+    await locked.release?.();
+  }
+}
+
+async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?: () => Promise<void> }): Promise<RunResult> {
+  const { deps } = state;
+  const c = deps.config;
+  const until = state.started + c.coordination.maxWait;
+  let lastWait = '';
+  let first: { end: number } | undefined;
+  const stall = new StallReport(deps, Math.max(60_000, 3 * c.nospace.checkInterval));
+  for (;;) {
+    let look = await lookInOrder(state);
+    if ('wait' in look) stall.waitingFor(look.first);
+    // Two processes of one member (the daemon and an operator's `once`) look alike to etcd: they agree on this node.
+    if ('view' in look && !locked.release) {
+      locked.release = await lock(look.view.local.hex);
+      if (!locked.release)
+        look = { wait: `another etcd-defragd process on this node is recovering member ${look.view.local.hex}`, check: 'turn' };
+    }
+    if ('result' in look) return look.result;
+    if ('wait' in look) {
+      first = undefined;
+      if (look.wait !== lastWait) {
+        deps.log.info({ event: 'turn.wait', reason: look.wait, check: look.check }, `NOSPACE order: waiting: ${look.wait}`);
+        lastWait = look.wait;
+      }
+      if (deps.clock.now() >= until || deps.signal?.aborted)
+        return skip(
+          deps.signal?.aborted
+            ? `stopping while waiting in the NOSPACE order: ${look.wait}`
+            : `not the local member's turn in the NOSPACE order within coordination.maxWait (${formatDuration(c.coordination.maxWait)}): ${look.wait}`,
+          { check: look.check },
+        );
+      await deps.clock.sleep(NOSPACE_CONFIRM_MS, deps.signal);
+      continue;
+    }
+    const view = look.view;
+    const local = view.local;
+    // A leader that defragments stalls every keep-alive in the cluster: hand leadership away first,
+    // and when that is not possible, do not defragment as leader (the next check tries again).
+    if (local.status!.leader === local.id && voting(view).length > 1) {
+      const moved = await transferLeadership(deps, view);
+      if (!moved.ok)
+        return skip(
+          `NOSPACE: the local member ${memberLabel(local)} is the leader and cannot hand leadership away (${moved.reason}); ` +
+            'not defragmenting as leader, trying again at the next alarm check',
+          { check: 'leader', member: local.hex, view },
+        );
+      first = undefined;
+      continue;
+    }
+    if (!first) {
+      // First look: our member's turn. Compact and compare HashKV now, then look again.
+      if (c.nospace.compact) {
+        const stuck = await compactForNoSpace(deps, view, state.opts.alarmSeenAt);
+        if (stuck) return skip(stuck, { check: 'compact', member: local.hex, view });
+      }
+      if (c.verify.hashKV) {
+        const bad = await verifyIntegrity(deps, view, `before defragmenting ${local.hex} (left by an earlier defragment?)`);
+        if (bad) return integrityFailure(deps, view, bad);
+      }
+      first = { end: look.end };
+      const left = first.end + NOSPACE_CONFIRM_MS - deps.clock.now();
+      if (left > 0) await deps.clock.sleep(left, deps.signal);
+      continue;
+    }
+    // Second look, at least NOSPACE_CONFIRM_MS after the first ended, and the Defragment right after it.
+    if (look.start - first.end < NOSPACE_CONFIRM_MS || deps.clock.now() - look.end > NOSPACE_CONFIRM_MS / 2) {
+      first = { end: look.end };
+      continue;
+    }
+    deps.log.info(
+      { event: 'turn.acquired', order: 'nospace', waitedMs: deps.clock.now() - state.started },
+      `NOSPACE order: member ${memberLabel(local)} goes now (first of the members above the disarm mark)`,
+    );
+    return defragmentLocal(deps, view, 'nospace');
+  }
+}
+
+async function lookInOrder(state: RunState): Promise<OrderLook> {
+  const { deps } = state;
+  const c = deps.config;
+  const start = deps.clock.now();
+  let view: ClusterView;
+  try {
+    view = await state.inspect();
+  } catch (err) {
+    return { wait: `the local member does not answer: ${errorMessage(err)}`, check: 'status' };
+  }
+  const local = view.local;
+  if (!view.alarms.some((a) => a.alarm === 'NOSPACE'))
+    return { result: { outcome: 'not-needed', reason: 'the NOSPACE alarm was disarmed meanwhile', member: local.hex, view } };
+  const stop = await readStop(deps);
+  if (stop) return { result: skip(stop.reason, { check: stop.check, member: local.hex, view }) };
+  const gate = healthGate(view, c);
+  if (gate?.check === 'alarm') return { result: skip(gate.reason, { check: gate.check, member: gate.member, view }) };
+  if (gate) return { wait: gate.reason, check: gate.check };
+  const unknown = voting(view).find((m) => enforcedQuota(m) === undefined);
+  if (unknown) return { wait: unknown.quotaError ?? `the quota of member ${memberLabel(unknown)} is unknown`, check: 'quota' };
+  const next = nospaceNext(view, c);
+  if (!next)
+    return { result: { outcome: 'not-needed', reason: 'no voting member is above the disarm mark any more', member: local.hex, view } };
+  const decision = state.decideFor(local);
+  if (next.id !== local.id) {
+    if (!decision.defrag) return { result: { outcome: 'not-needed', reason: decision.reason, member: local.hex, view } };
+    return {
+      wait:
+        `member ${memberLabel(next)} goes first (lowest member ID above ${formatPercent(c.nospace.disarmBelow)} of its quota; ` +
+        "its etcd-defragd defragments it; if it already did, its live data fills the quota: see that node's log)",
+      check: 'turn',
+      first: next,
+    };
+  }
+  if (!decision.defrag) return { result: { outcome: 'not-needed', reason: decision.reason, member: local.hex, view } };
+  const holder = await deps.turn!.holder();
+  if (holder) return { wait: `the cluster-wide turn is held by ${holder} (taken before the alarm)`, check: 'turn' };
+  return { view, start, end: deps.clock.now() };
+}
+
+/** An integrity mismatch: logged, counted, recorded for every daemon; the run fails. */
+async function integrityFailure(
+  deps: RunDeps,
+  view: ClusterView,
+  bad: { reason: string; fields: Record<string, unknown> },
+  extra: Partial<RunResult> = {},
+): Promise<RunResult> {
+  deps.log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: view.local.hex, ...bad.fields }, bad.reason);
+  const haltRecorded = await writeHalt(deps, view, bad.reason);
+  return { outcome: 'failed', reason: bad.reason, member: view.local.hex, check: 'integrity', haltRecorded, ...extra };
+}
+
+/**
+ * The NOSPACE order waits for the member that goes first, whatever happens to its daemon: skipping
+ * it could not disarm the alarm anyway (it stays over the mark). When that member shows no progress
+ * (its db size unchanged, not defragmenting) for `after` ms, say so once, at error level: its node
+ * may have no running etcd-defragd.
+ */
+class StallReport {
+  private member: string | undefined;
+  private size = 0;
+  private since = 0;
+  private told = false;
+
+  constructor(
+    private readonly deps: RunDeps,
+    private readonly after: number,
+  ) {}
+
+  waitingFor(m: MemberView | undefined): void {
+    const now = this.deps.clock.now();
+    const size = m?.status?.dbSize ?? 0;
+    if (!m || m.id !== this.member || size !== this.size || m.defragmenting) {
+      this.member = m?.id;
+      this.size = size;
+      this.since = now;
+      return;
+    }
+    if (this.told || now - this.since < this.after) return;
+    this.told = true;
+    this.deps.log.error(
+      { event: 'nospace.unattended', member: m.hex, dbSize: size, stalledMs: now - this.since },
+      `member ${memberLabel(m)} keeps the NOSPACE alarm armed and goes first in the NOSPACE order, ` +
+        `but has shown no progress for ${formatDuration(now - this.since)} (db ${formatBytes(size)}, not defragmenting): ` +
+        `is etcd-defragd running on its node? Start it there, or defragment that member by hand (etcdctl defrag --endpoints=${m.endpoint})`,
+    );
+  }
 }

@@ -6,7 +6,9 @@
 //
 //   <prefix>p/<lease>/info        who this participant is (JSON)
 //   <prefix>p/<lease>/t/<index>   tickets 0..N-1, all attached to the participant's lease
-//   <prefix>p/<lease>/spare       present while the participant is an unclaimed spare
+//
+// A key counts only when it is attached to the lease its name says (kv.lease): a writer under the
+// prefix cannot make the daemons renew, wait for or revoke a lease that is not a participant's.
 //
 // A participant's lowest remaining ticket index says its state: even = idle, odd = holding the turn.
 // Taking the turn deletes the lowest (even) ticket in a transaction that also checks that nothing
@@ -15,15 +17,14 @@
 // deletes the next (odd) ticket. A participant that dies loses its lease after coordination.leaseTTL,
 // which deletes its tickets, and with them any turn it held.
 //
-// A daemon that (re)starts while NOSPACE is raised cannot grant a lease; it claims a spare
-// participant instead (deleting its `spare` key), which live daemons keep alive for that purpose:
-// each daemon keeps a reserve for its own member (so a restarted daemon is still known by its
-// member) and the cluster keeps one anonymous spare for a daemon that never ran before.
+// A daemon that (re)starts while NOSPACE is raised cannot grant a lease, so it cannot join; it does
+// not need to: NOSPACE recovery follows an order that writes nothing (run.ts nospaceSteps), and the
+// daemon joins once writes work again. A turn taken before the alarm is still respected by it.
 import { hostname } from 'node:os';
 import type { ICompare, IKeyValue, IRequestOp } from 'etcd3';
 import pRetry from 'p-retry';
 import type { Clock, Timer } from './clock.ts';
-import { kindOf, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
+import { keyExists, kindOf, prefixEnd, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { decimalId, hexId } from './view.ts';
@@ -37,7 +38,6 @@ export interface ParticipantInfo {
   host?: string;
   pid?: number;
   command?: string;
-  spare?: boolean;
   since?: string;
 }
 
@@ -45,19 +45,41 @@ export interface Participant {
   lease: string; // hex, as in the key
   info: ParticipantInfo;
   tickets: number[]; // remaining, ascending
-  spare: boolean;
   holding: boolean;
 }
 
 export interface TurnView {
   readonly revision: bigint;
   readonly participants: ReadonlyMap<string, Readonly<Participant>>;
+  /** Keys under p/ not attached to the lease their name says, or not of our layout: ignored. */
+  readonly ignored: readonly string[];
+}
+
+/** Only the fields we write, of the types we write (anything else in `info` is dropped). */
+function parseInfo(value: Buffer): ParticipantInfo {
+  let o: unknown;
+  try {
+    o = JSON.parse(value.toString());
+  } catch {
+    return {};
+  }
+  if (!o || typeof o !== 'object' || Array.isArray(o)) return {};
+  const r = o as Record<string, unknown>;
+  const str = (k: string) => (typeof r[k] === 'string' && (r[k] as string).length <= 256 ? (r[k] as string) : undefined);
+  const info: ParticipantInfo = {};
+  if (str('memberId') && /^\d+$/.test(str('memberId')!)) info.memberId = str('memberId');
+  if (str('host')) info.host = str('host');
+  if (Number.isSafeInteger(r.pid)) info.pid = r.pid as number;
+  if (str('command')) info.command = str('command');
+  if (str('since')) info.since = str('since');
+  return info;
 }
 
 const pad = (n: number) => String(n).padStart(12, '0');
 
 export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): TurnView {
   const participants = new Map<string, Participant>();
+  const ignored: string[] = [];
   // Keys are compared as latin1 (one character per byte): the lease, kind and index parts are
   // ASCII, and the prefix, whatever its characters, is compared byte for byte.
   const base = Buffer.from(`${prefix}p/`).toString('latin1');
@@ -68,12 +90,16 @@ export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): T
     // <lease>/<kind>[/<index>]
     const a = key.indexOf('/', base.length);
     const lease = key.slice(base.length, a < 0 ? undefined : a);
-    if (!lease) continue;
+    // The lease in the name must be the key's own lease: a planted key naming another lease counts for nothing.
+    if (!/^[0-9a-f]{1,16}$/.test(lease) || String(kv.lease) !== decimalId(lease)) {
+      ignored.push(kv.key.toString());
+      continue;
+    }
     // etcd answers in key order, so one participant's keys come together.
     if (p?.lease !== lease) {
       p = participants.get(lease);
       if (!p) {
-        p = { lease, info: {}, tickets: [], spare: false, holding: false };
+        p = { lease, info: {}, tickets: [], holding: false };
         participants.set(lease, p);
       }
     }
@@ -84,19 +110,13 @@ export function parseView(prefix: string, kvs: IKeyValue[], revision: bigint): T
       const index = b < 0 ? -1 : ticketIndex(key, b + 1);
       if (index >= 0) p.tickets.push(index);
     } else if (b >= 0) continue;
-    else if (kind === 'info') {
-      try {
-        p.info = JSON.parse(kv.value.toString()) as ParticipantInfo;
-      } catch {
-        p.info = {};
-      }
-    } else if (kind === 'spare') p.spare = true;
+    else if (kind === 'info') p.info = parseInfo(kv.value);
   }
   for (const p of participants.values()) {
     p.tickets.sort((a, b) => a - b);
     p.holding = p.tickets.length > 0 && p.tickets[0]! % 2 === 1;
   }
-  return { revision, participants };
+  return { revision, participants, ignored };
 }
 
 /** The decimal number from `from` to the end of `key`, or -1 if that is not all digits. */
@@ -114,7 +134,7 @@ function ticketIndex(key: string, from: number): number {
 export function describeParticipant(p: Participant): string {
   const i = p.info;
   const who = [i.host && `host ${i.host}`, i.pid && `pid ${i.pid}`, i.memberId && `member ${hexId(i.memberId)}`].filter(Boolean).join(', ');
-  return `${i.spare && !p.spare ? 'a daemon started during NOSPACE' : (i.command ?? 'daemon')} (${who || `lease ${p.lease}`})`;
+  return `${i.command ?? 'daemon'} (${who || `lease ${p.lease}`})`;
 }
 
 export type AcquireOutcome = { ok: true; waitedMs: number } | { ok: false; reason: string };
@@ -133,8 +153,6 @@ export interface TurnOptions {
   leaseTTL: number; // ms
   command: string;
   pollInterval?: number;
-  /** Keep reserve/spare participants for daemons restarting during NOSPACE (daemons yes, `once` no). */
-  keepSpares?: boolean;
   /** Tickets written per participant and per refill (TICKETS; the model tests use fewer keys). */
   tickets?: number;
 }
@@ -172,23 +190,22 @@ export class Turn {
   private lease: string | undefined;
   private holdKey: string | undefined;
   private renewTimer: Timer | undefined;
-  private spareTimer: Timer | undefined;
   private maintainTimer: Timer | undefined;
   private renewing = false;
-  private renewingSpares = false;
   private maintaining = false;
   private acquiring = false;
   private releasePending = false;
-  private spareLeases: string[] = [];
+  /** close() was called: a registration still under way revokes what it made instead of joining. */
+  private closed = false;
+  /** The planted keys already logged (parseView ignores them). */
+  private ignoredLogged = '';
   /** Why the last keep-alive failed, or how the lease was lost (for the reason of a skipped run). */
   private trouble = '';
   private readonly poll: number;
   private memberId: string | undefined;
   private registering: Promise<void> | undefined;
-  private sparing: Promise<void> | undefined;
   /** Client URLs of the other voting members, from the member list; the local endpoint is tried last. */
   private others: string[] = [];
-  private membersKnown = new Set<string>();
   /** The endpoint that answered last: tried first next time. */
   private preferred: string | undefined;
   /** The last turn read (views are never modified). */
@@ -250,7 +267,6 @@ export class Turn {
       .filter((m) => !m.isLearner && m.clientURLs[0])
       .map((m) => m.clientURLs[0]!)
       .filter((e) => e !== this.deps.endpoint);
-    this.membersKnown = new Set(list.map((m) => m.id));
   }
 
   /** A read, or a mutation that is safe to repeat: on each endpoint in turn until one answers; it is tried first next time. */
@@ -281,7 +297,17 @@ export class Turn {
     const res = await this.onAnyMember('read turn', (client) => client.range(base, undefined, 1));
     // An unchanged store revision means unchanged keys (keep-alives do not move it): the turn is
     // read every keep-alive period and mostly has not changed.
-    if (this.lastView?.revision !== res.revision) this.lastView = parseView(this.opts.prefix, res.kvs, res.revision);
+    if (this.lastView?.revision !== res.revision) {
+      this.lastView = parseView(this.opts.prefix, res.kvs, res.revision);
+      const ignored = this.lastView.ignored.join(' ');
+      if (ignored && ignored !== this.ignoredLogged)
+        this.deps.log.warn(
+          { event: 'turn.ignored', keys: this.lastView.ignored.slice(0, 10) },
+          `ignoring ${this.lastView.ignored.length} key(s) under ${this.opts.prefix}p/ that are not attached to the lease their name says ` +
+            '(written by hand or by another tool?)',
+        );
+      this.ignoredLogged = ignored;
+    }
     return this.lastView;
   }
 
@@ -293,32 +319,22 @@ export class Turn {
     return ops;
   }
 
-  private async createParticipant(kind: 'self' | 'reserve' | 'spare'): Promise<string> {
+  private async createParticipant(): Promise<string> {
     // A grant whose reply was lost leaves a lease nobody renews: it expires by itself.
     const id = await this.onAnyMember('lease grant', (client) => client.leaseGrant(Math.ceil(this.opts.leaseTTL / 1000)));
     const lease = hexId(id);
     const since = new Date(this.deps.clock.now()).toISOString();
-    const info: ParticipantInfo =
-      kind === 'spare'
-        ? { spare: true, since }
-        : kind === 'reserve'
-          ? { spare: true, memberId: this.memberId, host: hostname(), since }
-          : { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
-    const spare = kind !== 'self';
+    const info: ParticipantInfo = { memberId: this.memberId, host: hostname(), pid: process.pid, command: this.opts.command, since };
     const ops: IRequestOp[] = [
       { request_put: { key: Buffer.from(this.key(lease, 'info')), value: Buffer.from(JSON.stringify(info)), lease: id } },
       ...this.ticketPuts(lease, 0, this.tickets),
     ];
-    if (spare) ops.push({ request_put: { key: Buffer.from(this.key(lease, 'spare')), value: Buffer.alloc(0), lease: id } });
     // Repeating these puts is harmless: nobody uses the new participant's keys yet.
     await this.onAnyMember('register', (client) => client.txn('register', [], ops));
     return lease;
   }
 
-  /**
-   * Joins the coordination: a new participant when etcd accepts writes, otherwise (NOSPACE) a
-   * claimed spare. A daemon also keeps a reserve for its member and an anonymous spare ready.
-   */
+  /** Joins the coordination: a new participant (needs writes: refused during NOSPACE). */
   register(): Promise<void> {
     if (this.lease) return Promise.resolve();
     // One registration at a time: a run may start while the start-up registration is under way.
@@ -330,80 +346,27 @@ export class Turn {
 
   private async doRegister(): Promise<void> {
     await this.refreshMembers();
+    let lease: string;
     try {
-      this.lease = await this.createParticipant('self');
-      this.deps.log.info({ event: 'turn.register', lease: this.lease }, `joined the cluster-wide turn as lease ${this.lease}`);
+      lease = await this.createParticipant();
     } catch (err) {
       if (kindOf(err) !== 'nospace') throw err;
-      if (!this.opts.keepSpares) {
-        throw new DefragdError(
-          'EDD_ETCD',
-          'cannot join the cluster-wide turn: etcd refuses new leases during the NOSPACE alarm; ' +
-            'the running etcd-defragd daemons recover it (spare participants are kept for them)',
-          { cause: err, permanent: false },
-        );
-      }
-      this.lease = await this.claimSpare();
+      throw new DefragdError(
+        'EDD_ETCD',
+        'cannot join the cluster-wide turn during the NOSPACE alarm (etcd grants no lease); ' +
+          'NOSPACE recovery does not need it (NOSPACE order), and it is joined once writes work',
+        { cause: err, permanent: false },
+      );
     }
+    if (this.closed) {
+      // close() came while we registered: leave no participant behind that nobody uses.
+      await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(lease))).catch(() => undefined);
+      return;
+    }
+    this.lease = lease;
+    this.deps.log.info({ event: 'turn.register', lease }, `joined the cluster-wide turn as lease ${lease}`);
     this.trouble = '';
     this.startKeepAlive();
-    if (this.opts.keepSpares)
-      await this.ensureSpare().catch((err) =>
-        this.deps.log.debug({ event: 'turn.spare', error: errorMessage(err) }, `could not prepare a spare: ${errorMessage(err)}`),
-      );
-  }
-
-  private async claimSpare(): Promise<string> {
-    const view = await this.view();
-    // Our own member's reserve first (the others then still know whose daemon this is), then the anonymous spare.
-    const rank = (p: Participant) => (p.info.memberId === this.memberId ? 0 : p.info.memberId ? 2 : 1);
-    const candidates = [...view.participants.values()]
-      .filter((p) => p.spare && p.tickets.length >= 2 && !p.holding)
-      .sort((a, b) => rank(a) - rank(b));
-    for (const p of candidates) {
-      // A claim whose reply was lost leaves that spare unclaimed by anyone: nobody renews it, it expires.
-      const res = await this.onAnyMember('claim spare', (client) =>
-        client.txn(
-          'claim spare',
-          [{ key: Buffer.from(this.key(p.lease, 'spare')), target: 'Version', result: 'Greater', version: 0 } as ICompare],
-          [{ request_delete_range: { key: Buffer.from(this.key(p.lease, 'spare')) } }],
-        ),
-      );
-      if (res.succeeded) {
-        this.deps.log.warn(
-          { event: 'turn.spare.claim', lease: p.lease },
-          `etcd refuses new leases (NOSPACE); took over spare participant ${p.lease} to join the turn`,
-        );
-        return p.lease;
-      }
-    }
-    throw new DefragdError(
-      'EDD_ETCD',
-      'cannot join the cluster-wide turn: etcd refuses new leases (NOSPACE alarm) and no spare participant is left; ' +
-        'a daemon that was running before the alarm recovers it',
-      { permanent: false },
-    );
-  }
-
-  /** Keeps a reserve for our member and one anonymous spare in the cluster (best effort; needs writes). One at a time. */
-  private ensureSpare(view?: TurnView): Promise<void> {
-    this.sparing ??= this.doEnsureSpare(view).finally(() => {
-      this.sparing = undefined;
-    });
-    return this.sparing;
-  }
-
-  private async doEnsureSpare(known?: TurnView): Promise<void> {
-    const spares = [...(known ?? (await this.view())).participants.values()].filter((p) => p.spare && p.tickets.length >= 2);
-    const wanted: ('reserve' | 'spare')[] = [];
-    if (this.memberId && !spares.some((p) => p.info.memberId === this.memberId)) wanted.push('reserve');
-    if (!spares.some((p) => !p.info.memberId)) wanted.push('spare');
-    for (const kind of wanted) {
-      const lease = await this.createParticipant(kind);
-      // Renewed from now on: the next upkeep, which refreshes this list, may come after its TTL.
-      this.spareLeases.push(lease);
-      this.deps.log.debug({ event: 'turn.spare.create', lease, kind }, `prepared ${kind} participant ${lease}`);
-    }
   }
 
   private startKeepAlive(): void {
@@ -411,11 +374,7 @@ export class Turn {
     const every = Math.max(500, Math.floor(this.opts.leaseTTL / 3));
     // Our own lease has its own timer and short deadlines: nothing slower may delay it past the TTL.
     this.renewTimer = this.deps.clock.every(every, () => void this.renew());
-    // Spares are renewed apart, all at once, so a member that does not answer delays only them.
-    // Every live daemon renews them, so half a TTL is enough (a renewal takes at most a third).
-    this.spareTimer = this.deps.clock.every(Math.max(500, Math.floor(this.opts.leaseTTL / 2)), () => void this.renewSpares());
-    // Upkeep (spare list, refills, members) is slower work and need not run at renewal pace, but it
-    // must pick up spares other daemons created well within their TTL.
+    // Upkeep (members, refills, a stray turn) is slower work and need not run at renewal pace.
     this.maintainTimer = this.deps.clock.every(Math.max(1000, Math.floor(this.opts.leaseTTL / 2)), () => void this.maintain());
   }
 
@@ -455,33 +414,13 @@ export class Turn {
     }
   }
 
-  private async renewSpares(): Promise<void> {
-    if (this.renewingSpares || !this.lease) return;
-    this.renewingSpares = true;
-    try {
-      await Promise.all(this.spareLeases.map((spare) => this.renewLease(spare).catch(() => undefined)));
-    } finally {
-      this.renewingSpares = false;
-    }
-  }
-
-  /** Slower upkeep: members, which spares to keep alive, tickets to refill, spares to prepare, a stray turn to give back. */
+  /** Slower upkeep: members, tickets to refill, a stray turn to give back. */
   async maintain(): Promise<void> {
     if (this.maintaining || !this.lease) return;
     this.maintaining = true;
     try {
       await this.refreshMembers();
       const view = await this.view();
-      // One reserve per current member and one anonymous spare are enough: the newest of each is
-      // kept alive, the rest (concurrent creations, members since removed) expire.
-      const keep = new Map<string, string>();
-      for (const p of [...view.participants.values()].filter((x) => x.spare && x.lease !== this.lease && x.tickets.length >= 2)) {
-        const slot = p.info.memberId ?? '';
-        if (slot && this.membersKnown.size > 0 && !this.membersKnown.has(slot)) continue;
-        const prev = keep.get(slot);
-        if (!prev || (view.participants.get(prev)!.info.since ?? '') < (p.info.since ?? '')) keep.set(slot, p.lease);
-      }
-      this.spareLeases = [...keep.values()];
       const me = view.participants.get(this.lease);
       // A turn that etcd says we hold but no run of ours uses (a take whose reply was lost, a
       // give-back that failed): give it back, or nobody gets it until our lease ends.
@@ -495,7 +434,6 @@ export class Turn {
       }
       if (me && !this.holdKey && me.tickets.length < Math.min(REFILL_BELOW, this.tickets / 2))
         await this.refill(me, view.revision).catch(() => undefined);
-      if (this.opts.keepSpares) await this.ensureSpare(view).catch(() => undefined);
     } catch (err) {
       this.deps.log.debug({ event: 'turn.maintain.fail', error: errorMessage(err) }, `turn upkeep failed: ${errorMessage(err)}`);
     } finally {
@@ -566,20 +504,9 @@ export class Turn {
         try {
           await this.refill(me, view.revision);
         } catch (err) {
-          // Every turn costs two tickets and NOSPACE refuses refills: a long alarm would leave us
-          // stuck. Move to a spare participant (our member's reserve first), which has fresh ones.
-          if (kindOf(err) !== 'nospace' || !this.opts.keepSpares) {
-            throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, {
-              permanent: false,
-            });
-          }
-          const old = me.lease;
-          this.lease = await this.claimSpare();
-          this.deps.log.warn(
-            { event: 'turn.tickets', from: old, to: this.lease },
-            `out of tickets during NOSPACE: moved from participant ${old} to spare ${this.lease}`,
-          );
-          await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(old))).catch(() => undefined);
+          throw new DefragdError('EDD_ETCD', `no tickets left to take the turn and cannot write new ones: ${errorMessage(err)}`, {
+            permanent: false,
+          });
         }
         continue;
       }
@@ -597,27 +524,9 @@ export class Turn {
             result: 'Less',
             mod_revision: (view.revision + 1n).toString(),
           } as ICompare,
-          {
-            key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)),
-            target: 'Version',
-            result: 'Greater',
-            version: 0,
-          } as ICompare,
-          {
-            key: Buffer.from(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)),
-            target: 'Version',
-            result: 'Greater',
-            version: 0,
-          } as ICompare,
-          ...others.map(
-            (p) =>
-              ({
-                key: Buffer.from(this.key(p.lease, `t/${pad(p.tickets[0]!)}`)),
-                target: 'Version',
-                result: 'Greater',
-                version: 0,
-              }) as ICompare,
-          ),
+          keyExists(this.key(me.lease, `t/${pad(me.tickets[0]!)}`)),
+          keyExists(this.key(me.lease, `t/${pad(me.tickets[1]!)}`)),
+          ...others.map((p) => keyExists(this.key(p.lease, `t/${pad(p.tickets[0]!)}`))),
         ];
         try {
           // Sent once: after a timeout it may have been applied, so we read again (top of the
@@ -700,16 +609,6 @@ export class Turn {
     }
   }
 
-  /** Members with a registered, non-spare participant; `unknown` counts those that joined as a spare. */
-  async registeredMembers(): Promise<{ members: Set<string>; unknown: number }> {
-    const v = await this.view();
-    const ps = [...v.participants.values()].filter((p) => !p.spare && p.tickets.length > 0);
-    return {
-      members: new Set(ps.flatMap((p) => (p.info.memberId ? [p.info.memberId] : []))),
-      unknown: ps.filter((p) => !p.info.memberId).length,
-    };
-  }
-
   /**
    * Gives the turn back (a delete: works during NOSPACE). Safe to repeat; when no member answers,
    * we keep holding it and the keep-alive loop tries again, so it is never left held silently.
@@ -722,24 +621,26 @@ export class Turn {
     try {
       res = await pRetry(
         () =>
-          this.sendOnce((client) =>
-            client.txn(
-              'give back turn',
-              [{ key: Buffer.from(key), target: 'Version', result: 'Greater', version: 0 } as ICompare],
-              [{ request_delete_range: { key: Buffer.from(key) } }],
-            ),
-          ),
+          this.sendOnce((client) => client.txn('give back turn', [keyExists(key)], [{ request_delete_range: { key: Buffer.from(key) } }])),
         {
           retries: 2,
           // The pause between tries is on our clock (simulated in the model tests), not p-retry's timer.
           minTimeout: 0,
+          shouldRetry: ({ error }) => kindOf(error) !== 'nospace',
           onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
             unsure ||= uncertain(error);
-            if (retriesLeft > 0) await this.deps.clock.sleep(500 * attemptNumber);
+            if (retriesLeft > 0 && kindOf(error) !== 'nospace') await this.deps.clock.sleep(500 * attemptNumber);
           },
         },
       );
     } catch (err) {
+      // etcd before 3.4.20/3.5.7 refuses even this delete-only Txn on a member over its quota
+      // during NOSPACE. A lease revoke is never quota-checked: it gives the turn back with the
+      // whole participant, which joins again once writes work.
+      if (kindOf(err) === 'nospace') {
+        await this.leave('giving the turn back was refused during NOSPACE (etcd before 3.4.20/3.5.7)');
+        return;
+      }
       this.releasePending = true;
       this.deps.log.error(
         { event: 'turn.release.fail', error: errorMessage(err) },
@@ -757,14 +658,44 @@ export class Turn {
     this.releasePending = false;
   }
 
-  /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
-  async close(): Promise<void> {
+  /**
+   * Revokes our lease (never quota-checked, works during NOSPACE), which deletes our tickets and any
+   * turn we hold; the next run joins again. When no member takes the revoke, the keep-alive loop
+   * tries again, so a held turn is never left behind silently.
+   */
+  private async leave(why: string): Promise<void> {
+    const lease = this.lease;
+    if (!lease) return;
+    try {
+      await this.onAnyMember('lease revoke', (client) => client.leaseRevoke(decimalId(lease)));
+    } catch (err) {
+      this.releasePending = true;
+      this.deps.log.error(
+        { event: 'turn.release.fail', error: errorMessage(err) },
+        `${why}; revoking our lease failed too: ${errorMessage(err)}; trying again with every keep-alive`,
+      );
+      return;
+    }
+    this.deps.log.warn({ event: 'turn.leave', lease }, `${why}: revoked lease ${lease}, which gives the turn back; joining again later`);
+    this.stopTimers();
+    if (this.lease === lease) {
+      this.lease = undefined;
+      this.holdKey = undefined;
+      this.releasePending = false;
+    }
+  }
+
+  private stopTimers(): void {
     this.renewTimer?.cancel();
-    this.spareTimer?.cancel();
     this.maintainTimer?.cancel();
     this.renewTimer = undefined;
-    this.spareTimer = undefined;
     this.maintainTimer = undefined;
+  }
+
+  /** Leaves for good: revoking the lease deletes our tickets (works during NOSPACE). */
+  async close(): Promise<void> {
+    this.closed = true;
+    this.stopTimers();
     const lease = this.lease;
     this.lease = undefined;
     this.holdKey = undefined;

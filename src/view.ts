@@ -29,6 +29,8 @@ export interface MemberView {
   hex: string;
   name: string;
   endpoint: string; // first client URL that answered (or the first advertised)
+  /** The client URLs the member advertises (member list). */
+  clientURLs?: string[];
   isLearner: boolean;
   isLocal: boolean;
   status?: MemberStatus;

@@ -2,6 +2,8 @@
 // recovered by three daemons without anyone disarming, on etcd 3.4 and 3.5.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { copyFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, afterEach, describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
 import { accessFromConfig, ClientPool } from '../../src/etcd.ts';
@@ -12,7 +14,8 @@ import { Turn } from '../../src/turn.ts';
 import { startCluster, type Cluster } from '../harness/cluster.ts';
 import { allDefragEvents, assertNoOverlap } from '../harness/defrag-log.ts';
 import { fill, fillUntilNoSpace, historyUntilNoSpace, isNoSpaceError, listAlarms, verifyData, type Written } from '../harness/data.ts';
-import { startDaemon, writeConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
+import { memberEtcd, startDaemon, writeConfig, type LogLine, type Overrides } from '../harness/defragd.ts';
+import { issueCert } from '../harness/pki.ts';
 import { versionsUnderTest } from '../harness/etcd-bin.ts';
 import type { CliProcess } from '../harness/proc.ts';
 
@@ -170,6 +173,95 @@ for (const version of versionsUnderTest()) {
       assert.deepEqual(await listAlarms(c), []);
       await verifyHot(c, written);
       assertNoOverlap(await allDefragEvents(c));
+    });
+
+    /** Writes back, no alarm, hot keys unchanged, etcd's own log shows one defrag at a time. */
+    async function assertRecovered(c: Cluster, written: Written, what: string): Promise<number> {
+      const at = await waitFor(`writes to work again (${what})`, 180_000, async () => (await writesWork(c)) && Date.now()).catch(
+        (err: Error) => {
+          throw new Error(`${err.message}\n${daemons.map((d) => d.output()).join('\n-----\n')}`);
+        },
+      );
+      assert.deepEqual(await listAlarms(c), []);
+      await verifyHot(c, written);
+      assertNoOverlap(await allDefragEvents(c));
+      return at;
+    }
+
+    it('daemons first started after the alarm (a fresh install during the incident) recover it', async (t) => {
+      cluster = await startCluster({ version, tls: true, quotaBytes: QUOTA });
+      const c = cluster;
+      // The seed's case: history fills the quota and nothing compacts it; no etcd-defragd ever ran.
+      const written = await historyUntilNoSpace(c, { maxPuts: 4000 });
+      const alarmAt = Date.now();
+      assert.ok(!(await writesWork(c)), 'writes are refused after the incident');
+      const keys = await c.client().getAll().prefix('/etcd-defragd/').keys();
+      assert.deepEqual(keys, [], 'no key of ours exists: nothing was prepared while writes worked');
+      daemons = c.members.map((m) => startDaemon(c, m, daemonConfig));
+      const at = await assertRecovered(c, written, 'daemons started after the alarm');
+      const orders = daemons.flatMap((d) => d.jsonLines<LogLine>()).filter((l) => l.event === 'turn.acquired' && l.order === 'nospace');
+      assert.ok(orders.length >= 1, 'went through the NOSPACE order');
+      t.diagnostic(`writes refused for ${at - alarmAt} ms after the alarm; ${orders.length} members went in the NOSPACE order`);
+    });
+
+    it('every daemon stopped during the alarm and started again after the lease TTL (a reboot) recovers it', async () => {
+      cluster = await startCluster({ version, tls: true, quotaBytes: QUOTA });
+      const c = cluster;
+      const cfg = { ...daemonConfig, coordination: { leaseTTL: '5s' } };
+      daemons = c.members.map((m) => startDaemon(c, m, cfg));
+      await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'turn.register', 30_000)));
+      const written = await historyUntilNoSpace(c, { maxPuts: 4000 });
+      // The nodes go down with the alarm raised (kubelet restarts, a reboot): killed, not stopped.
+      await Promise.all(daemons.map((d) => d.kill('SIGKILL')));
+      await new Promise((r) => setTimeout(r, 5_000 + 3_000));
+      assert.ok(!(await writesWork(c)), 'still read-only after the daemons went away');
+      daemons = c.members.map((m) => startDaemon(c, m, cfg));
+      await assertRecovered(c, written, 'daemons restarted after their leases expired');
+    });
+
+    it('a SIGHUP with renewed TLS files during the alarm still lets the daemons recover it', async () => {
+      cluster = await startCluster({ version, tls: true, quotaBytes: QUOTA });
+      const c = cluster;
+      const pki = c.pki!;
+      // Each daemon reads its own copy of the client pair, renewed below as kubeadm certs renew does.
+      const pairs = c.members.map((m) => {
+        const dir = join(c.dir, `pki-${m.name}`);
+        mkdirSync(dir);
+        const pair = { ca: join(dir, 'ca.crt'), crt: join(dir, 'client.crt'), key: join(dir, 'client.key') };
+        copyFileSync(pki.caFile, pair.ca);
+        copyFileSync(pki.clientCertFile, pair.crt);
+        copyFileSync(pki.clientKeyFile, pair.key);
+        return pair;
+      });
+      const cfg = (i: number) => ({
+        ...daemonConfig,
+        etcd: { ...memberEtcd(c, c.members[i]!), caFile: pairs[i]!.ca, certFile: pairs[i]!.crt, keyFile: pairs[i]!.key },
+      });
+      daemons = c.members.map((m, i) => startDaemon(c, m, cfg(i)));
+      await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'turn.register', 30_000)));
+      // Paused (written while writes work), so that the reload surely comes during the alarm, before any recovery.
+      await c
+        .client()
+        .put('/etcd-defragd/pause')
+        .value(JSON.stringify({ by: 'test', host: 'test', at: '', reason: 'hold' }))
+        .exec();
+      const written = await historyUntilNoSpace(c, { maxPuts: 4000 });
+      await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'run.skip' && l.check === 'pause', 30_000)));
+      const renewed = await issueCert(pki, 'renewed-client', { cn: 'kube-etcd-healthcheck-client', usage: 'client' });
+      const from = daemons.map((d) => d.lines.length);
+      for (const p of pairs) {
+        copyFileSync(renewed.certFile, p.crt);
+        copyFileSync(renewed.keyFile, p.key);
+      }
+      for (const d of daemons) process.kill(d.pid, 'SIGHUP');
+      await Promise.all(daemons.map((d, i) => d.waitForJson((l) => l.event === 'config.reload', 15_000, { from: from[i] })));
+      await Promise.all(daemons.map((d, i) => d.waitForJson((l) => l.event === 'tls.changed', 30_000, { from: from[i] })));
+      await c.client().delete().key('/etcd-defragd/pause').exec(); // resume: a delete works during NOSPACE
+      await assertRecovered(c, written, 'after a reload with renewed certificates during the alarm');
+      assert.ok(
+        daemons.every((d) => d.isRunning()),
+        'the same processes',
+      );
     });
 
     it('a HashKV mismatch after a defragment stops the round with exit 1', async () => {

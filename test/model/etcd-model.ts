@@ -597,7 +597,7 @@ export class EtcdModel {
           deadline.cancel();
           // A member killed mid-defragment drops the connection.
           if (m.state === 'killed') this.clock.at(this.clock.now() + LATENCY, () => reject(ERR.unavailable()), owner);
-          else this.clock.at(this.clock.now() + LATENCY, () => resolve({ memberId: m.id }), owner);
+          else this.clock.at(this.clock.now() + LATENCY, () => resolve(), owner);
         },
       };
       const deadline = this.clock.at(
@@ -906,6 +906,31 @@ export class ModelClient implements EtcdMember {
 
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<{ succeeded: boolean }> {
     return this.once(what, 'raft', () => this.model.txn(compare, success));
+  }
+
+  // One read-only Txn: atomic, like etcd's (the model applies one request at a time).
+  readKeys(keys: string[], hooks?: RetryHooks): Promise<Map<string, string>> {
+    return this.read(
+      'read keys',
+      'raft',
+      () => {
+        const out = new Map<string, string>();
+        for (const k of keys) {
+          const v = this.model.getValue(k);
+          if (v !== undefined) out.set(k, v);
+        }
+        return out;
+      },
+      hooks,
+    );
+  }
+
+  deleteKey(key: string): Promise<number> {
+    return this.once('delete', 'raft', () => {
+      const had = this.model.getValue(key) !== undefined;
+      this.model.txn([], [{ request_delete_range: { key: Buffer.from(key) } }]);
+      return had ? 1 : 0;
+    });
   }
 
   put(key: string, value: string, lease?: string): Promise<unknown> {

@@ -170,25 +170,6 @@ describe('issue 10, the nine points, on the etcd model', () => {
     }
   });
 
-  it("point 5: a participant that runs out of tickets during NOSPACE continues on its member's reserve", async () => {
-    const s = sim({ seed: 15, tickets: 64 });
-    try {
-      const { turn } = s.newTurn('m1', { keepSpares: true, tickets: 64 });
-      await s.drive(turn.register());
-      await s.run(2000);
-      s.model.fillToQuota('m2'); // no refill can be written from now on
-      // Each turn costs two tickets: 64 tickets are 32 turns, then the participant is stuck.
-      for (let i = 0; i < 40; i++) {
-        const r = await s.drive(turn.acquire(s.clock.now() + 60_000));
-        assert.ok(r.ok, `turn ${i + 1}: ${JSON.stringify(r)}`);
-        await s.drive(turn.release());
-      }
-      assert.deepEqual(s.model.violations, []);
-    } finally {
-      s.dispose();
-    }
-  });
-
   it('point 6: a holder paused past its lease right before defragmenting does not send its Defragment late', async () => {
     const s = sim({ seed: 16 });
     try {

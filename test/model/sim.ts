@@ -7,6 +7,7 @@ import { silentLogger, type Log } from '../../src/log.ts';
 import { fuseKey, haltKey } from '../../src/control.ts';
 import { run, type RunResult } from '../../src/run.ts';
 import { decide } from '../../src/policy.ts';
+import { memoryLock } from '../../src/node-lock.ts';
 import { Turn } from '../../src/turn.ts';
 import { FakeClock, type Owner } from './clock.ts';
 import { EtcdModel } from './etcd-model.ts';
@@ -71,6 +72,8 @@ export class Sim {
   private readonly random: () => number;
   private readonly savedRandom = Math.random;
   private strays = new Map<string, number>();
+  /** The node lock of the NOSPACE order, shared by the processes of each simulated node. */
+  private readonly locks = new Map<string, () => boolean>();
   private lastCheck = 0;
   private seq = 0;
 
@@ -152,6 +155,7 @@ export class Sim {
       loadOptions: {},
       tickets: this.o.tickets ?? 16,
       metrics: (sharedMetrics ??= new Metrics('model')),
+      nodeLock: memoryLock(this.locks, () => owner.alive),
       pool: () => this.model.pool(owner),
       scheduler: (_cron, _tz, fn) => {
         const t = clock.every(every, fn);
@@ -182,7 +186,15 @@ export class Sim {
     p.result = (async () => {
       try {
         return await run(
-          { config, pool, log: this.procLog(owner), clock, turn, onInspected: (v) => turn.identify(v.local.id) },
+          {
+            config,
+            pool,
+            log: this.procLog(owner),
+            clock,
+            turn,
+            nodeLock: memoryLock(this.locks, () => owner.alive),
+            onInspected: (v) => turn.identify(v.local.id),
+          },
           { mode: 'once', force: opts.force },
         );
       } catch (err) {
@@ -197,7 +209,7 @@ export class Sim {
   }
 
   /** A bare participant of the turn in its own process (what `once` and the daemon build). */
-  newTurn(member: string, opts: { keepSpares?: boolean; tickets?: number } = {}): { turn: Turn; owner: Owner } {
+  newTurn(member: string, opts: { tickets?: number } = {}): { turn: Turn; owner: Owner } {
     const config = this.config(member);
     const owner = this.clock.owner(`turn-${member}-${++this.seq}`);
     const turn = new Turn(
@@ -205,7 +217,6 @@ export class Sim {
         prefix: config.coordination.prefix,
         leaseTTL: config.coordination.leaseTTL,
         command: 'test',
-        keepSpares: opts.keepSpares,
         tickets: opts.tickets ?? this.o.tickets ?? 16,
       },
       { pool: this.model.pool(owner), endpoint: config.etcd.endpoint, log: this.procLog(owner), clock: owner.clock() },
