@@ -4,7 +4,8 @@ import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
-import { clusterControl, describeClusterControl, disarm, pause, resume } from './ops.ts';
+import { clusterControl, clusterHalt, describeClusterControl, disarm, pause, resume } from './ops.ts';
+import { describeVersionNotes, versionNotes } from './etcd-versions.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
@@ -187,7 +188,21 @@ function decisionOf(m: MemberView, c: LoadedConfig['config']): Decision | undefi
 function statusTable(view: ClusterView, loaded: LoadedConfig): string {
   const c = loaded.config;
   const rows = [
-    ['MEMBER', 'NAME', 'ENDPOINT', 'ROLE', 'DB SIZE', 'IN USE', 'FRAG', 'QUOTA', 'QUOTA USE', 'DEFRAGMENTING', 'APPLIED', 'DECISION'],
+    [
+      'MEMBER',
+      'NAME',
+      'ENDPOINT',
+      'ROLE',
+      'ETCD',
+      'DB SIZE',
+      'IN USE',
+      'FRAG',
+      'QUOTA',
+      'QUOTA USE',
+      'DEFRAGMENTING',
+      'APPLIED',
+      'DECISION',
+    ],
   ];
   for (const m of view.members) {
     const s = m.status;
@@ -198,6 +213,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
       m.name || '-',
       m.endpoint,
       role,
+      s?.version ?? '-',
       s ? formatBytes(s.dbSize) : '-',
       s ? formatBytes(s.dbSizeInUse) : '-',
       d ? formatPercent(d.fragmentation) : '-',
@@ -221,6 +237,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
   for (const m of view.members) {
     const warning = quotaMismatch(m) ?? (m.quotaBytes === undefined && m.status ? m.quotaError : undefined);
     if (warning) lines.push(`warning: ${warning}`);
+    if (m.status) for (const note of describeVersionNotes(m.hex, m.status.version)) lines.push(`warning: ${note}`);
   }
   lines.push(
     "(* = the local member, from etcd.endpoint; QUOTA: etcd = the member's own --quota-backend-bytes, config = policy.quotaBytes;",
@@ -250,6 +267,8 @@ function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
       },
       defragmenting: m.defragmenting ?? null,
       metricsError: m.metricsError ?? null,
+      etcdVersion: m.status?.version ?? null,
+      etcdNotes: m.status ? versionNotes(m.status.version).map((n) => ({ id: n.id, fixedIn: n.fixedIn, what: n.what })) : [],
       status: m.status
         ? {
             ...m.status,
@@ -291,7 +310,7 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
         nextRun: cc.nextRun ?? null,
         turn: { holder: cc.holder ?? null, participants: cc.participants },
         pause: cc.pause ?? null,
-        halt: cc.halt ?? null,
+        halt: clusterHalt(cc) ?? null,
         readErrors: cc.errors,
       };
       writeOut(`${JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2)}\n`);

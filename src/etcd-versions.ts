@@ -37,7 +37,7 @@ export const VERSION_NOTES: readonly VersionNote[] = [
 ];
 
 function parse(version: string): [number, number, number] | undefined {
-  const m = /^v?(\d+)\.(\d+)\.(\d+)/.exec(version.trim());
+  const m = /^v?(\d+)\.(\d+)\.(\d+)/.exec(String(version ?? '').trim());
   return m ? [Number(m[1]), Number(m[2]), Number(m[3])] : undefined;
 }
 

@@ -31,6 +31,7 @@ export const SKIP_CHECKS = [
   'halt',
   'pause',
   'member',
+  'nospace',
   'other',
 ] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
@@ -188,11 +189,12 @@ export class Metrics {
     else this.quotaBytes.remove({ member: m.hex });
     this.defragmenting.set({ member: m.hex }, this.defragInFlight || m.defragmenting ? 1 : 0);
     if (!m.status) return;
-    const notes = versionNotes(m.status.version)
+    const version = m.status.version ?? '';
+    const notes = versionNotes(version)
       .map((n) => n.id)
       .join(',');
     this.etcdVersion.reset();
-    this.etcdVersion.set({ member: m.hex, version: m.status.version, notes }, 1);
+    this.etcdVersion.set({ member: m.hex, version, notes }, 1);
     this.dbSize.set({ member: m.hex }, m.status.dbSize);
     this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
     if (quota) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);

@@ -113,6 +113,18 @@ export class EtcdModel {
   onArrive: ((owner: Owner, op: string, endpoint: string, detail?: string) => void) | undefined;
   /** Per member: HashKV takes this long (a full-keyspace hash of a large db). */
   hashMs = new Map<string, number>();
+  /** MoveLeader fails (a directed test: a leader that cannot hand leadership away). */
+  refuseMoveLeader = false;
+  /**
+   * etcd before 3.4.20 / 3.5.7: BackendQuota.Available has no cost-0 pass-through, so a member whose
+   * db is at its quota refuses every Txn while NOSPACE is raised, read-only and delete-only alike.
+   */
+  txnQuotaBefore3420 = false;
+
+  /** Refuses a Txn as etcd before 3.4.20 / 3.5.7 did at a member over its quota (see txnQuotaBefore3420). */
+  oldQuotaCheck(m: ModelMember): void {
+    if (this.txnQuotaBefore3420 && m.dbSize >= this.opts.quotaBytes && this.alarms.some((a) => a.alarm === 'NOSPACE')) throw ERR.nospace();
+  }
   /** Requests sent, by operation (to see where simulated time goes, and for the tests). */
   stats: Record<string, number> = {};
   /** Defragment arrivals: who, when (the checks and the tests read it). */
@@ -681,6 +693,7 @@ export class EtcdModel {
   }
 
   moveLeader(m: ModelMember, targetId: string): void {
+    if (this.refuseMoveLeader) throw new Error('etcdserver: leader transfer failed (test)');
     if (m.id !== this.leader) throw ERR.notLeader();
     const t = this.byId(targetId);
     if (!t || t.isLearner || t.state !== 'up') throw new Error('etcdserver: bad leader transferee');
@@ -905,7 +918,10 @@ export class ModelClient implements EtcdMember {
   }
 
   txn(what: string, compare: ICompare[], success: IRequestOp[]): Promise<{ succeeded: boolean }> {
-    return this.once(what, 'raft', () => this.model.txn(compare, success));
+    return this.once(what, 'raft', (m) => {
+      this.model.oldQuotaCheck(m);
+      return this.model.txn(compare, success);
+    });
   }
 
   // One read-only Txn: atomic, like etcd's (the model applies one request at a time).
@@ -914,6 +930,8 @@ export class ModelClient implements EtcdMember {
       'read keys',
       'raft',
       () => {
+        // Old etcd refuses this read-only Txn at a member over its quota; MemberClient then reads
+        // the keys one by one, which in this model (one request at a time) gives the same answer.
         const out = new Map<string, string>();
         for (const k of keys) {
           const v = this.model.getValue(k);

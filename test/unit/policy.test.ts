@@ -1,7 +1,16 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadConfig } from '../../src/config.ts';
-import { decide, decideNoSpace, enforcedQuota, healthGate, quotaMismatch, resolveQuota, transferTarget } from '../../src/policy.ts';
+import {
+  decide,
+  decideNoSpace,
+  enforcedQuota,
+  healthGate,
+  nospaceNext,
+  quotaMismatch,
+  resolveQuota,
+  transferTarget,
+} from '../../src/policy.ts';
 import { hexId, type ClusterView, type MemberStatus, type MemberView } from '../../src/view.ts';
 
 const MiB = 1024 ** 2;
@@ -72,7 +81,7 @@ describe('decide', () => {
     const live = decideNoSpace({ dbSize: q, dbSizeInUse: 0.95 * q }, c, q, true);
     assert.equal(live.defrag, false);
     assert.match(live.reason, /live data .* alone is above/);
-    assert.equal(decideNoSpace({ dbSize: 0.5 * q, dbSizeInUse: 0.4 * q }, c, q).defrag, false, 'under the mark: the normal policy');
+    assert.equal(decideNoSpace({ dbSize: 0.5 * q, dbSizeInUse: 0.4 * q }, c, q).defrag, false, 'under the mark: out of the NOSPACE order');
   });
 });
 
@@ -168,5 +177,29 @@ describe('decideNoSpace bounds', () => {
     const limit = q * c.nospace.disarmBelow;
     assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 100 }, c, q, true).defrag, false);
     assert.equal(decideNoSpace({ dbSize: limit + 10, dbSizeInUse: limit - 8 * MiB }, c, q, true).defrag, true);
+  });
+});
+
+describe('the NOSPACE order', () => {
+  const over = (id: string, o: Partial<MemberView> = {}) => member(id, { quotaBytes: q, ...o }, { dbSize: q, dbSizeInUse: 0.5 * q });
+  const under = (id: string) => member(id, { quotaBytes: q }, { dbSize: 0.5 * q, dbSizeInUse: 0.4 * q });
+  it('picks the lowest member ID among the voting members at or above the disarm mark, as a number', () => {
+    // '9' < '10' as numbers, not as strings; IDs exceed 2^53.
+    const ids = ['18446744073709551615', '10', '9'];
+    assert.equal(nospaceNext(view(ids.map((id) => over(id, { isLocal: id === '9' }))), c)?.id, '9');
+    assert.equal(nospaceNext(view([under('9'), over('10'), over('18446744073709551615', { isLocal: true })]), c)?.id, '10');
+  });
+  it('skips learners and members under the mark; nobody when all are under it', () => {
+    assert.equal(nospaceNext(view([over('1', { isLearner: true }), over('2', { isLocal: true })]), c)?.id, '2');
+    assert.equal(nospaceNext(view([under('1'), under('2')]), c), undefined);
+  });
+  it('judges by the lower of the configured and the member own quota (what etcd enforces)', () => {
+    const m = member('1', { quotaBytes: 4 * q, etcdQuotaBytes: q }, { dbSize: q, dbSizeInUse: 0.4 * q });
+    assert.equal(nospaceNext(view([m]), c)?.id, '1');
+  });
+  it('a member under the mark is not defragmented during NOSPACE, whatever its fragmentation', () => {
+    const d = decideNoSpace({ dbSize: 0.8 * q, dbSizeInUse: 0.1 * q }, c, q);
+    assert.equal(d.defrag, false);
+    assert.match(d.reason, /not in the NOSPACE order/);
   });
 });
