@@ -439,6 +439,7 @@ export class Daemon {
     const prev = this.config;
     this.config = next;
     const tlsChanged = this.tls.reset(next);
+    if (tlsChanged) log.info({ event: 'tls.changed' }, 'the TLS files changed on disk: reconnecting with them');
     this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged =

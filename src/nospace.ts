@@ -104,8 +104,9 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
       } else if (m.isLocal) {
         log.info(fields, `NOSPACE stays armed until member ${memberLabel(m)} is defragmented by its etcd-defragd: ${size}`);
       } else {
-        // Daemons started during the alarm cannot register (no lease is granted), so who runs where is unknown.
-        log.warn(
+        // Daemons started during the alarm cannot register (no lease is granted), so who runs where
+        // is unknown; the NOSPACE order says at error level when the member first in it stalls.
+        log.info(
           fields,
           `member ${memberLabel(m)} keeps the NOSPACE alarm armed: ${size}; its etcd-defragd defragments it in the NOSPACE order ` +
             '(is etcd-defragd running on its node?)',

@@ -877,7 +877,12 @@ async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?:
   let first: { end: number } | undefined;
   const stall = new StallReport(deps, Math.max(60_000, 3 * c.nospace.checkInterval));
   for (;;) {
+    if (deps.signal?.aborted) return skip('stopping while waiting in the NOSPACE order', { check: 'turn' });
     let look = await lookInOrder(state);
+    deps.log.debug(
+      { event: 'turn.look', look: 'view' in look ? 'go' : 'wait' in look ? look.wait : look.result.reason },
+      'NOSPACE order: look',
+    );
     if ('wait' in look) stall.waitingFor(look.first);
     // Two processes of one member (the daemon and an operator's `once`) look alike to etcd: they agree on this node.
     if ('view' in look && !locked.release) {
@@ -934,7 +939,10 @@ async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?:
     }
     // Second look, at least NOSPACE_CONFIRM_MS after the first ended, and the Defragment right after it.
     if (look.start - first.end < NOSPACE_CONFIRM_MS || deps.clock.now() - look.end > NOSPACE_CONFIRM_MS / 2) {
+      // Too close to the first look, or too long ago for the Defragment: this one counts as the first.
+      deps.log.debug({ event: 'turn.confirm', sinceFirstMs: look.start - first.end }, 'NOSPACE order: looking again to confirm');
       first = { end: look.end };
+      await deps.clock.sleep(NOSPACE_CONFIRM_MS, deps.signal);
       continue;
     }
     deps.log.info(

@@ -7,6 +7,7 @@ import { silentLogger, type Log } from '../../src/log.ts';
 import { fuseKey, haltKey } from '../../src/control.ts';
 import { run, type RunResult } from '../../src/run.ts';
 import { decide } from '../../src/policy.ts';
+import { prefixEnd } from '../../src/etcd.ts';
 import { memoryLock } from '../../src/node-lock.ts';
 import { Turn } from '../../src/turn.ts';
 import { FakeClock, type Owner } from './clock.ts';
@@ -281,9 +282,11 @@ export class Sim {
   private computeHolders(): string[] {
     const base = `${this.base.coordination.prefix}p/`;
     const lowest = new Map<string, number>();
-    for (const k of this.model.keys(base)) {
-      const [lease, kind, index] = k.slice(base.length).split('/');
+    for (const kv of this.model.rangeKvs(Buffer.from(base), prefixEnd(base))) {
+      const [lease, kind, index] = kv.key.toString().slice(base.length).split('/');
       if (kind !== 't' || !lease) continue;
+      // A key counts for the lease it is attached to (etcd deletes it with that lease), not for the name it carries.
+      if (!/^[0-9a-f]+$/.test(lease) || String(kv.lease) !== BigInt(`0x${lease}`).toString()) continue;
       const n = Number(index);
       if (!lowest.has(lease) || n < lowest.get(lease)!) lowest.set(lease, n);
     }
