@@ -11,7 +11,7 @@ import { errorMessage } from './errors.ts';
 import type { Log } from './log.ts';
 import { Metrics } from './metrics.ts';
 import { fileLock, type NodeLock } from './node-lock.ts';
-import { checkAndDisarm } from './nospace.ts';
+import { checkAndDisarm, StallWatch } from './nospace.ts';
 import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
 import { run, type HashKVFn, type RunResult } from './run.ts';
@@ -73,7 +73,7 @@ export class Daemon {
   private readonly abort = new AbortController();
   private reconnectPending = false;
   /** While a NOSPACE alarm lasts: whether this daemon has defragmented its member since it was raised. */
-  private alarmEpisode: { defraggedSinceAlarm: boolean; since: number } | undefined;
+  private alarmEpisode: { defraggedSinceAlarm: boolean; since: number; stalls: StallWatch } | undefined;
   /**
    * Set by an integrity mismatch: no more defragments from this daemon until it is restarted, or
    * until `etcd-defragd resume --integrity-checked` deletes the halt key this daemon wrote.
@@ -305,6 +305,7 @@ export class Daemon {
           hashKV: this.deps.hashKV,
           revisions: this.revisions,
           nodeLock: this.nodeLock,
+          stalls: this.alarmEpisode?.stalls,
           onInspected: (v) => {
             if (v.local.status) this.revisions.record(this.deps.clock.now(), v.local.status.revision);
             this.metrics.recordView(v);
@@ -342,6 +343,7 @@ export class Daemon {
           log,
           onDisarm: () => this.metrics.disarms.inc(),
           defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
+          stalls: this.alarmEpisode && { watch: this.alarmEpisode.stalls, now: this.deps.clock.now() },
         });
       } catch (err) {
         log.error({ event: 'nospace.check.fail', error: errorMessage(err) }, `NOSPACE check failed: ${errorMessage(err)}`);
@@ -386,7 +388,7 @@ export class Daemon {
       this.alarmEpisode = undefined;
       this.revisions.hold(undefined);
     } else {
-      this.alarmEpisode ??= { defraggedSinceAlarm: false, since: this.deps.clock.now() };
+      this.alarmEpisode ??= { defraggedSinceAlarm: false, since: this.deps.clock.now(), stalls: new StallWatch(this.config) };
       this.revisions.hold(this.alarmEpisode.since - this.config.nospace.keepHistory);
       if (!this.running)
         this.deps.log.warn(

@@ -7,8 +7,49 @@ import { errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { NEAR_QUOTA_MIN_RECLAIM, enforcedQuota } from './policy.ts';
-import { formatBytes, formatPercent } from './units.ts';
+import { formatBytes, formatDuration, formatPercent } from './units.ts';
 import { hexId, memberLabel, voting, type Alarm, type MemberView } from './view.ts';
+
+/**
+ * During NOSPACE every member over the mark waits for its own daemon: when one shows no progress
+ * (same db size, not defragmenting) for a while, its node may have no running etcd-defragd. Each
+ * such member is reported once per alarm, at error level, by whichever daemon notices it.
+ */
+export class StallWatch {
+  private readonly seen = new Map<string, { size: number; since: number; told: boolean }>();
+  private readonly afterMs: number;
+
+  constructor(c: Pick<Config, 'nospace'>) {
+    this.afterMs = Math.max(60_000, 3 * c.nospace.checkInterval);
+  }
+
+  /** Of these members over the mark, those without progress for long enough, each returned once. */
+  stalled(members: MemberView[], now: number): { member: MemberView; forMs: number }[] {
+    const out: { member: MemberView; forMs: number }[] = [];
+    for (const m of members) {
+      const size = m.status?.dbSize ?? 0;
+      const s = this.seen.get(m.id);
+      if (!s || s.size !== size || m.defragmenting) {
+        this.seen.set(m.id, { size, since: now, told: s?.told ?? false });
+        continue;
+      }
+      if (s.told || now - s.since < this.afterMs) continue;
+      s.told = true;
+      out.push({ member: m, forMs: now - s.since });
+    }
+    return out;
+  }
+}
+
+export function reportStalled(log: Log, stalled: { member: MemberView; forMs: number }[]): void {
+  for (const { member: m, forMs } of stalled)
+    log.error(
+      { event: 'nospace.unattended', member: m.hex, dbSize: m.status?.dbSize, stalledMs: forMs },
+      `member ${memberLabel(m)} keeps the NOSPACE alarm armed and has shown no progress for ${formatDuration(forMs)} ` +
+        `(db ${formatBytes(m.status?.dbSize ?? 0)}, not defragmenting): is etcd-defragd running on its node? ` +
+        `Start it there, or defragment that member by hand (etcdctl defrag --endpoints=${m.endpoint})`,
+    );
+}
 
 export type DisarmOutcome = 'disarmed' | 'not-needed' | 'waiting' | 'blocked' | 'disabled' | 'failed';
 
@@ -19,6 +60,8 @@ export interface DisarmDeps {
   onDisarm?: () => void;
   /** The local member was defragmented since the alarm was raised: its in-use figure is real. */
   defraggedSinceAlarm?: boolean;
+  /** Members over the mark without progress, and the time now (the daemon's clock). */
+  stalls?: { watch: StallWatch; now: number };
 }
 
 export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
@@ -92,6 +135,14 @@ export async function checkAndDisarm(deps: DisarmDeps): Promise<DisarmOutcome> {
   }
   const over = checked.filter((m) => m.status!.dbSize >= limitOf(m));
   if (over.length > 0) {
+    if (deps.stalls)
+      reportStalled(
+        log,
+        deps.stalls.watch.stalled(
+          over.filter((m) => !m.isLocal && !m.isLearner),
+          deps.stalls.now,
+        ),
+      );
     for (const m of over) {
       const size = `its db is ${formatBytes(m.status!.dbSize)}, above ${markOf(m)}`;
       const fields = { event: 'nospace.wait', member: m.hex, dbSize: m.status!.dbSize, limitBytes: Math.floor(limitOf(m)) };

@@ -9,6 +9,7 @@ import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
 import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
+import { reportStalled, StallWatch } from './nospace.ts';
 import type { Log } from './log.ts';
 import type { NodeLock } from './node-lock.ts';
 import {
@@ -66,6 +67,8 @@ export interface RunDeps {
   revisions?: RevisionLog;
   /** One process per member on this node in the NOSPACE order (src/node-lock.ts); required for NOSPACE recovery. */
   nodeLock?: NodeLock;
+  /** Members over the mark that show no progress during this alarm (the daemon keeps one per alarm). */
+  stalls?: StallWatch;
 }
 
 export interface RunOptions {
@@ -875,7 +878,7 @@ async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?:
   const until = state.started + c.coordination.maxWait;
   let lastWait = '';
   let first: { end: number } | undefined;
-  const stall = new StallReport(deps, Math.max(60_000, 3 * c.nospace.checkInterval));
+  const stalls = deps.stalls ?? new StallWatch(c);
   for (;;) {
     if (deps.signal?.aborted) return skip('stopping while waiting in the NOSPACE order', { check: 'turn' });
     let look = await lookInOrder(state);
@@ -883,7 +886,7 @@ async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?:
       { event: 'turn.look', look: 'view' in look ? 'go' : 'wait' in look ? look.wait : look.result.reason },
       'NOSPACE order: look',
     );
-    if ('wait' in look) stall.waitingFor(look.first);
+    if ('wait' in look && look.first) reportStalled(deps.log, stalls.stalled([look.first], deps.clock.now()));
     // Two processes of one member (the daemon and an operator's `once`) look alike to etcd: they agree on this node.
     if ('view' in look && !locked.release) {
       locked.release = await lock(look.view.local.hex);
@@ -1003,41 +1006,4 @@ async function integrityFailure(
   deps.log.error({ event: 'verify.fail', code: 'EDD_INTEGRITY', member: view.local.hex, ...bad.fields }, bad.reason);
   const haltRecorded = await writeHalt(deps, view, bad.reason);
   return { outcome: 'failed', reason: bad.reason, member: view.local.hex, check: 'integrity', haltRecorded, ...extra };
-}
-
-/**
- * The NOSPACE order waits for the member that goes first, whatever happens to its daemon: skipping
- * it could not disarm the alarm anyway (it stays over the mark). When that member shows no progress
- * (its db size unchanged, not defragmenting) for `after` ms, say so once, at error level: its node
- * may have no running etcd-defragd.
- */
-class StallReport {
-  private member: string | undefined;
-  private size = 0;
-  private since = 0;
-  private told = false;
-
-  constructor(
-    private readonly deps: RunDeps,
-    private readonly after: number,
-  ) {}
-
-  waitingFor(m: MemberView | undefined): void {
-    const now = this.deps.clock.now();
-    const size = m?.status?.dbSize ?? 0;
-    if (!m || m.id !== this.member || size !== this.size || m.defragmenting) {
-      this.member = m?.id;
-      this.size = size;
-      this.since = now;
-      return;
-    }
-    if (this.told || now - this.since < this.after) return;
-    this.told = true;
-    this.deps.log.error(
-      { event: 'nospace.unattended', member: m.hex, dbSize: size, stalledMs: now - this.since },
-      `member ${memberLabel(m)} keeps the NOSPACE alarm armed and goes first in the NOSPACE order, ` +
-        `but has shown no progress for ${formatDuration(now - this.since)} (db ${formatBytes(size)}, not defragmenting): ` +
-        `is etcd-defragd running on its node? Start it there, or defragment that member by hand (etcdctl defrag --endpoints=${m.endpoint})`,
-    );
-  }
 }

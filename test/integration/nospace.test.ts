@@ -137,7 +137,7 @@ for (const version of versionsUnderTest()) {
       cluster = await startCluster({ version, tls: true, quotaBytes: QUOTA });
       const c = cluster;
       // Only two members get a daemon at first: the third keeps the alarm armed and must be named.
-      const cfg = { ...daemonConfig, coordination: { leaseTTL: '5s', settle: '6s' }, log: { level: 'debug' } };
+      const cfg = { ...daemonConfig, coordination: { leaseTTL: '5s', settle: '6s' } };
       daemons = c.members.slice(0, 2).map((m) => startDaemon(c, m, cfg));
       await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'turn.register', 30_000)));
       const { written } = await incident(c);
