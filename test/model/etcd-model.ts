@@ -113,6 +113,8 @@ export class EtcdModel {
   onArrive: ((owner: Owner, op: string, endpoint: string, detail?: string) => void) | undefined;
   /** Per member: HashKV takes this long (a full-keyspace hash of a large db). */
   hashMs = new Map<string, number>();
+  /** Called when a Defragment reaches a member (the sim checks that its sender holds the turn). */
+  onDefragmentArrive: ((m: ModelMember, by: string) => void) | undefined;
   /** MoveLeader fails (a directed test: a leader that cannot hand leadership away). */
   refuseMoveLeader = false;
   /**
@@ -583,6 +585,7 @@ export class EtcdModel {
   /** A Defragment arrives at member m: the invariants are checked here, where the harm would be. */
   startDefrag(m: ModelMember, by: string): void {
     this.defragLog.push({ member: m.name, at: this.clock.now(), by });
+    this.onDefragmentArrive?.(m, by);
     const busy = this.defragmenting().filter((x) => x !== m);
     if (busy.length > 0)
       this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);

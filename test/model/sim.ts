@@ -11,7 +11,7 @@ import { prefixEnd } from '../../src/etcd.ts';
 import { memoryLock } from '../../src/node-lock.ts';
 import { Turn } from '../../src/turn.ts';
 import { FakeClock, type Owner } from './clock.ts';
-import { EtcdModel } from './etcd-model.ts';
+import { EtcdModel, type ModelMember } from './etcd-model.ts';
 
 export interface SimOptions {
   members?: number;
@@ -124,6 +124,28 @@ export class Sim {
       fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
     });
     this.clock.onStep = () => this.step();
+    this.model.onDefragmentArrive = (m, by) => this.checkSender(m, by);
+  }
+
+  /**
+   * When a Defragment reaches member m, its sender holds the turn: the lease-based turn in etcd, or
+   * the first place of the NOSPACE order (m is the voting member with the lowest ID whose db is at
+   * or above the disarm mark), and m is the sender's own member.
+   */
+  private checkSender(m: ModelMember, by: string): void {
+    const p = this.procs.find((x) => x.name === by);
+    if (!p) return; // a test's own client
+    if (p.member !== m.name) this.model.violate(`${by} defragmented ${m.name}, not its own member ${p.member}`);
+    const lease = this.turnState(p).participant;
+    if (lease && this.holders().includes(lease)) return;
+    const mark = this.model.opts.quotaBytes * this.base.nospace.disarmBelow;
+    const first = this.model.members
+      .filter((x) => !x.isLearner && x.dbSize >= mark)
+      .sort((a, b) => (BigInt(a.id) < BigInt(b.id) ? -1 : 1))[0];
+    if (first !== m)
+      this.model.violate(
+        `${by} defragmented ${m.name} without the turn: it holds no lease-based turn, and the NOSPACE order has ${first?.name ?? 'nobody'} first`,
+      );
   }
 
   /** The log of one simulated process: its lines name it (MODEL_LOG traces a replayed schedule). */
