@@ -319,11 +319,17 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
   // The point of no return: a fresh keep-alive, our ticket still there, and a fresh look at every
   // member showing none of them defragmenting, no halt, pause or NOSPACE alarm recorded since, all
   // within a third of the lease TTL.
+  // Before the fence, whose timing is the lease's: the connection the Defragment goes on, confirmed.
+  const sender = await localConnection(deps, view.local);
+  if ('error' in sender) {
+    deps.log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: view.local.hex }, sender.error);
+    return { outcome: 'failed', reason: sender.error, member: view.local.hex, check: 'member', view };
+  }
   let stopAtFence: Awaited<ReturnType<typeof fenceLook>>;
   const fenced = await turn.fence(async () => (stopAtFence = await fenceLook(deps, view))?.reason);
   if (stopAtFence) return skip(stopAtFence.reason, { check: stopAtFence.check, member: stopAtFence.member ?? view.local.hex, view });
   if (fenced) return skip(`not defragmenting: ${fenced}; trying again at the next run`, { check: 'turn', member: view.local.hex, view });
-  return defragmentLocal(deps, view, state.mode);
+  return defragmentLocal(deps, view, state.mode, sender);
 }
 
 /**
@@ -631,16 +637,16 @@ async function compactTo(deps: RunDeps, client: EtcdMember, revision: bigint): P
   }
 }
 
-async function defragmentLocal(deps: RunDeps, view: ClusterView, mode: RunState['mode']): Promise<RunResult> {
+async function defragmentLocal(
+  deps: RunDeps,
+  view: ClusterView,
+  mode: RunState['mode'],
+  /** The client whose connection was confirmed to reach the local member (localConnection). */
+  sender: { client: EtcdMember },
+): Promise<RunResult> {
   const { log, config: c } = deps;
   const local = view.local;
   const before = local.status!;
-  // etcd's reply carries no header: which member defragmented cannot be learned afterwards.
-  const sender = await localConnection(deps, local);
-  if ('error' in sender) {
-    log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex }, sender.error);
-    return { outcome: 'failed', reason: sender.error, member: local.hex, check: 'member' };
-  }
   const client = sender.client;
   const t0 = deps.clock.now();
   deps.onDefragStart?.(local.hex);
@@ -845,7 +851,9 @@ export const NOSPACE_CONFIRM_MS = 1000;
 
 /** One look for the NOSPACE order: the view when the local member goes now, else why it waits or why the run ends. */
 type OrderLook =
-  { view: ClusterView; start: number; end: number } | { wait: string; check: string; first?: MemberView } | { result: RunResult };
+  | { view: ClusterView; start: number; end: number; sender: { client: EtcdMember } }
+  | { wait: string; check: string; first?: MemberView }
+  | { result: RunResult };
 
 /**
  * NOSPACE: etcd grants no lease and accepts no put, so the lease-based turn cannot be joined by a
@@ -952,7 +960,7 @@ async function nospaceOrder(state: RunState, lock: NodeLock, locked: { release?:
       { event: 'turn.acquired', order: 'nospace', waitedMs: deps.clock.now() - state.started },
       `NOSPACE order: member ${memberLabel(local)} goes now (first of the members above the disarm mark)`,
     );
-    return defragmentLocal(deps, view, 'nospace');
+    return defragmentLocal(deps, view, 'nospace', look.sender);
   }
 }
 
@@ -993,7 +1001,10 @@ async function lookInOrder(state: RunState): Promise<OrderLook> {
   if (!decision.defrag) return { result: { outcome: 'not-needed', reason: decision.reason, member: local.hex, view } };
   const holder = await deps.turn!.holder();
   if (holder) return { wait: `the cluster-wide turn is held by ${holder} (taken before the alarm)`, check: 'turn' };
-  return { view, start, end: deps.clock.now() };
+  // Part of the look, so that the Defragment follows the second look at once.
+  const sender = await localConnection(deps, local);
+  if ('error' in sender) return { result: { outcome: 'failed', reason: sender.error, member: local.hex, check: 'member', view } };
+  return { view, start, end: deps.clock.now(), sender };
 }
 
 /** An integrity mismatch: logged, counted, recorded for every daemon; the run fails. */
