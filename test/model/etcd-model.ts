@@ -246,7 +246,7 @@ export class EtcdModel {
 
   /** The API server's compactor (every 5 minutes in Kubernetes): its Txn puts a key, so NOSPACE stops it (facts). */
   apiCompact(): boolean {
-    if (this.alarms.length > 0 || !this.leaderLive() || !this.quorum()) return false;
+    if (this.alarms.length > 0 || !this.leaderLive() || !this.quorum() || this.revision <= this.compactRev) return false;
     this.compact(this.revision);
     return true;
   }
@@ -391,11 +391,16 @@ export class EtcdModel {
    */
   private tick(): void {
     this.clock.at(this.clock.now() + EXPIRY_TICK_MS, () => {
-      if (this.leaderLive() && this.quorum() && !this.corrupt()) {
+      if (this.expiring()) {
         for (const l of [...this.leases.values()]) if (l.expiresAt <= this.clock.now()) this.revoke(l.id);
       }
       this.tick();
     });
+  }
+
+  /** Whether leases that are not kept alive expire now. */
+  expiring(): boolean {
+    return this.leaderLive() !== undefined && this.quorum() && !this.corrupt();
   }
 
   private revoke(id: string): boolean {
