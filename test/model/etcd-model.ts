@@ -228,6 +228,10 @@ export class EtcdModel {
    */
   churn(bytes: number): boolean {
     if (this.alarms.length > 0 || !this.leaderLive() || !this.quorum()) return false;
+    // Many small writes: the one that finds a file at the quota is refused and raises the alarm.
+    const room = this.opts.quotaBytes + MiB - Math.max(...this.members.map((m) => m.dbSizeInUse));
+    bytes = Math.min(bytes, room);
+    if (bytes <= 0) return false;
     this.revision++;
     this.history.push({ rev: this.revision, bytes });
     for (const m of this.members) {

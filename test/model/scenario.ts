@@ -106,7 +106,7 @@ function fill(sim: Sim, name: string, history: boolean): void {
   const m = sim.model.member(name);
   if (!history) return sim.model.fillToQuota(name);
   // Refused when the alarm is already raised or there is no majority: then this fill is a no-op.
-  sim.model.churn(Math.max(MiB, sim.model.opts.quotaBytes - m.dbSize + MiB));
+  sim.model.churn(Math.max(MiB, sim.model.opts.quotaBytes - m.dbSizeInUse + MiB));
 }
 
 export async function runScenario(s: Scenario): Promise<{ violations: string[]; needing: string[]; sim: Sim; seen: Seen; end: string }> {
@@ -127,7 +127,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
   const names = sim.model.members.map((m) => m.name);
   const daemons = new Map<string, Proc>();
   const at = (i: number) => names[i % names.length]!;
-  const seen: Seen = { noSpace: false, noQuorum: false };
+  const seen: Seen = { noSpace: false, noQuorum: false, duringAlarm: new Set(), unjoined: 0, startedDuringAlarm: 0 };
   const look = () => {
     if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) seen.noSpace = true;
     if (!sim.model.quorum()) seen.noQuorum = true;
@@ -145,7 +145,9 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
   };
   const start = (n: string) => {
     const d = daemons.get(n);
-    if (!d?.owner.alive) daemons.set(n, sim.startDaemon(n));
+    if (d?.owner.alive) return;
+    if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) seen.startedDuringAlarm++;
+    daemons.set(n, sim.startDaemon(n));
   };
   try {
     if (s.start.t === 'afterAlarm') {
@@ -156,6 +158,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
     for (const n of names) start(n);
     await sim.run(3000);
     for (const st of s.steps) {
+      if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) seen.duringAlarm.add(st.t);
       switch (st.t) {
         case 'wait':
           await sim.run(st.ms);
@@ -270,6 +273,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
           break;
       }
       look();
+      if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) seen.duringAlarm.add(st.t);
       await sim.run(1);
       look();
     }
@@ -282,9 +286,8 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
       m.defragMs = Math.min(m.defragMs, 5000);
     }
     for (const n of names) {
-      const d = daemons.get(n)!;
-      d.owner.resume();
-      if (!d.owner.alive) daemons.set(n, sim.startDaemon(n));
+      daemons.get(n)!.owner.resume();
+      start(n);
     }
     // An operator lifts what stops the daemons by design, never by itself (README "Operations"):
     // `etcd-defragd resume` (the pause), `resume --integrity-checked` (the halt key, and the fuse
@@ -299,7 +302,7 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
       violations: sim.model.violations.map((v) => `${new Date(v.at).toISOString()} ${v.what}`),
       needing: sim.needing(),
       sim,
-      seen,
+      seen: { ...seen, unjoined: sim.live().filter((p) => p.daemon && sim.turnState(p).participant === undefined).length },
       end: describeEnd(sim),
     };
   } finally {
@@ -311,6 +314,26 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
 interface Seen {
   noSpace: boolean;
   noQuorum: boolean;
+  /** Steps taken while NOSPACE was raised (before or right after them). */
+  duringAlarm: Set<Step['t']>;
+  /** Daemons outside the turn at the end. */
+  unjoined: number;
+  /** Daemons started again while NOSPACE was raised, the end of the faults included. */
+  startedDuringAlarm: number;
+}
+
+/** The likeliest cause of an unrecovered NOSPACE, from what the schedule did during the alarm (for the survey). */
+function noSpaceCause(s: Scenario, seen: Seen): string {
+  const d = seen.duringAlarm;
+  const cause =
+    s.start.t === 'afterAlarm'
+      ? 'daemons first started during the alarm'
+      : seen.startedDuringAlarm > 0
+        ? `a daemon started again during the alarm${s.steps.some((x) => x.t === 'blackout') ? ', after a blackout' : ''}`
+        : d.has('reload') || d.has('tls')
+          ? 'a reload or TLS change during the alarm'
+          : 'none of those';
+  return `[${cause}; ${seen.unjoined > 0 ? 'a daemon is outside the turn' : 'every daemon in the turn'}]`;
 }
 
 /** Writes from outside the daemons go through raft and the quota like any other. */
@@ -412,7 +435,7 @@ export async function checkScenario(s: Scenario): Promise<void> {
   if (s.start.t === 'afterAlarm') coverage.startedAfterAlarm++;
   if (r.violations.length > 0) throw new Error(`safety: ${r.violations.slice(0, 3).join('; ')}`);
   if (r.sim.model.alarms.some((a) => a.alarm === 'NOSPACE'))
-    throw new Error(`liveness: the NOSPACE alarm is still raised after the faults stopped (${r.end})`);
+    throw new Error(`liveness: the NOSPACE alarm is still raised after the faults stopped ${noSpaceCause(s, r.seen)} (${r.end})`);
   if (r.seen.noSpace) coverage.noSpaceRecovered++;
   if (r.sim.model.halted()) throw new Error(`liveness: halted after the operator resumed (${r.end})`);
   if (r.needing.length > 0)

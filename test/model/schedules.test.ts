@@ -9,7 +9,8 @@
 // A failure prints that seed and the counterexample path; replay exactly that schedule with:
 //   MODEL_SEED=<seed> MODEL_PATH=<path> node --import tsx --test test/model/schedules.test.ts
 // MODEL_RUNS=<n> sets the number of schedules (all workers together). MODEL_SURVEY=1 runs them all and
-// counts the failures by kind, with a replay command for the first of each.
+// counts the failures by kind, with a replay command for the first of each (MODEL_NOSHRINK=1 replays
+// it as generated, unshrunk, so that it keeps its kind).
 import assert from 'node:assert/strict';
 import { availableParallelism } from 'node:os';
 import { it } from 'node:test';
@@ -80,7 +81,7 @@ it(`${RUNS} random fault schedules keep the turn safe and every member defragmen
     for (const [kind, k] of Object.entries(r.kinds)) {
       const seen = kinds.get(kind);
       if (seen) seen.count += k.count;
-      else kinds.set(kind, { count: k.count, example: k.example, replay: `MODEL_SEED=${r.seed} MODEL_PATH=${k.path}` });
+      else kinds.set(kind, { count: k.count, example: k.example, replay: `MODEL_NOSHRINK=1 MODEL_SEED=${r.seed} MODEL_PATH=${k.path}` });
     }
   const failures = [...kinds].map(([kind, k]) => `${k.count} x ${kind}\n  first: ${k.example}\n  replay: ${k.replay}`);
   if (failures.length > 0) {

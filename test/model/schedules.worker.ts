@@ -26,7 +26,8 @@ const result = await fc.check(
       k.count++;
     }
   }),
-  { numRuns: path ? 1 : runs, seed, path, endOnFailure: false },
+  // MODEL_NOSHRINK=1: report the failing schedule as generated (a survey's replay keeps its kind).
+  { numRuns: path ? 1 : runs, seed, path, endOnFailure: Boolean(process.env.MODEL_NOSHRINK) },
 );
 
 /** A failure's kind: its message up to the details, with times, sizes, names and leases taken out. */
