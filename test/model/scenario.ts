@@ -146,7 +146,9 @@ export async function runScenario(s: Scenario): Promise<{ violations: string[]; 
   const start = (n: string) => {
     const d = daemons.get(n);
     if (d?.owner.alive) return;
-    if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE')) seen.startedDuringAlarm++;
+    // During the alarm, or after a disarm while a member is still over the quota (the next write raises it again).
+    if (sim.model.alarms.some((a) => a.alarm === 'NOSPACE') || sim.model.members.some((m) => m.dbSize >= sim.model.opts.quotaBytes))
+      seen.startedDuringAlarm++;
     daemons.set(n, sim.startDaemon(n));
   };
   try {
