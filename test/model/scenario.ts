@@ -407,6 +407,8 @@ export const coverage = {
   daemonRestarts: 0,
   blackouts: 0,
   startedAfterAlarm: 0,
+  /** Defragments that arrived while etcd did not show their sender holding the turn (not checked yet: Sim.arrivals). */
+  arrivedOutsideTurn: 0,
 };
 
 /** The property: no violation during the schedule, and liveness once the faults stopped. */
@@ -435,6 +437,7 @@ export async function checkScenario(s: Scenario): Promise<void> {
   coverage.daemonRestarts += count('restartDaemon');
   coverage.blackouts += count('blackout');
   if (s.start.t === 'afterAlarm') coverage.startedAfterAlarm++;
+  for (const a of r.sim.arrivals) if (!a.sender?.participant || !a.holders.includes(a.sender.participant)) coverage.arrivedOutsideTurn++;
   if (r.violations.length > 0) throw new Error(`safety: ${r.violations.slice(0, 3).join('; ')}`);
   if (r.sim.model.alarms.some((a) => a.alarm === 'NOSPACE'))
     throw new Error(`liveness: the NOSPACE alarm is still raised after the faults stopped ${noSpaceCause(s, r.seen)} (${r.end})`);

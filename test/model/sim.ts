@@ -180,7 +180,8 @@ export class Sim {
       path: '/nonexistent/etcd-defragd.yaml',
       pathExplicit: false,
       env: {},
-      flags: { ...this.flags, 'etcd.endpoint': this.model.member(member).endpoint },
+      // The trace's level survives a reload (Daemon.reload sets the log's level from the config).
+      flags: { ...this.flags, 'etcd.endpoint': this.model.member(member).endpoint, 'log.level': this.o.log?.level ?? 'silent' },
       checkFiles: false,
     };
   }
