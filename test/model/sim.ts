@@ -90,6 +90,8 @@ export function prng(seed: number): () => number {
 /** One registry for every simulated daemon: a Metrics starts an event-loop monitor that is never stopped. */
 let sharedMetrics: Metrics | undefined;
 
+const TURN_CHECK = Boolean(process.env.MODEL_TURN_CHECK);
+
 /** Configs by their flags (never modified: Sim.config copies the etcd section). */
 const configs = new Map<string, Config>();
 
@@ -161,17 +163,17 @@ export class Sim {
 
   /**
    * Where the check "its sender holds the turn" goes (issue 15 point 8). For now it records what
-   * the sender and etcd said at the arrival; Sim.arrivals is there for the tests to read.
+   * the sender and etcd said at the arrival (Sim.arrivals); MODEL_TURN_CHECK=1 makes a Defragment
+   * whose sender etcd does not show holding the turn a violation (a first version of the check).
    */
   private defragmentArrived(m: ModelMember, by: string): void {
     const p = this.procs.find((x) => x.name === by);
-    this.arrivals.push({
-      at: this.clock.now(),
-      member: m.name,
-      by,
-      sender: p ? this.turnState(p) : undefined,
-      holders: this.holders(),
-    });
+    const a: Arrival = { at: this.clock.now(), member: m.name, by, sender: p ? this.turnState(p) : undefined, holders: this.holders() };
+    this.arrivals.push(a);
+    if (TURN_CHECK && !(a.sender?.participant && a.holders.includes(a.sender.participant)))
+      this.model.violate(
+        `Defragment of ${m.name} from ${by} (participant ${a.sender?.participant ?? 'none'}), which etcd does not show holding the turn (holders: ${a.holders.join(', ') || 'none'})`,
+      );
   }
 
   /** What a reload (SIGHUP) of a member's daemon reads: the same flags, so the same config. */
