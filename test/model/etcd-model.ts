@@ -38,6 +38,8 @@ export const ERR = {
   compacted: () => new Error('etcdserver: mvcc: required revision has been compacted'),
   future: () => new Error('etcdserver: mvcc: required revision is a future revision'),
   leaseNotFound: () => new Error('etcdserver: requested lease not found'),
+  // rpctypes.ErrGRPCCorrupt: what applierV3Corrupt answers every write while CORRUPT is raised
+  corrupt: () => new Error('etcdserver: corrupt cluster'),
 };
 
 interface KV {
@@ -76,6 +78,8 @@ export interface ModelMember {
   defrags: number;
   /** Replies of the next mutations this member applies are lost on the way back. */
   loseReplies: number;
+  /** Pages freed by the last compaction: counted out of dbSizeInUse at the next backend commit (facts). */
+  freePending: number;
 }
 
 export interface Violation {
@@ -86,6 +90,8 @@ export interface Violation {
 interface Waiter {
   ready: () => boolean;
   run: () => void;
+  /** A mutation whose caller's deadline passed: it still applies where it arrived, unless that member dies first. */
+  orphanOf?: () => ModelMember | undefined;
 }
 
 export interface ModelOptions {
@@ -109,12 +115,16 @@ export class EtcdModel {
   private electionAt: number | undefined;
   alarms: Alarm[] = [];
   violations: Violation[] = [];
+  /** Called when a Defragment arrives at a member, before it starts (the sim checks who sent it). */
+  onDefragmentArrive: ((member: ModelMember, by: string) => void) | undefined;
+  /** History not yet compacted: bytes written at each revision (the API server's churn). */
+  private history: { rev: bigint; bytes: number }[] = [];
+  /** Mutations applied after their caller's deadline had passed, by operation (coverage). */
+  late: Record<string, number> = {};
   /** Called when a request arrives at its member, before it is served (directed tests inject faults here). */
   onArrive: ((owner: Owner, op: string, endpoint: string, detail?: string) => void) | undefined;
   /** Per member: HashKV takes this long (a full-keyspace hash of a large db). */
   hashMs = new Map<string, number>();
-  /** Called when a Defragment reaches a member (the sim checks that its sender holds the turn). */
-  onDefragmentArrive: ((m: ModelMember, by: string) => void) | undefined;
   /** MoveLeader fails (a directed test: a leader that cannot hand leadership away). */
   refuseMoveLeader = false;
   /**
@@ -157,6 +167,7 @@ export class EtcdModel {
         isLearner: false,
         defrags: 0,
         loseReplies: 0,
+        freePending: 0,
       });
       this.routes.set(endpoint, id);
     }
@@ -182,6 +193,7 @@ export class EtcdModel {
     m.state = 'frozen';
     m.frozenAt = this.clock.now();
     if (m.id === this.leader) this.loseLeader();
+    else this.checkQuorum();
   }
 
   thaw(name: string): void {
@@ -205,7 +217,10 @@ export class EtcdModel {
     m.state = 'killed';
     m.defragEndsAt = undefined;
     m.defragQueued = 0;
+    // What reached it and was not applied dies with it.
+    this.waiters = this.waiters.filter((w) => !w.orphanOf || w.orphanOf() !== m);
     if (m.id === this.leader) this.loseLeader();
+    else this.checkQuorum();
     this.wake();
   }
 
@@ -215,6 +230,53 @@ export class EtcdModel {
     m.state = 'up';
     this.releaseApplied(m);
     if (!this.leader && this.electionAt === undefined) this.loseLeader();
+    this.wake();
+  }
+
+  /**
+   * Writes from outside the daemons (the API server): history that only a compaction frees, on every
+   * member (the log is replicated). The file grows once the free pages are used up; a member whose
+   * file reaches the quota raises NOSPACE at the next write. Refused under NOSPACE or without quorum.
+   */
+  churn(bytes: number): boolean {
+    if (this.alarms.length > 0 || !this.leaderLive() || !this.quorum()) return false;
+    // Many small writes: the one that finds a file at the quota is refused and raises the alarm.
+    const room = this.opts.quotaBytes + MiB - Math.max(...this.members.map((m) => m.dbSizeInUse));
+    bytes = Math.min(bytes, room);
+    if (bytes <= 0) return false;
+    this.revision++;
+    this.history.push({ rev: this.revision, bytes });
+    for (const m of this.members) {
+      m.dbSizeInUse += bytes;
+      m.dbSize = Math.max(m.dbSize, m.dbSizeInUse);
+    }
+    this.commit();
+    for (const m of this.members) if (m.state !== 'killed' && m.dbSize >= this.opts.quotaBytes) this.raiseNoSpace(m);
+    return true;
+  }
+
+  /** Bytes of history a compaction to the latest revision would free. */
+  historyBytes(): number {
+    return this.history.reduce((n, h) => n + h.bytes, 0);
+  }
+
+  /** The API server's compactor (every 5 minutes in Kubernetes): its Txn puts a key, so NOSPACE stops it (facts). */
+  apiCompact(): boolean {
+    if (this.alarms.length > 0 || !this.leaderLive() || !this.quorum() || this.revision <= this.compactRev) return false;
+    this.compact(this.revision);
+    return true;
+  }
+
+  /** A CORRUPT alarm (a hash mismatch found by etcd's corruption check); only an operator clears it. */
+  raiseCorrupt(name: string): void {
+    const m = this.member(name);
+    if (!this.alarms.some((a) => a.memberId === m.id && a.alarm === 'CORRUPT')) this.alarms.push({ memberId: m.id, alarm: 'CORRUPT' });
+    this.commit();
+  }
+
+  clearCorrupt(): void {
+    this.alarms = this.alarms.filter((a) => a.alarm !== 'CORRUPT');
+    this.commit();
     this.wake();
   }
 
@@ -240,23 +302,49 @@ export class EtcdModel {
     this.leader = m.id;
     this.electionAt = undefined;
     for (const l of this.leases.values()) l.expiresAt = Math.max(l.expiresAt, this.clock.now() + ELECTION_MS + l.ttlMs);
-    this.commitIndex++;
+    this.commit();
     this.wake();
   }
 
+  /**
+   * A live majority of the voting members: frozen and killed ones do not vote; a defragmenting one
+   * does (its raft loop runs beside the locked backend). Without it nothing commits.
+   */
+  quorum(): boolean {
+    let voters = 0;
+    let up = 0;
+    for (const m of this.members) {
+      if (m.isLearner) continue;
+      voters++;
+      if (m.state === 'up') up++;
+    }
+    return 2 * up > voters;
+  }
+
+  /** An election after the timeout; it needs a majority (a thaw or a restart starts another). */
   private loseLeader(): void {
     this.leader = undefined;
     this.electionAt = this.clock.now() + ELECTION_MS;
     this.clock.at(this.electionAt, () => {
       if (this.leader) return;
       const next = this.members.find((x) => x.state === 'up' && !x.isLearner);
-      if (next) this.elect(next);
+      if (next && this.quorum()) this.elect(next);
       else this.electionAt = undefined;
+    });
+  }
+
+  /** CheckQuorum: a leader that hears from no majority for an election timeout steps down. */
+  private checkQuorum(): void {
+    const leader = this.leader;
+    if (!leader || this.quorum()) return;
+    this.clock.at(this.clock.now() + ELECTION_MS, () => {
+      if (this.leader === leader && !this.quorum()) this.leader = undefined;
     });
   }
 
   /** A leader change without a fault (etcd decides, e.g. after a network blip). */
   changeLeader(): void {
+    if (!this.quorum()) return;
     const others = this.members.filter((m) => m.state === 'up' && !m.isLearner && m.id !== this.leader);
     if (others.length > 0) this.elect(others[0]!);
   }
@@ -313,14 +401,22 @@ export class EtcdModel {
     return l && l.state === 'up' ? l : undefined;
   }
 
-  /** The leader's lessor revokes expired leases through raft; a frozen or dead leader revokes nothing. */
+  /**
+   * The leader's lessor revokes expired leases through raft; a frozen or dead leader, or one without
+   * a majority, revokes nothing, and neither does one under CORRUPT (applierV3Corrupt refuses LeaseRevoke).
+   */
   private tick(): void {
     this.clock.at(this.clock.now() + EXPIRY_TICK_MS, () => {
-      if (this.leaderLive()) {
+      if (this.expiring()) {
         for (const l of [...this.leases.values()]) if (l.expiresAt <= this.clock.now()) this.revoke(l.id);
       }
       this.tick();
     });
+  }
+
+  /** Whether leases that are not kept alive expire now. */
+  expiring(): boolean {
+    return this.leaderLive() !== undefined && this.quorum() && !this.corrupt();
   }
 
   private revoke(id: string): boolean {
@@ -332,7 +428,7 @@ export class EtcdModel {
       this.revision++;
       for (const k of l.keys) this.kv.delete(k);
     }
-    this.commitIndex++;
+    this.commit();
     this.wake();
     return true;
   }
@@ -399,7 +495,7 @@ export class EtcdModel {
     }
     // A txn that deletes nothing and puts nothing does not bump the revision (mvcc: no changes).
     if (changed) this.revision = rev;
-    this.commitIndex++;
+    this.commit();
     this.wake();
     return { succeeded: true };
   }
@@ -413,6 +509,28 @@ export class EtcdModel {
    * compare-and-delete Txn, keep-alive, compact, defragment and disarm work. Disarming while a member
    * is still over the quota gets the alarm raised again by the next write.
    */
+  private corrupt(): boolean {
+    return this.alarms.some((a) => a.alarm === 'CORRUPT');
+  }
+
+  /** applierV3Corrupt (etcdserver/apply.go): while CORRUPT is raised every applied write fails; reads bypass it. */
+  private checkCorrupt(): void {
+    if (this.corrupt()) throw ERR.corrupt();
+  }
+
+  /**
+   * One raft entry applied. Pages a compaction freed are released by the backend commit after it:
+   * Status' in-use size lags a compaction by a commit (facts).
+   */
+  private commit(): void {
+    this.commitIndex++;
+    for (const m of this.members) {
+      if (m.freePending === 0 || m.appliedHeld !== undefined) continue;
+      m.dbSizeInUse -= m.freePending;
+      m.freePending = 0;
+    }
+  }
+
   private checkSpace(): void {
     if (this.alarms.some((a) => a.alarm === 'NOSPACE')) throw ERR.nospace();
     const over = this.members.find((m) => m.dbSize >= this.opts.quotaBytes && m.state !== 'killed');
@@ -437,8 +555,11 @@ export class EtcdModel {
       if (m.defragEndsAt !== ends || m.state !== 'up') return;
       m.defragEndsAt = undefined;
       m.defrags++;
+      // The copy holds only the pages in use: freed ones, counted or not yet, stay behind.
+      m.dbSizeInUse -= m.freePending;
+      m.freePending = 0;
       m.dbSize = m.dbSizeInUse;
-      this.commitIndex++;
+      this.commit();
       if (m.defragQueued > 0) {
         // A second Defragment sent while one ran waited for it and now runs (facts: a re-sent
         // defragment queues a second defrag on the same member).
@@ -457,12 +578,24 @@ export class EtcdModel {
    * `ready` (the member answers and whatever it needs is free), runs `apply`, and the reply takes
    * LATENCY back. A killed member refuses the connection; otherwise the caller's deadline bounds it.
    * A lost reply (after the request was applied) ends at the deadline like a frozen member.
+   *
+   * Kinds: `backend` and `metrics` are answered by the member itself (Status, serializable reads,
+   * HashKV, /metrics); `raft` needs a leader and a live majority, and the member's backend to apply
+   * (writes, linearizable reads, alarms, compaction); `leader` needs a leader and a majority but not
+   * the backend (MoveLeader, MemberList's ReadIndex); `keepalive` is answered by the leader's lessor;
+   * `memory` by the member alone, even while it defragments (Defragment itself).
+   *
+   * A mutation that reached its member is not taken back when the caller's deadline passes: etcd
+   * applies it once it can (a majority back, the member thawed: gRPC starts the server-side deadline
+   * when the request is read, and Defragment ignores it), unless that member dies first. The caller
+   * still sees the timeout. Keep-alives are the exception: a renewal the lessor did not get in time
+   * is not replayed.
    */
   request<T>(
     owner: Owner,
     endpoint: string,
     timeoutMs: number,
-    kind: 'backend' | 'raft' | 'memory' | 'keepalive' | 'metrics',
+    kind: 'backend' | 'raft' | 'leader' | 'memory' | 'keepalive' | 'metrics',
     apply: (m: ModelMember) => T,
     mutation = false,
     op: string = kind,
@@ -472,8 +605,12 @@ export class EtcdModel {
     // goes on inside etcd regardless).
     const serviceMs = op === 'hash kv' ? (m: ModelMember) => this.hashMs.get(m.name) ?? 0 : () => 0;
     this.stats[op] = (this.stats[op] ?? 0) + 1;
+    const applyLate = mutation && kind !== 'keepalive';
     return new Promise<T>((resolve, reject) => {
+      /** The caller has its answer (or its timeout). */
       let done = false;
+      /** The request has been applied (or failed) at the member. */
+      let applied = false;
       const finish = (fn: () => void) => {
         if (done) return;
         done = true;
@@ -482,6 +619,8 @@ export class EtcdModel {
         this.clock.at(Math.min(this.clock.now() + 2 * LATENCY, sentAt + timeoutMs), fn, owner);
       };
       const sentAt = this.clock.now();
+      // The member it reached (routes can change after it arrived: it stays where it went).
+      let at: ModelMember | undefined;
       // The deadline timer exists only for a request that has to wait (most are served at once).
       let deadline: { cancel(): void } | undefined;
       const arm = () => {
@@ -490,22 +629,22 @@ export class EtcdModel {
           () => {
             if (done) return;
             done = true;
-            this.waiters = this.waiters.filter((w) => w !== waiter);
+            if (applyLate && !applied) waiter.orphanOf = () => at;
+            else this.waiters = this.waiters.filter((w) => w !== waiter);
             reject(ERR.timeout());
           },
           owner,
         );
       };
-      const m = () => this.byId(this.routes.get(endpoint));
       const ready = () => {
-        const x = m();
+        const x = at;
         if (!x || x.state !== 'up') return false;
         if (kind === 'metrics' || kind === 'memory') return true;
         // While a member defragments it serves no reads or writes; Status blocks (facts).
-        if (x.defragEndsAt !== undefined && kind !== 'keepalive') return false;
-        if (kind === 'raft' || kind === 'keepalive') {
+        if (x.defragEndsAt !== undefined && kind !== 'keepalive' && kind !== 'leader') return false;
+        if (kind === 'raft' || kind === 'keepalive' || kind === 'leader') {
           const l = this.leaderLive();
-          if (!l) return false;
+          if (!l || !this.quorum()) return false;
           // A keep-alive is answered by the leader's lessor after it applied what is committed
           // (etcd commit fef4a795, "force leader to apply its pending committed index for lease
           // operations"); the leader's apply waits for its defragment, and Kubernetes writes all the time.
@@ -517,24 +656,25 @@ export class EtcdModel {
       const waiter: Waiter = {
         ready,
         run: () => {
-          if (done) return;
-          const ms = serving ? 0 : serviceMs(m()!);
+          if (applied || (done && !waiter.orphanOf)) return;
+          const ms = serving ? 0 : serviceMs(at!);
           if (ms > 0) {
             serving = true;
             if (!deadline) arm();
             this.clock.at(this.clock.now() + ms, () => waiter.run());
             return;
           }
+          applied = true;
+          if (done) this.late[op] = (this.late[op] ?? 0) + 1;
           let value: T;
           try {
-            value = apply(m()!);
+            value = apply(at!);
           } catch (err) {
             finish(() => reject(err));
             return;
           }
-          const x = m()!;
-          if (mutation && x.loseReplies > 0) {
-            x.loseReplies--;
+          if (mutation && at!.loseReplies > 0) {
+            at!.loseReplies--;
             if (!deadline) arm();
             return; // applied; the reply is lost: the caller's deadline ends it
           }
@@ -544,8 +684,8 @@ export class EtcdModel {
       queueMicrotask(() => {
         if (done) return;
         this.onArrive?.(owner, op, endpoint, detail);
-        const x = m();
-        if (!x || x.state === 'killed') {
+        at = this.byId(this.routes.get(endpoint));
+        if (!at || at.state === 'killed') {
           finish(() => reject(ERR.unavailable()));
           return;
         }
@@ -584,6 +724,7 @@ export class EtcdModel {
 
   /** A Defragment arrives at member m: the invariants are checked here, where the harm would be. */
   startDefrag(m: ModelMember, by: string): void {
+    this.onDefragmentArrive?.(m, by);
     this.defragLog.push({ member: m.name, at: this.clock.now(), by });
     this.onDefragmentArrive?.(m, by);
     const busy = this.defragmenting().filter((x) => x !== m);
@@ -612,6 +753,8 @@ export class EtcdModel {
           deadline.cancel();
           // A member killed mid-defragment drops the connection.
           if (m.state === 'killed') this.clock.at(this.clock.now() + LATENCY, () => reject(ERR.unavailable()), owner);
+          // No header: etcd 3.4 and 3.5 answer `&pb.DefragmentResponse{}` (maintenance.go), so the
+          // reply cannot say which member did it (facts).
           else this.clock.at(this.clock.now() + LATENCY, () => resolve(), owner);
         },
       };
@@ -660,14 +803,17 @@ export class EtcdModel {
 
   txn(compare: ICompare[], success: IRequestOp[]): { succeeded: boolean } {
     if (this.hasPut(success)) this.checkSpace();
+    // A Txn that is not read-only is applied through raft, so CORRUPT refuses it (apply.go isTxnReadonly).
+    if (success.some((op) => op.request_put || op.request_delete_range)) this.checkCorrupt();
     return this.applyTxn(compare, success);
   }
 
   grant(ttlSeconds: number, by: string): string {
     this.checkSpace();
+    this.checkCorrupt();
     const id = (this.nextLease++).toString();
     this.leases.set(id, { id, ttlMs: ttlSeconds * 1000, expiresAt: this.clock.now() + ttlSeconds * 1000, keys: new Set(), grantedBy: by });
-    this.commitIndex++;
+    this.commit();
     return id;
   }
 
@@ -680,19 +826,25 @@ export class EtcdModel {
   }
 
   revokeLease(id: string): void {
+    this.checkCorrupt();
     if (!this.revoke(id)) throw ERR.leaseNotFound();
   }
 
+  /** Frees the history up to `rev` on every member: in-use shrinks (a commit later), the file does not. */
   compact(rev: bigint): void {
+    this.checkCorrupt();
     if (rev <= this.compactRev) throw ERR.compacted();
     if (rev > this.revision) throw ERR.future();
     this.compactRev = rev;
-    this.commitIndex++;
+    this.commit();
+    let freed = 0;
+    while (this.history.length > 0 && this.history[0]!.rev <= rev) freed += this.history.shift()!.bytes;
+    for (const m of this.members) m.freePending += freed;
   }
 
   disarm(alarm: Alarm): void {
     this.alarms = this.alarms.filter((a) => !(a.memberId === alarm.memberId && a.alarm === alarm.alarm));
-    this.commitIndex++;
+    this.commit();
   }
 
   moveLeader(m: ModelMember, targetId: string): void {
@@ -785,7 +937,7 @@ export class ModelClient implements EtcdMember {
 
   private async read<T>(
     what: string,
-    kind: 'backend' | 'raft' | 'memory',
+    kind: 'backend' | 'raft' | 'leader' | 'memory',
     fn: (m: ModelMember) => T,
     hooks: RetryHooks = {},
     attempts = this.o.retry.attempts,
@@ -806,7 +958,7 @@ export class ModelClient implements EtcdMember {
 
   private async once<T>(
     what: string,
-    kind: 'backend' | 'raft' | 'memory' | 'keepalive',
+    kind: 'backend' | 'raft' | 'leader' | 'memory' | 'keepalive',
     fn: (m: ModelMember) => T,
     timeout = this.o.requestTimeout,
   ): Promise<T> {
@@ -837,9 +989,10 @@ export class ModelClient implements EtcdMember {
     }
   }
 
-  // MemberList is answered from the member's own membership store (linearizable: a ReadIndex).
+  // MemberList is answered from the member's own membership store after a ReadIndex (3.5: linearizable),
+  // so it needs a leader and a majority.
   members(hooks?: RetryHooks, attempts?: number): Promise<Member[]> {
-    return this.read('member list', 'memory', () => this.model.memberList(), hooks, attempts);
+    return this.read('member list', 'leader', () => this.model.memberList(), hooks, attempts);
   }
 
   // Every Alarm action, GET included, goes through raft (etcdserver v3_server.go Alarm -> raftRequest).
@@ -858,7 +1011,11 @@ export class ModelClient implements EtcdMember {
 
   defragment(): Promise<DefragmentReply> {
     // Defragment is served by the member itself, outside raft; it blocks the member while it runs.
+    // One deadline from the send to the reply; a Defragment that reached a frozen member runs when
+    // it is thawed, whether or not its caller still waits (EtcdModel.request).
     const by = this.owner.name;
+    const clock = this.owner.clock();
+    const deadline = clock.now() + this.o.defragTimeout;
     return this.once(
       'defragment',
       'memory',
@@ -868,14 +1025,14 @@ export class ModelClient implements EtcdMember {
       },
       this.o.defragTimeout,
     ).then((m) =>
-      this.model.defragDone(this.owner, m, this.o.defragTimeout).catch((err: unknown) => {
+      this.model.defragDone(this.owner, m, deadline - clock.now()).catch((err: unknown) => {
         throw toDefragdError(err, 'defragment', this.endpoint);
       }),
     );
   }
 
   moveLeader(targetId: string): Promise<unknown> {
-    return this.once('move leader', 'memory', (m) => this.model.moveLeader(m, targetId));
+    return this.once('move leader', 'leader', (m) => this.model.moveLeader(m, targetId));
   }
 
   hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<HashKV> {

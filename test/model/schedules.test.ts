@@ -8,7 +8,9 @@
 // The schedules run in worker threads (one per core, at most 2), each with its own fast-check seed.
 // A failure prints that seed and the counterexample path; replay exactly that schedule with:
 //   MODEL_SEED=<seed> MODEL_PATH=<path> node --import tsx --test test/model/schedules.test.ts
-// MODEL_RUNS=<n> sets the number of schedules (all workers together).
+// MODEL_RUNS=<n> sets the number of schedules (all workers together). MODEL_SURVEY=1 runs them all and
+// counts the failures by kind, with a replay command for the first of each (MODEL_NOSHRINK=1 replays
+// it as generated, unshrunk, so that it keeps its kind).
 import assert from 'node:assert/strict';
 import { availableParallelism } from 'node:os';
 import { it } from 'node:test';
@@ -25,6 +27,7 @@ interface Report {
   path?: string;
   report: string;
   coverage: Record<string, number>;
+  kinds: Record<string, { count: number; path: string; example: string }>;
 }
 
 /**
@@ -73,6 +76,18 @@ it(`${RUNS} random fault schedules keep the turn safe and every member defragmen
   const msg = `model: ${count} schedules, seeds ${seeds.join(', ')}, in ${((Date.now() - started) / 1000).toFixed(1)} s (${(cpuMs / Math.max(1, count)).toFixed(0)} ms CPU each); exercised: ${JSON.stringify(cov)}`;
   t.diagnostic(msg);
   console.log(msg);
+  const kinds = new Map<string, { count: number; replay: string; example: string }>();
+  for (const r of reports)
+    for (const [kind, k] of Object.entries(r.kinds)) {
+      const seen = kinds.get(kind);
+      if (seen) seen.count += k.count;
+      else kinds.set(kind, { count: k.count, example: k.example, replay: `MODEL_NOSHRINK=1 MODEL_SEED=${r.seed} MODEL_PATH=${k.path}` });
+    }
+  const failures = [...kinds].map(([kind, k]) => `${k.count} x ${kind}\n  first: ${k.example}\n  replay: ${k.replay}`);
+  if (failures.length > 0) {
+    console.log(`survey (MODEL_SURVEY): failures by kind and seed\n${failures.join('\n')}`);
+    assert.fail(`${failures.length} kinds of failure (see the survey above)`);
+  }
   for (const r of reports) {
     if (r.failed)
       assert.fail(`${r.report}\nreplay: MODEL_SEED=${r.seed} MODEL_PATH=${r.path} node --import tsx --test test/model/schedules.test.ts`);

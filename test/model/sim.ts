@@ -1,6 +1,6 @@
 // A simulated cluster for the model tests: the etcd model, a fake clock, daemons and `once` runs on
 // it, fault steps, and the invariants checked after every step.
-import { loadConfig, type Config } from '../../src/config.ts';
+import { loadConfig, type Config, type LoadOptions } from '../../src/config.ts';
 import { Daemon } from '../../src/daemon.ts';
 import { Metrics } from '../../src/metrics.ts';
 import { silentLogger, type Log } from '../../src/log.ts';
@@ -41,6 +41,38 @@ export interface Proc {
   turn?: Turn;
   result?: Promise<RunResult | Error>;
   settled?: RunResult | Error;
+  /** A daemon's TLS files, as its TlsWatch sees them (see Sim.changeTls). */
+  tls?: FakeTls;
+}
+
+/** A Defragment as it arrived at its member, with the turn as the sender and etcd saw it then. */
+export interface Arrival {
+  at: number;
+  member: string;
+  by: string;
+  /** The sender's participant and whether it believed it held the turn (undefined: no such process). */
+  sender?: { participant: string | undefined; holding: boolean };
+  /** Who holds the turn in etcd (lease hex). */
+  holders: string[];
+}
+
+/**
+ * Stands in for a daemon's TlsWatch (src/tls-files.ts): the model has no certificate files, so a
+ * renewal is this flag, seen by the daemon's next look (a run, an alarm check) or by a reload.
+ */
+export class FakeTls {
+  private renewed = false;
+  renew(): void {
+    this.renewed = true;
+  }
+  changed(): boolean {
+    const r = this.renewed;
+    this.renewed = false;
+    return r;
+  }
+  reset(): boolean {
+    return this.changed();
+  }
 }
 
 const MiB = 1024 * 1024;
@@ -77,6 +109,9 @@ export class Sim {
   private readonly locks = new Map<string, () => boolean>();
   private lastCheck = 0;
   private seq = 0;
+  private readonly flags: Record<string, unknown>;
+  /** Every Defragment that reached a member (EtcdModel.onDefragmentArrive). */
+  readonly arrivals: Arrival[] = [];
 
   constructor(readonly o: SimOptions = {}) {
     this.log = o.log ?? silentLogger();
@@ -105,6 +140,7 @@ export class Sim {
       'policy.minReclaimable': '64MiB',
       'log.level': 'silent',
     };
+    this.flags = flags;
     // Loaded once per set of flags: thousands of schedules share a handful of configs.
     const id = JSON.stringify(flags);
     let base = configs.get(id);
@@ -124,7 +160,26 @@ export class Sim {
       fuse: { key: fuseKey(this.base), armed: `${this.base.coordination.prefix}fuse-armed` },
     });
     this.clock.onStep = () => this.step();
-    this.model.onDefragmentArrive = (m, by) => this.checkSender(m, by);
+    this.model.onDefragmentArrive = (m, by) => this.defragmentArrived(m, by);
+  }
+
+  /** Every Defragment that reaches a member is recorded (Sim.arrivals) and its sender checked. */
+  private defragmentArrived(m: ModelMember, by: string): void {
+    const p = this.procs.find((x) => x.name === by);
+    this.arrivals.push({ at: this.clock.now(), member: m.name, by, sender: p ? this.turnState(p) : undefined, holders: this.holders() });
+    this.checkSender(m, by);
+  }
+
+  /** What a reload (SIGHUP) of a member's daemon reads: the same flags, so the same config. */
+  loadOptions(member: string): LoadOptions {
+    return {
+      path: '/nonexistent/etcd-defragd.yaml',
+      pathExplicit: false,
+      env: {},
+      // The trace's level survives a reload (Daemon.reload sets the log's level from the config).
+      flags: { ...this.flags, 'etcd.endpoint': this.model.member(member).endpoint, 'log.level': this.o.log?.level ?? 'silent' },
+      checkFiles: false,
+    };
   }
 
   /**
@@ -175,7 +230,7 @@ export class Sim {
     const daemon = new Daemon(config, {
       log: this.procLog(owner),
       clock,
-      loadOptions: {},
+      loadOptions: this.loadOptions(member),
       tickets: this.o.tickets ?? 16,
       metrics: (sharedMetrics ??= new Metrics('model')),
       nodeLock: memoryLock(this.locks, () => owner.alive),
@@ -185,10 +240,43 @@ export class Sim {
         return { stop: () => t.cancel(), nextRuns: () => [] };
       },
     });
-    const p: Proc = { name: owner.name, member, owner, kind: 'daemon', daemon };
+    const tls = new FakeTls();
+    // The daemon's TLS watch is private; the model has no files, so it is swapped for the flag.
+    const d = daemon as unknown as { tls: unknown };
+    if (!('tls' in d)) throw new Error('model: Daemon has no `tls` watch any more: update Sim.startDaemon');
+    d.tls = tls;
+    const p: Proc = { name: owner.name, member, owner, kind: 'daemon', daemon, tls };
     this.procs.push(p);
     void daemon.start();
     return p;
+  }
+
+  /** Renewed certificates on a daemon's node: it reconnects (new pool, new turn) at its next look. */
+  changeTls(p: Proc): void {
+    p.tls?.renew();
+  }
+
+  /**
+   * A graceful stop (SIGTERM, as `systemctl stop` or a restart sends): the daemon finishes or gives up
+   * its run and leaves the turn; the process exits when it has stopped, or is killed after `killAfter`
+   * (systemd's TimeoutStopSec). `onExit` runs when the process is gone.
+   */
+  stopDaemon(p: Proc, killAfter = 10_000, onExit?: () => void): void {
+    let gone = false;
+    const exit = () => {
+      if (gone) return;
+      gone = true;
+      p.owner.kill();
+      onExit?.();
+    };
+    const timer = this.clock.at(this.clock.now() + killAfter, exit);
+    void p.daemon
+      ?.stop()
+      .catch(() => undefined)
+      .finally(() => {
+        timer.cancel();
+        exit();
+      });
   }
 
   /** `etcd-defragd once` on a member's node: same code path as cli.ts once(). */
@@ -325,6 +413,12 @@ export class Sim {
     // No turn left held by nobody: a held turn belongs to a live process that knows it holds it,
     // or to a dead one whose lease then expires. Grace: a take in flight, a give-back being retried.
     const grace = 3 * this.base.coordination.leaseTTL + 4 * this.base.etcd.requestTimeout;
+    // Without a leader and a majority, or under CORRUPT (etcd refuses LeaseRevoke), no lease expires
+    // and no key can be deleted: the grace starts once they can again.
+    if (!this.model.expiring()) {
+      this.strays.clear();
+      return;
+    }
     for (const lease of holders) {
       const owner = this.live().find((p) => this.turnState(p).participant === lease);
       const ok = owner ? this.turnState(owner).holding : false;
