@@ -723,6 +723,15 @@ export class EtcdModel {
   }
 
   /** A Defragment arrives at member m: the invariants are checked here, where the harm would be. */
+  /** Called when a Defragment is sent, which in this model is when it reaches its member's socket. */
+  onDefragmentSent: ((m: ModelMember, by: string) => void) | undefined;
+
+  /** A Defragment from `by` reaches the member behind `endpoint` (it may run later: a frozen member runs it when thawed). */
+  defragmentSent(endpoint: string, by: string): void {
+    const m = this.byId(this.routes.get(endpoint));
+    if (m && m.state !== 'killed') this.onDefragmentSent?.(m, by);
+  }
+
   startDefrag(m: ModelMember, by: string): void {
     this.onDefragmentArrive?.(m, by);
     this.defragLog.push({ member: m.name, at: this.clock.now(), by });
@@ -1016,6 +1025,7 @@ export class ModelClient implements EtcdMember {
     const by = this.owner.name;
     const clock = this.owner.clock();
     const deadline = clock.now() + this.o.defragTimeout;
+    this.model.defragmentSent(this.endpoint, by);
     return this.once(
       'defragment',
       'memory',

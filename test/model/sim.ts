@@ -161,13 +161,13 @@ export class Sim {
     });
     this.clock.onStep = () => this.step();
     this.model.onDefragmentArrive = (m, by) => this.defragmentArrived(m, by);
+    this.model.onDefragmentSent = (m, by) => this.checkSender(m, by);
   }
 
-  /** Every Defragment that reaches a member is recorded (Sim.arrivals) and its sender checked. */
+  /** Every Defragment that starts on a member is recorded (Sim.arrivals; it may start late, see checkSender). */
   private defragmentArrived(m: ModelMember, by: string): void {
     const p = this.procs.find((x) => x.name === by);
     this.arrivals.push({ at: this.clock.now(), member: m.name, by, sender: p ? this.turnState(p) : undefined, holders: this.holders() });
-    this.checkSender(m, by);
   }
 
   /** What a reload (SIGHUP) of a member's daemon reads: the same flags, so the same config. */
@@ -185,7 +185,9 @@ export class Sim {
   /**
    * When a Defragment reaches member m, its sender holds the turn: the lease-based turn in etcd, or
    * the first place of the NOSPACE order (m is the voting member with the lowest ID whose db is at
-   * or above the disarm mark), and m is the sender's own member.
+   * or above the disarm mark), and m is the sender's own member. Checked when it reaches the
+   * member's socket: a frozen member runs it when thawed, maybe long after its sender died, as etcd
+   * would; that it then starts while no other member defragments is EtcdModel.startDefrag's check.
    */
   private checkSender(m: ModelMember, by: string): void {
     const p = this.procs.find((x) => x.name === by);
