@@ -328,6 +328,13 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   }
   try {
     const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
+    if (r.replaced.length) {
+      // Only the service's own user can put something there: worth a look, but nothing was followed.
+      log.warn(
+        { event: 'tls.stage.replaced', runtimeDir, replaced: r.replaced.join(',') },
+        `removed what stood in place of ${r.replaced.join(', ')} in ${runtimeDir} (not a plain folder; nothing it pointed to was touched)`,
+      );
+    }
     if (r.written.length || r.removed.length) {
       log.info(
         { event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') },
