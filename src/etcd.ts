@@ -151,8 +151,20 @@ export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
 function quotaFromStatus(r: IStatusResponse): number | undefined {
   const q = (r as IStatusResponse & { dbSizeQuota?: string }).dbSizeQuota;
   const n = q === undefined ? NaN : Number(q);
-  return Number.isFinite(n) && n > 0 ? n : undefined;
+  return validQuota(n) ? n : undefined;
 }
+
+/**
+ * A quota etcd could really have: a whole number of bytes above 0 (etcd's own --quota-backend-bytes
+ * is an int64). 0, a negative number, NaN or 1e308 from a broken or hostile member would make every
+ * usage ratio meaningless, so such a member's quota counts as unknown.
+ */
+export function validQuota(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0;
+}
+
+/** etcd's own /metrics page is a few hundred KiB; a member that sends more is cut off here. */
+export const MAX_METRICS_BYTES = 4 * 1024 * 1024;
 
 export interface Member {
   id: string;
@@ -170,6 +182,8 @@ export interface Member {
 export interface ServerMetrics {
   /** etcd_server_quota_backend_bytes: the member's --quota-backend-bytes. */
   quotaBytes?: number;
+  /** The page's etcd_server_quota_backend_bytes when it is not a usable quota (see validQuota), as written. */
+  quotaInvalid?: string;
   /** etcd_disk_defrag_inflight: 1 while a defragment runs on that member. */
   defragInflight?: boolean;
   /** etcd_server_version{server_version="..."} */
@@ -196,16 +210,19 @@ export function parseServerMetrics(text: string): ServerMetrics {
     const value = Number(m[3]);
     switch (m[1]) {
       case 'etcd_server_quota_backend_bytes':
-        if (Number.isFinite(value)) out.quotaBytes = value;
+        if (validQuota(value)) {
+          out.quotaBytes = value;
+          delete out.quotaInvalid;
+        } else out.quotaInvalid = m[3]!.slice(0, 40);
         break;
       case 'etcd_disk_defrag_inflight':
         if (Number.isFinite(value)) out.defragInflight = value > 0;
         break;
       case 'etcd_mvcc_db_total_size_in_bytes':
-        if (Number.isFinite(value)) out.dbSize = value;
+        if (Number.isSafeInteger(value) && value >= 0) out.dbSize = value;
         break;
       case 'etcd_mvcc_db_total_size_in_use_in_bytes':
-        if (Number.isFinite(value)) out.dbSizeInUse = value;
+        if (Number.isSafeInteger(value) && value >= 0) out.dbSizeInUse = value;
         break;
       case 'etcd_server_version': {
         const v = m[2]?.match(/server_version="([^"]*)"/)?.[1];
@@ -508,9 +525,11 @@ export class MemberClient implements EtcdMember {
 
   /**
    * The member's own /metrics page, on the same URL and TLS as its gRPC API; no retry (callers
-   * poll). Served by etcd's HTTP handler, so it answers while the member defragments.
+   * poll). Served by etcd's HTTP handler, so it answers while the member defragments. A page over
+   * MAX_METRICS_BYTES is cut off (the request is destroyed) and reported as a page that cannot
+   * tell: a broken or hostile member must not fill every daemon's memory.
    */
-  serverMetrics(timeoutMs = this.access.requestTimeout): Promise<ServerMetrics> {
+  serverMetrics(timeoutMs = this.access.requestTimeout, maxBytes = MAX_METRICS_BYTES): Promise<ServerMetrics> {
     const url = new URL('/metrics', this.endpoint);
     const tls = url.protocol === 'https:';
     return new Promise<ServerMetrics>((resolve, reject) => {
@@ -520,18 +539,26 @@ export class MemberClient implements EtcdMember {
         headers: { accept: 'text/plain' },
         ...(tls ? { ca: this.access.ca, cert: this.access.cert, key: this.access.key } : {}),
       };
+      const tooLarge = (what: string) => {
+        reject(new MetricsPageError(`metrics on ${this.endpoint}: the page is ${what}, over the ${maxBytes}-byte limit; cut off`));
+        req.destroy();
+      };
       const req = (tls ? httpsRequest : httpRequest)(url, opts, (res) => {
         if (res.statusCode !== 200) {
           res.resume();
           reject(new MetricsPageError(`metrics on ${this.endpoint}: HTTP ${res.statusCode}`));
           return;
         }
-        res.setEncoding('utf8');
-        let body = '';
-        res.on('data', (chunk: string) => {
-          body += chunk;
+        const declared = Number(res.headers['content-length']);
+        if (declared > maxBytes) return tooLarge(`${declared} bytes long`);
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (chunk: Buffer) => {
+          size += chunk.length;
+          if (size > maxBytes) return tooLarge('longer');
+          chunks.push(chunk);
         });
-        res.on('end', () => resolve(parseServerMetrics(body)));
+        res.on('end', () => resolve(parseServerMetrics(Buffer.concat(chunks).toString('utf8'))));
         res.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       });
       const timer = setTimeout(() => req.destroy(new Error('metrics: timed out')), timeoutMs);

@@ -19,7 +19,7 @@ import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import type { Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
-import { describeParticipant, parseView } from './turn.ts';
+import { describeParticipant, parseView, type ParticipantInfo } from './turn.ts';
 import { hexId, memberLabel, voting, type Alarm } from './view.ts';
 
 export interface OpResult {
@@ -213,17 +213,30 @@ export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
     const live = [...v.participants.values()].filter((p) => p.tickets.length > 0 && !p.spare);
     out.participants = live.length;
     const h = live.find((p) => p.holding);
-    if (h) {
-      try {
-        out.holder = describeParticipant(h);
-      } catch {
-        out.holder = `lease ${h.lease}`;
-      }
-    }
+    if (h) out.holder = describeParticipant({ ...h, info: participantInfo(h.info) });
   } catch (err) {
     out.errors.push(`turn: ${errorMessage(err)}`);
   }
   return out;
+}
+
+/**
+ * A participant's `info` as read from etcd, with only the fields of the expected type kept: anyone
+ * who may write under coordination.prefix writes it, and JSON.parse gives back whatever they wrote
+ * (null, a number, an object whose `host` is an array).
+ */
+export function participantInfo(raw: unknown): ParticipantInfo {
+  const o = raw && typeof raw === 'object' && !Array.isArray(raw) ? (raw as Record<string, unknown>) : {};
+  const text = (v: unknown) => (typeof v === 'string' && v !== '' && v.length <= 256 ? v : undefined);
+  const info: ParticipantInfo = {
+    memberId: typeof o.memberId === 'string' && /^\d{1,20}$/.test(o.memberId) ? o.memberId : undefined,
+    host: text(o.host),
+    pid: typeof o.pid === 'number' && Number.isSafeInteger(o.pid) && o.pid > 0 ? o.pid : undefined,
+    command: text(o.command),
+    spare: typeof o.spare === 'boolean' ? o.spare : undefined,
+    since: text(o.since),
+  };
+  return Object.fromEntries(Object.entries(info).filter(([, v]) => v !== undefined)) as ParticipantInfo;
 }
 
 export function describeClusterControl(cc: ClusterControl): string[] {
