@@ -15,6 +15,7 @@ import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
 import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
+import { ListenError } from './metrics.ts';
 import { formatBytes, formatPercent } from './units.ts';
 import { versionLine } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
@@ -473,6 +474,8 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   } catch (err) {
     if (err instanceof DefragdError) {
       log.error({ event: 'error', code: err.code, error: err.message }, `${err.code}: ${err.message}`);
+      if (err instanceof ListenError) return err.retryable ? EXIT.failed : EXIT.config;
+      if (err instanceof ConfigError) return EXIT.config;
       return err.permanent ? EXIT.failed : EXIT.skipped;
     }
     log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);
