@@ -99,6 +99,8 @@ export function toDefragdError(err: unknown, what: string, endpoint: string): De
 }
 
 export interface Access {
+  /** etcd.endpoint is https://: every member is then reached over TLS, or not at all (see MemberClient). */
+  tls?: boolean;
   ca?: Buffer;
   cert?: Buffer;
   key?: Buffer;
@@ -113,6 +115,7 @@ export function accessFromConfig(c: Config): Access {
   const tls = c.etcd.endpoint.startsWith('https:');
   const read = (f: string) => (f ? readFileSync(f) : undefined);
   return {
+    tls,
     ca: tls ? read(c.etcd.caFile) : undefined,
     cert: tls ? read(c.etcd.certFile) : undefined,
     key: tls ? read(c.etcd.keyFile) : undefined,
@@ -285,30 +288,54 @@ export interface EtcdPool {
   close(): void;
 }
 
+/**
+ * Why a member URL is refused: with etcd.endpoint on https://, a member that advertises http://
+ * (or anything but https://) would get our password and requests in the clear. Nothing is sent.
+ */
+export function refusedUrl(endpoint: string, access: Pick<Access, 'tls'>): DefragdError | undefined {
+  if (!access.tls || endpoint.startsWith('https://')) return undefined;
+  return new DefragdError(
+    'EDD_TLS',
+    `member URL ${endpoint} is not https:// while etcd.endpoint is: refused, nothing is sent there ` +
+      '(it would carry the password and requests in the clear); accepted: https:// client URLs (etcd --advertise-client-urls)',
+    { permanent: true },
+  );
+}
+
 /** A client bound to exactly one member endpoint. */
 export class MemberClient implements EtcdMember {
   readonly endpoint: string;
-  private readonly client: Etcd3;
+  private readonly etcd: Etcd3 | undefined;
   private readonly access: Access;
+  /** Set for a URL refusedUrl() refuses: every call fails with it, and no connection is made. */
+  private readonly refused: DefragdError | undefined;
 
   constructor(endpoint: string, access: Access) {
     this.endpoint = endpoint;
     this.access = access;
+    this.refused = refusedUrl(endpoint, access);
     const tls = endpoint.startsWith('https:');
-    this.client = new Etcd3({
-      hosts: [endpoint],
-      credentials: tls ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert } : undefined,
-      auth: access.username
-        ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) }
-        : undefined,
-      // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
-      faultHandling: { global: noop, host: () => noop },
-      grpcOptions: {
-        'grpc.initial_reconnect_backoff_ms': 200,
-        'grpc.max_reconnect_backoff_ms': 2000,
-        'grpc.max_receive_message_length': 64 * 1024 * 1024,
-      },
-    });
+    this.etcd = this.refused
+      ? undefined
+      : new Etcd3({
+          hosts: [endpoint],
+          credentials: tls ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert } : undefined,
+          auth: access.username
+            ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) }
+            : undefined,
+          // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
+          faultHandling: { global: noop, host: () => noop },
+          grpcOptions: {
+            'grpc.initial_reconnect_backoff_ms': 200,
+            'grpc.max_reconnect_backoff_ms': 2000,
+            'grpc.max_receive_message_length': 64 * 1024 * 1024,
+          },
+        });
+  }
+
+  private get client(): Etcd3 {
+    if (!this.etcd) throw this.refused!;
+    return this.etcd;
   }
 
   private deadline(ms = this.access.requestTimeout): Date {
@@ -365,6 +392,7 @@ export class MemberClient implements EtcdMember {
 
   /** One Status with a short deadline, no retry: does the member answer right now? */
   async probe(timeoutMs: number): Promise<MemberStatus | Error> {
+    if (this.refused) return this.refused;
     try {
       return toStatus(this.endpoint, await this.client.maintenance.status({ deadline: this.deadline(timeoutMs) }));
     } catch (err) {
@@ -530,6 +558,7 @@ export class MemberClient implements EtcdMember {
    * tell: a broken or hostile member must not fill every daemon's memory.
    */
   serverMetrics(timeoutMs = this.access.requestTimeout, maxBytes = MAX_METRICS_BYTES): Promise<ServerMetrics> {
+    if (this.refused) return Promise.reject(this.refused);
     const url = new URL('/metrics', this.endpoint);
     const tls = url.protocol === 'https:';
     return new Promise<ServerMetrics>((resolve, reject) => {
@@ -570,7 +599,7 @@ export class MemberClient implements EtcdMember {
   }
 
   close(): void {
-    this.client.close();
+    this.etcd?.close();
   }
 }
 

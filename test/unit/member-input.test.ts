@@ -1,10 +1,11 @@
-// What a member sends is bounded (issue 20): a /metrics page past MAX_METRICS_BYTES is cut off, and
-// a quota that no etcd could have is not taken. Real HTTP servers on loopback stand in for members.
+// What a member sends is bounded (issue 20): a /metrics page past MAX_METRICS_BYTES is cut off, a
+// quota that no etcd could have is not taken, and a member URL that would downgrade TLS is not used. Real HTTP servers on loopback stand in for members.
 import assert from 'node:assert/strict';
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, describe, it } from 'node:test';
 import { MAX_METRICS_BYTES, MemberClient, MetricsPageError, parseServerMetrics, type Access } from '../../src/etcd.ts';
+import { DefragdError } from '../../src/errors.ts';
 
 const access: Access = { requestTimeout: 10_000, defragTimeout: 60_000, retry: { attempts: 1, minDelay: 10, maxDelay: 10 } };
 
@@ -92,5 +93,37 @@ describe('a quota etcd could not have is not taken', () => {
     });
   it('a real one is', () => {
     assert.equal(parseServerMetrics('etcd_server_quota_backend_bytes 8.589934592e+09\n').quotaBytes, 8 * 2 ** 30);
+  });
+});
+
+describe('with etcd.endpoint on https://, a member advertising http:// gets nothing', () => {
+  it('every call is refused with EDD_TLS naming the URL, and no connection is made', async () => {
+    let connections = 0;
+    const server = createServer((_req, res) => res.end('etcd_disk_defrag_inflight 0\n'));
+    server.on('connection', () => connections++);
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const c = new MemberClient(url, { ...access, tls: true, username: 'root', password: 'secret' });
+    try {
+      const refused = (e: unknown) => {
+        assert.ok(e instanceof DefragdError, String(e));
+        assert.equal(e.code, 'EDD_TLS');
+        assert.match(e.message, new RegExp(`^member URL ${url} is not https:// while etcd\\.endpoint is: refused`));
+        assert.match(e.message, /accepted: https:\/\/ client URLs/);
+        return true;
+      };
+      await assert.rejects(c.status(), refused);
+      await assert.rejects(c.serverMetrics(), refused);
+      await assert.rejects(c.put('/k', 'v'), refused);
+      await assert.rejects(c.defragment(), refused);
+      refused(await c.probe(1_000));
+      assert.equal(connections, 0);
+      // The same URL is fine when the configured endpoint is plain http too.
+      assert.deepEqual(await new MemberClient(url, access).serverMetrics(), { defragInflight: false });
+      assert.equal(connections, 1);
+    } finally {
+      c.close();
+      server.close();
+    }
   });
 });
