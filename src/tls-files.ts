@@ -25,6 +25,7 @@ import {
 import { createSecureContext } from 'node:tls';
 import { CREDENTIALS, STAGED_SUBDIR, type Config } from './config.ts';
 import { ConfigError } from './errors.ts';
+import { readTrustedFile } from './trust.ts';
 
 /** The files a config reads for etcd access: credential name -> path (only the ones in use). */
 export function tlsFiles(c: Config): Map<string, { key: string; path: string }> {
@@ -173,8 +174,15 @@ export function stageTlsFiles(config: Config, runtimeDir: string, configPath: st
   const data = new Map<string, Buffer>();
   for (const [cred, f] of files) {
     try {
-      data.set(cred, readFileSync(f.path));
+      // The password decides what the service may do in etcd: only from a file others cannot write.
+      data.set(
+        cred,
+        cred === 'etcd-password'
+          ? readTrustedFile(`${f.key} ${configPath ? `in ${configPath}` : '(default)'}:`, f.path)
+          : readFileSync(f.path),
+      );
     } catch (err) {
+      if (err instanceof ConfigError) throw err;
       const code = errnoOf(err);
       throw new ConfigError(
         `${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} ` +

@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
+  chmodSync,
   chownSync,
   copyFileSync,
   lstatSync,
@@ -80,6 +81,24 @@ describe('stage-tls and the TLS watch', () => {
     const mixed = { ...c, etcd: { ...c.etcd, keyFile: pki.otherClientKeyFile } };
     assert.throws(() => stageTlsFiles(mixed, rt, 'config.yaml'), /not a matching certificate and key/);
     assert.throws(() => statSync(join(rt, 'credentials', 'etcd-cert')));
+  });
+
+  it('copies a password only from a file others cannot write', () => {
+    const rt = mkdtempSync(join(dir, 'run-'));
+    const pw = join(dir, 'etcd-password');
+    writeFileSync(pw, 'secret\n');
+    chmodSync(pw, 0o660);
+    const file = join(dir, 'pw.yaml');
+    writeFileSync(file, `etcd:\n  endpoint: http://127.0.0.1:2379\n  username: root\n  passwordFile: ${pw}\n`);
+    // As stage-tls loads it: the files are checked when copied, not before.
+    const c = loadConfig({ path: file, env: {}, checkFiles: false }).config;
+    assert.throws(
+      () => stageTlsFiles(c, rt, file),
+      (e: unknown) => e instanceof ConfigError && e.message.startsWith(`etcd.passwordFile in ${file}: ${pw} is group-writable (mode 0660`),
+    );
+    assert.throws(() => statSync(join(rt, 'credentials', 'etcd-password')), 'nothing copied');
+    chmodSync(pw, 0o600);
+    assert.deepEqual(stageTlsFiles(c, rt, file).written, ['etcd-password']);
   });
 
   it('removes a copy the config no longer names (plain http endpoint)', () => {
