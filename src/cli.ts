@@ -8,7 +8,7 @@ import { clusterControl, describeClusterControl, disarm, pause, resume } from '.
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
+import { PRIORITY, consoleText, createLogger, isJournalStream, printable, printableJson, withPriority, type Log } from './log.ts';
 import { realClock } from './clock.ts';
 import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
@@ -207,6 +207,8 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
       m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
     ]);
   }
+  // Names, URLs and errors come from etcd: escaped before they are measured and printed.
+  for (const r of rows) r.forEach((cell, i) => (r[i] = printable(cell)));
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   const lines = rows.map((r) =>
     r
@@ -225,7 +227,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
     "(* = the local member, from etcd.endpoint; QUOTA: etcd = the member's own --quota-backend-bytes, config = policy.quotaBytes;",
     " DEFRAGMENTING: etcd_disk_defrag_inflight from the member's /metrics, ? = could not be read)",
   );
-  return lines.join('\n');
+  return lines.map(printable).join('\n');
 }
 
 function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
@@ -280,7 +282,9 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
       // `status --json | jq` must still parse: the failure as JSON on stdout, the log line on stderr.
       if (p.values.json) {
         const code = err instanceof DefragdError ? err.code : 'EDD_UNEXPECTED';
-        writeOut(`${JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2)}\n`);
+        writeOut(
+          `${printableJson(JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2))}\n`,
+        );
       }
       throw err;
     }
@@ -293,7 +297,7 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
         halt: cc.halt ?? null,
         readErrors: cc.errors,
       };
-      writeOut(`${JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2)}\n`);
+      writeOut(`${printableJson(JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2))}\n`);
     } else {
       writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
     }
@@ -314,7 +318,13 @@ async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<numbe
         : p.command === 'resume'
           ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
           : await disarm(deps, { force: Boolean(p.values.force) });
-    writeOut(r.out);
+    // It quotes the pause, the halt and members from etcd: one printable line each.
+    writeOut(
+      r.out
+        .split('\n')
+        .map((l) => printable(l))
+        .join('\n'),
+    );
     return r.code;
   } finally {
     pool.close();

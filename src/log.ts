@@ -27,8 +27,35 @@ export function resolveFormat(format: LogFormat, env: NodeJS.ProcessEnv, isTTY: 
   return isTTY ? 'pretty' : 'json';
 }
 
+/**
+ * Characters that act on a terminal or on how a line reads, rather than print: C0 controls (ESC
+ * starts a terminal command; a newline would forge a second line), DEL, C1 controls (0x9B is a
+ * one-byte CSI on some terminals), Unicode line separators and bidirectional overrides.
+ */
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const NAMED: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+
+/**
+ * Text that reaches a terminal or the journal from outside (etcd data: member names, pause reasons,
+ * participant info, error messages) with every unprintable character written as an escape
+ * (`\x1b`, `\n`, `\u202e`): shown, never obeyed. The status output and the journal and pretty
+ * log formats pass everything through it.
+ */
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return NAMED[c] ?? (code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`);
+  });
+}
+
+/** The same for JSON text: those characters as \uXXXX escapes, which JSON.parse reads back unchanged. */
+export function printableJson(json: string): string {
+  return json.replace(UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
 function fieldValue(v: unknown): string {
-  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) ? v : JSON.stringify(v);
+  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) && printable(v) === v ? v : JSON.stringify(v);
   if (v && typeof v === 'object' && 'message' in (v as object) && 'type' in (v as object)) {
     return JSON.stringify((v as { message: string }).message);
   }
@@ -54,18 +81,19 @@ export function withPriority(priority: number, text: string): string {
 export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
   const level = Number(obj.level);
   // A crash keeps its stack: journald splits on newlines, so every stack line carries the same priority.
-  const stack = stackLines(obj);
-  const msg = String(obj.msg ?? obj.event ?? '');
+  const stack = stackLines(obj).map(printable);
+  const raw = String(obj.msg ?? obj.event ?? '');
+  const msg = printable(raw);
   // A long text field already in the sentence (e.g. a skip reason) is not repeated as key=value.
   const fields = Object.entries(obj)
     .filter(
       ([k, v]) =>
         !OMIT.has(k) &&
         v !== undefined &&
-        !(typeof v === 'string' && v.length > 24 && msg.includes(v)) &&
+        !(typeof v === 'string' && v.length > 24 && raw.includes(v)) &&
         !(k === 'err' && stack.length > 0),
     )
-    .map(([k, v]) => `${k}=${fieldValue(v)}`)
+    .map(([k, v]) => `${printable(k)}=${printable(fieldValue(v))}`)
     .join(' ');
   if (format === 'journal') return withPriority(SYSLOG[level] ?? 6, [`${msg}${fields ? ` ${fields}` : ''}`, ...stack].join('\n'));
   const time = new Date(Number(obj.time) || Date.now()).toISOString().slice(11, 23);

@@ -17,7 +17,7 @@ import {
 import { kindOf, type ClientPool } from './etcd.ts';
 import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import type { Log } from './log.ts';
+import { printable, type Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { describeParticipant, parseView, type ParticipantInfo } from './turn.ts';
 import { hexId, memberLabel, voting, type Alarm } from './view.ts';
@@ -239,12 +239,14 @@ export function participantInfo(raw: unknown): ParticipantInfo {
   return Object.fromEntries(Object.entries(info).filter(([, v]) => v !== undefined)) as ParticipantInfo;
 }
 
+/** The cluster-wide part of `status`, one line each; what etcd holds is escaped (printable). */
 export function describeClusterControl(cc: ClusterControl): string[] {
-  return [
+  const lines = [
     `next run: ${cc.nextRun ?? 'never'} (schedule.cron of this node's config)`,
     `turn: ${cc.holder ? `held by ${cc.holder}` : 'free'}; ${cc.participants} etcd-defragd registered`,
     `pause: ${cc.pause ? describePause(cc.pause) : 'no'}`,
     `halt: ${cc.halt ? `halted after an integrity mismatch: ${describeHalt(cc.halt)}` : 'no'}`,
     ...cc.errors.map((e) => `could not read ${e}`),
   ];
+  return lines.map(printable);
 }
