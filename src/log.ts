@@ -49,9 +49,12 @@ export function printable(text: string): string {
   });
 }
 
-/** The same for JSON text: those characters as \uXXXX escapes, which JSON.parse reads back unchanged. */
+/** What JSON.stringify leaves raw inside strings (it escapes C0 itself; its own layout uses newlines). */
+const UNPRINTABLE_IN_JSON = /[\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+/** The same for JSON.stringify's output: those characters as \uXXXX escapes, which JSON.parse reads back unchanged. */
 export function printableJson(json: string): string {
-  return json.replace(UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return json.replace(UNPRINTABLE_IN_JSON, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }
 
 function fieldValue(v: unknown): string {

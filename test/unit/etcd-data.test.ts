@@ -75,8 +75,8 @@ describe('control characters from etcd are shown, never obeyed', () => {
   });
 
   it('status --json keeps them as \\u escapes, which parse back to the same value', () => {
-    const text = printableJson(JSON.stringify({ reason: HOSTILE }));
-    assert.doesNotMatch(text, /[\x00-\x1f\x7f-\x9f\u202e]/);
-    assert.equal(JSON.parse(text).reason, HOSTILE);
+    const text = printableJson(JSON.stringify({ reason: HOSTILE, nested: { name: HOSTILE } }, null, 2));
+    assert.doesNotMatch(text.replace(/\n/g, ''), /[\x00-\x1f\x7f-\x9f\u202e]/, 'only the layout newlines stay raw');
+    assert.deepEqual(JSON.parse(text), { reason: HOSTILE, nested: { name: HOSTILE } });
   });
 });
