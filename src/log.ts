@@ -4,6 +4,7 @@
 // The two text formats are written here, not with pino-pretty: it has no journald `<N>` priority
 // prefix (one per line, stack lines included) and prints fields as JSON or an indented block, not
 // key=value on the line; bending it to both would take as much code as this, plus a dependency.
+import { spawnSync } from 'node:child_process';
 import { fstatSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
 import type { LogFormat, LogLevel } from './config.ts';
@@ -174,6 +175,26 @@ export function isJournalStream(fd: 1 | 2, env: NodeJS.ProcessEnv): boolean {
 export function consoleText(env: NodeJS.ProcessEnv, priority: number, text: string): string {
   const t = text.endsWith('\n') ? text : `${text}\n`;
   return env.JOURNAL_STREAM ? withPriority(priority, t) : t;
+}
+
+/**
+ * One line for the system log, for an operator's forced action (`disarm --force`, `resume
+ * --integrity-checked`): a command run from a shell logs to its terminal, which keeps no record.
+ * Sent with logger(1) at auth.notice (journald and syslog both take it, tag etcd-defragd, beside
+ * sudo's own lines); when stderr already is the journal, the log line itself is the record. Returns
+ * why it could not be written, if it could not.
+ */
+export function auditToSystemLog(text: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  if (isJournalStream(2, env)) return undefined;
+  const r = spawnSync('logger', ['-t', 'etcd-defragd', '-p', 'auth.notice', '--', printable(text)], {
+    env,
+    stdio: ['ignore', 'ignore', 'pipe'],
+    timeout: 5_000,
+    encoding: 'utf8',
+  });
+  if (r.error) return `logger: ${r.error.message}`;
+  if (r.status !== 0) return `logger exited ${r.status}: ${r.stderr.trim()}`;
+  return undefined;
 }
 
 /** A logger that drops everything (tests that do not read logs). */
