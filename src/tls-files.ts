@@ -2,8 +2,8 @@
 // watched so renewed certificates are used without a restart.
 //
 // The service runs as a dynamic user with no capabilities, so it cannot read kubeadm's root-only
-// keys. systemd runs `etcd-defragd stage-tls` as root (ExecStartPre=+, ExecReload=+ and
-// etcd-defragd-tls.timer): it reads the files the config names, wherever they are, and copies them
+// keys. systemd runs `etcd-defragd stage-tls` as root (ExecStartPre=+, and etcd-defragd-tls.service
+// from its timer and from `systemctl reload`): it reads the files the config names, wherever they are, and copies them
 // into the service's runtime directory, readable only by the service. loadConfig() prefers those
 // copies. The daemon compares the files' contents before each run and each alarm
 // check (TlsWatch) and reconnects when they changed.
