@@ -187,6 +187,7 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
   const client = pool.get(view.local.endpoint);
   const who = deps.caller ?? caller();
   const done: string[] = [];
+  let after = 'the disarm failed';
   try {
     for (const a of nospace) {
       await client.disarm(a as Alarm);
@@ -196,26 +197,29 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
         `disarmed NOSPACE of member ${hexId(a.memberId)} by hand (--force), by ${who.by} on ${who.host}`,
       );
     }
+    try {
+      await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());
+    } catch (err) {
+      const again = kindOf(err) === 'nospace';
+      const why = again
+        ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. ' +
+          'Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
+        : `a test write still fails: ${errorMessage(err)}`;
+      after = again ? 'etcd raised NOSPACE again at the test write' : 'the test write failed';
+      log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE by hand, but ${why}`);
+      return { code: EXIT.failed, out: `disarmed NOSPACE of ${done.join(', ')}, but ${why}\n` };
+    }
+    after = 'a test write succeeded';
+    return { code: EXIT.ok, out: `disarmed NOSPACE of ${done.join(', ')} (--force); a test write succeeded\n` };
   } finally {
-    // One line per forced disarm, also when only some of the alarms went.
+    // One line per forced disarm, once its outcome is known (also when only some alarms went).
     if (done.length)
       recordForced(
         deps,
-        `NOSPACE disarmed by hand (disarm --force) by ${who.by} on ${who.host}: member ${done.join(', ')} (checks refused: ${outcome})`,
+        `NOSPACE disarmed by hand (disarm --force) by ${who.by} on ${who.host}: member ${done.join(', ')} ` +
+          `(checks refused: ${outcome}); ${after}`,
       );
   }
-  try {
-    await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());
-  } catch (err) {
-    const again = kindOf(err) === 'nospace';
-    const why = again
-      ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. ' +
-        'Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
-      : `a test write still fails: ${errorMessage(err)}`;
-    log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE by hand, but ${why}`);
-    return { code: EXIT.failed, out: `disarmed NOSPACE of ${done.join(', ')}, but ${why}\n` };
-  }
-  return { code: EXIT.ok, out: `disarmed NOSPACE of ${done.join(', ')} (--force); a test write succeeded\n` };
 }
 
 export interface ClusterControl extends ControlState {

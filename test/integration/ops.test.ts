@@ -211,7 +211,7 @@ for (const version of versionsUnderTest()) {
       assert.equal(recorded.length, 1, recorded.join('\n'));
       assert.match(
         recorded[0]!,
-        /^NOSPACE disarmed by hand \(disarm --force\) by uid \d+.*, SUDO_UID 4242.* on \S+: member [0-9a-f, ]+ \(checks refused: blocked\)$/,
+        /^NOSPACE disarmed by hand \(disarm --force\) by uid \d+.*, SUDO_UID 4242.* on \S+: member [0-9a-f, ]+ \(checks refused: blocked\); a test write succeeded$/,
       );
       assert.match(f.stdout, /disarmed NOSPACE of [0-9a-f, ]+ \(--force\); a test write succeeded/);
       assert.ok(!(await armed()), 'disarmed');
