@@ -9,7 +9,7 @@ import { describeVersionNotes, versionNotes } from './etcd-versions.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
 import { ConfigError, DefragdError, EXIT, UsageError, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, type Log } from './log.ts';
+import { PRIORITY, consoleText, createLogger, isJournalStream, printable, printableJson, withPriority, type Log } from './log.ts';
 import { realClock } from './clock.ts';
 import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
@@ -17,6 +17,7 @@ import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { fileLock } from './node-lock.ts';
 import { Turn } from './turn.ts';
+import { ListenError } from './metrics.ts';
 import { formatBytes, formatPercent } from './units.ts';
 import { versionLine } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
@@ -224,6 +225,8 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
       m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
     ]);
   }
+  // Names, URLs and errors come from etcd: escaped before they are measured and printed.
+  for (const r of rows) r.forEach((cell, i) => (r[i] = printable(cell)));
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   const lines = rows.map((r) =>
     r
@@ -243,7 +246,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
     "(* = the local member, from etcd.endpoint; QUOTA: etcd = the member's own --quota-backend-bytes, config = policy.quotaBytes;",
     " DEFRAGMENTING: etcd_disk_defrag_inflight from the member's /metrics, ? = could not be read)",
   );
-  return lines.join('\n');
+  return lines.map(printable).join('\n');
 }
 
 function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
@@ -300,7 +303,9 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
       // `status --json | jq` must still parse: the failure as JSON on stdout, the log line on stderr.
       if (p.values.json) {
         const code = err instanceof DefragdError ? err.code : 'EDD_UNEXPECTED';
-        writeOut(`${JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2)}\n`);
+        writeOut(
+          `${printableJson(JSON.stringify({ endpoint: loaded.config.etcd.endpoint, error: { code, message: errorMessage(err) } }, null, 2))}\n`,
+        );
       }
       throw err;
     }
@@ -313,7 +318,7 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
         halt: clusterHalt(cc) ?? null,
         readErrors: cc.errors,
       };
-      writeOut(`${JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2)}\n`);
+      writeOut(`${printableJson(JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2))}\n`);
     } else {
       writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
     }
@@ -334,7 +339,13 @@ async function operate(loaded: LoadedConfig, log: Log, p: Parsed): Promise<numbe
         : p.command === 'resume'
           ? await resume(deps, { integrityChecked: Boolean(p.values['integrity-checked']) })
           : await disarm(deps, { force: Boolean(p.values.force) });
-    writeOut(r.out);
+    // It quotes the pause, the halt and members from etcd: one printable line each.
+    writeOut(
+      r.out
+        .split('\n')
+        .map((l) => printable(l))
+        .join('\n'),
+    );
     return r.code;
   } finally {
     pool.close();
@@ -349,6 +360,13 @@ function stageTls(loaded: LoadedConfig, log: Log, runtimeDir: string): number {
   }
   try {
     const r = stageTlsFiles(loaded.config, runtimeDir, loaded.path);
+    if (r.replaced.length) {
+      // Only the service's own user can put something there: worth a look, but nothing was followed.
+      log.warn(
+        { event: 'tls.stage.replaced', runtimeDir, replaced: r.replaced.join(',') },
+        `removed what stood in place of ${r.replaced.join(', ')} in ${runtimeDir} (not a plain folder; nothing it pointed to was touched)`,
+      );
+    }
     if (r.written.length || r.removed.length) {
       log.info(
         { event: 'tls.stage', runtimeDir, written: r.written.join(','), removed: r.removed.join(',') },
@@ -487,6 +505,8 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
   } catch (err) {
     if (err instanceof DefragdError) {
       log.error({ event: 'error', code: err.code, error: err.message }, `${err.code}: ${err.message}`);
+      if (err instanceof ListenError) return err.retryable ? EXIT.failed : EXIT.config;
+      if (err instanceof ConfigError) return EXIT.config;
       return err.permanent ? EXIT.failed : EXIT.skipped;
     }
     log.fatal({ event: 'crash', err }, `unexpected error: ${errorMessage(err)}`);

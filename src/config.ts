@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { validateDetailed } from 'node-cron';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
 import { ConfigError } from './errors.ts';
+import { readTrustedFile } from './trust.ts';
 import { DURATION_ACCEPTED, SIZE_ACCEPTED, parseDuration, parseSize } from './units.ts';
 
 export const DEFAULT_CONFIG_PATH = '/etc/etcd-defragd/config.yaml';
@@ -351,8 +352,9 @@ function show(raw: unknown): string {
 function readYaml(path: string, explicit: boolean, warnings: string[]): Record<string, unknown> | undefined {
   let textContent: string;
   try {
-    textContent = readFileSync(path, 'utf8');
+    textContent = readTrustedFile('config file', path).toString('utf8');
   } catch (err) {
+    if (err instanceof ConfigError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !explicit) return undefined;
     throw new ConfigError(
@@ -515,13 +517,15 @@ function crossCheck(c: Config, sources: LoadedConfig['sources'], path: string, c
     checkPem('etcd.certFile', c.etcd.certFile, 'cert', where);
     checkPem('etcd.keyFile', c.etcd.keyFile, 'key', where);
   }
-  if (c.etcd.passwordFile) readable('etcd.passwordFile', c.etcd.passwordFile, where);
+  if (c.etcd.passwordFile) readable('etcd.passwordFile', c.etcd.passwordFile, where, true);
 }
 
-function readable(key: string, file: string, where: (k: string) => string): Buffer {
+/** Reads a file the config names; `trusted`: also refuse one that others could write (readTrustedFile). */
+function readable(key: string, file: string, where: (k: string) => string, trusted = false): Buffer {
   try {
-    return readFileSync(file);
+    return trusted ? readTrustedFile(`${key} ${where(key)}:`, file) : readFileSync(file);
   } catch (err) {
+    if (err instanceof ConfigError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     const why =
       code === 'ENOENT'

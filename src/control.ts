@@ -4,7 +4,6 @@
 //   <prefix>fuse, <prefix>fuse-armed   the halt fuse: how a halt is recorded when NOSPACE refuses the halt key
 // Both are read at the start of every run. Deleting works during NOSPACE; writing a pause does not.
 import type { ICompare, IRequestOp } from 'etcd3';
-import { hostname, userInfo } from 'node:os';
 import type { Config } from './config.ts';
 import { kindOf, type EtcdMember, type EtcdPool, type RetryHooks } from './etcd.ts';
 import { DefragdError } from './errors.ts';
@@ -100,19 +99,6 @@ export function stopReason(s: Stops): { check: 'halt' | 'pause'; reason: string 
     };
   if (s.pause) return { check: 'pause', reason: `defragmentation is ${describePause(s.pause)}; resume with: etcd-defragd resume` };
   return undefined;
-}
-
-/** Who runs this command, for the pause record: the sudo caller if any. */
-export function operator(env: NodeJS.ProcessEnv = process.env): { by: string; host: string } {
-  let user = env.SUDO_USER;
-  if (!user) {
-    try {
-      user = userInfo().username;
-    } catch {
-      user = `uid ${process.getuid?.() ?? '?'}`;
-    }
-  }
-  return { by: user, host: hostname() };
 }
 
 export async function writePause(client: EtcdMember, c: Prefixed, record: PauseRecord): Promise<void> {

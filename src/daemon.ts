@@ -135,16 +135,8 @@ export class Daemon {
   async start(): Promise<void> {
     const c = this.config;
     const log = this.deps.log;
-    if (c.metrics.listen) {
-      try {
-        this.metricsAddress = await this.metrics.listen(c.metrics.listen);
-      } catch (err) {
-        log.error(
-          { event: 'metrics.fail', listen: c.metrics.listen, error: errorMessage(err) },
-          `cannot serve metrics on ${c.metrics.listen}: ${errorMessage(err)}`,
-        );
-      }
-    }
+    // A ListenError ends the start (cli.ts: exit 1, or 78): running without it leaves the port to anyone.
+    if (c.metrics.listen) this.metricsAddress = await this.metrics.listen(c.metrics.listen);
     this.schedule();
     log.info(
       {

@@ -99,6 +99,8 @@ export function toDefragdError(err: unknown, what: string, endpoint: string): De
 }
 
 export interface Access {
+  /** etcd.endpoint is https://: every member is then reached over TLS, or not at all (see MemberClient). */
+  tls?: boolean;
   ca?: Buffer;
   cert?: Buffer;
   key?: Buffer;
@@ -113,6 +115,7 @@ export function accessFromConfig(c: Config): Access {
   const tls = c.etcd.endpoint.startsWith('https:');
   const read = (f: string) => (f ? readFileSync(f) : undefined);
   return {
+    tls,
     ca: tls ? read(c.etcd.caFile) : undefined,
     cert: tls ? read(c.etcd.certFile) : undefined,
     key: tls ? read(c.etcd.keyFile) : undefined,
@@ -151,8 +154,20 @@ export function toStatus(endpoint: string, r: IStatusResponse): MemberStatus {
 function quotaFromStatus(r: IStatusResponse): number | undefined {
   const q = (r as IStatusResponse & { dbSizeQuota?: string }).dbSizeQuota;
   const n = q === undefined ? NaN : Number(q);
-  return Number.isFinite(n) && n > 0 ? n : undefined;
+  return validQuota(n) ? n : undefined;
 }
+
+/**
+ * A quota etcd could really have: a whole number of bytes above 0 (etcd's own --quota-backend-bytes
+ * is an int64). 0, a negative number, NaN or 1e308 from a broken or hostile member would make every
+ * usage ratio meaningless, so such a member's quota counts as unknown.
+ */
+export function validQuota(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0;
+}
+
+/** etcd's own /metrics page is a few hundred KiB; a member that sends more is cut off here. */
+export const MAX_METRICS_BYTES = 4 * 1024 * 1024;
 
 export interface Member {
   id: string;
@@ -170,6 +185,8 @@ export interface Member {
 export interface ServerMetrics {
   /** etcd_server_quota_backend_bytes: the member's --quota-backend-bytes. */
   quotaBytes?: number;
+  /** The page's etcd_server_quota_backend_bytes when it is not a usable quota (see validQuota), as written. */
+  quotaInvalid?: string;
   /** etcd_disk_defrag_inflight: 1 while a defragment runs on that member. */
   defragInflight?: boolean;
   /** etcd_server_version{server_version="..."} */
@@ -196,16 +213,19 @@ export function parseServerMetrics(text: string): ServerMetrics {
     const value = Number(m[3]);
     switch (m[1]) {
       case 'etcd_server_quota_backend_bytes':
-        if (Number.isFinite(value)) out.quotaBytes = value;
+        if (validQuota(value)) {
+          out.quotaBytes = value;
+          delete out.quotaInvalid;
+        } else out.quotaInvalid = m[3]!.slice(0, 40);
         break;
       case 'etcd_disk_defrag_inflight':
         if (Number.isFinite(value)) out.defragInflight = value > 0;
         break;
       case 'etcd_mvcc_db_total_size_in_bytes':
-        if (Number.isFinite(value)) out.dbSize = value;
+        if (Number.isSafeInteger(value) && value >= 0) out.dbSize = value;
         break;
       case 'etcd_mvcc_db_total_size_in_use_in_bytes':
-        if (Number.isFinite(value)) out.dbSizeInUse = value;
+        if (Number.isSafeInteger(value) && value >= 0) out.dbSizeInUse = value;
         break;
       case 'etcd_server_version': {
         const v = m[2]?.match(/server_version="([^"]*)"/)?.[1];
@@ -274,30 +294,54 @@ export interface EtcdPool {
   close(): void;
 }
 
+/**
+ * Why a member URL is refused: with etcd.endpoint on https://, a member that advertises http://
+ * (or anything but https://) would get our password and requests in the clear. Nothing is sent.
+ */
+export function refusedUrl(endpoint: string, access: Pick<Access, 'tls'>): DefragdError | undefined {
+  if (!access.tls || endpoint.startsWith('https://')) return undefined;
+  return new DefragdError(
+    'EDD_TLS',
+    `member URL ${endpoint} is not https:// while etcd.endpoint is: refused, nothing is sent there ` +
+      '(it would carry the password and requests in the clear); accepted: https:// client URLs (etcd --advertise-client-urls)',
+    { permanent: true },
+  );
+}
+
 /** A client bound to exactly one member endpoint. */
 export class MemberClient implements EtcdMember {
   readonly endpoint: string;
-  private readonly client: Etcd3;
+  private readonly etcd: Etcd3 | undefined;
   private readonly access: Access;
+  /** Set for a URL refusedUrl() refuses: every call fails with it, and no connection is made. */
+  private readonly refused: DefragdError | undefined;
 
   constructor(endpoint: string, access: Access) {
     this.endpoint = endpoint;
     this.access = access;
+    this.refused = refusedUrl(endpoint, access);
     const tls = endpoint.startsWith('https:');
-    this.client = new Etcd3({
-      hosts: [endpoint],
-      credentials: tls ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert } : undefined,
-      auth: access.username
-        ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) }
-        : undefined,
-      // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
-      faultHandling: { global: noop, host: () => noop },
-      grpcOptions: {
-        'grpc.initial_reconnect_backoff_ms': 200,
-        'grpc.max_reconnect_backoff_ms': 2000,
-        'grpc.max_receive_message_length': 64 * 1024 * 1024,
-      },
-    });
+    this.etcd = this.refused
+      ? undefined
+      : new Etcd3({
+          hosts: [endpoint],
+          credentials: tls ? { rootCertificate: access.ca as Buffer, privateKey: access.key, certChain: access.cert } : undefined,
+          auth: access.username
+            ? { username: access.username, password: access.password ?? '', callOptions: () => ({ deadline: this.deadline() }) }
+            : undefined,
+          // Our own retry decides per operation; the library's retry would re-send a timed-out defragment.
+          faultHandling: { global: noop, host: () => noop },
+          grpcOptions: {
+            'grpc.initial_reconnect_backoff_ms': 200,
+            'grpc.max_reconnect_backoff_ms': 2000,
+            'grpc.max_receive_message_length': 64 * 1024 * 1024,
+          },
+        });
+  }
+
+  private get client(): Etcd3 {
+    if (!this.etcd) throw this.refused!;
+    return this.etcd;
   }
 
   private deadline(ms = this.access.requestTimeout): Date {
@@ -354,6 +398,7 @@ export class MemberClient implements EtcdMember {
 
   /** One Status with a short deadline, no retry: does the member answer right now? */
   async probe(timeoutMs: number): Promise<MemberStatus | Error> {
+    if (this.refused) return this.refused;
     try {
       return toStatus(this.endpoint, await this.client.maintenance.status({ deadline: this.deadline(timeoutMs) }));
     } catch (err) {
@@ -542,9 +587,12 @@ export class MemberClient implements EtcdMember {
 
   /**
    * The member's own /metrics page, on the same URL and TLS as its gRPC API; no retry (callers
-   * poll). Served by etcd's HTTP handler, so it answers while the member defragments.
+   * poll). Served by etcd's HTTP handler, so it answers while the member defragments. A page over
+   * MAX_METRICS_BYTES is cut off (the request is destroyed) and reported as a page that cannot
+   * tell: a broken or hostile member must not fill every daemon's memory.
    */
-  serverMetrics(timeoutMs = this.access.requestTimeout): Promise<ServerMetrics> {
+  serverMetrics(timeoutMs = this.access.requestTimeout, maxBytes = MAX_METRICS_BYTES): Promise<ServerMetrics> {
+    if (this.refused) return Promise.reject(this.refused);
     const url = new URL('/metrics', this.endpoint);
     const tls = url.protocol === 'https:';
     return new Promise<ServerMetrics>((resolve, reject) => {
@@ -554,18 +602,26 @@ export class MemberClient implements EtcdMember {
         headers: { accept: 'text/plain' },
         ...(tls ? { ca: this.access.ca, cert: this.access.cert, key: this.access.key } : {}),
       };
+      const tooLarge = (what: string) => {
+        reject(new MetricsPageError(`metrics on ${this.endpoint}: the page is ${what}, over the ${maxBytes}-byte limit; cut off`));
+        req.destroy();
+      };
       const req = (tls ? httpsRequest : httpRequest)(url, opts, (res) => {
         if (res.statusCode !== 200) {
           res.resume();
           reject(new MetricsPageError(`metrics on ${this.endpoint}: HTTP ${res.statusCode}`));
           return;
         }
-        res.setEncoding('utf8');
-        let body = '';
-        res.on('data', (chunk: string) => {
-          body += chunk;
+        const declared = Number(res.headers['content-length']);
+        if (declared > maxBytes) return tooLarge(`${declared} bytes long`);
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (chunk: Buffer) => {
+          size += chunk.length;
+          if (size > maxBytes) return tooLarge('longer');
+          chunks.push(chunk);
         });
-        res.on('end', () => resolve(parseServerMetrics(body)));
+        res.on('end', () => resolve(parseServerMetrics(Buffer.concat(chunks).toString('utf8'))));
         res.on('error', (err) => reject(toDefragdError(err, 'metrics', this.endpoint)));
       });
       const timer = setTimeout(() => req.destroy(new Error('metrics: timed out')), timeoutMs);
@@ -577,7 +633,7 @@ export class MemberClient implements EtcdMember {
   }
 
   close(): void {
-    this.client.close();
+    this.etcd?.close();
   }
 }
 

@@ -48,7 +48,12 @@ function applyMetrics(view: MemberView, r: Awaited<ReturnType<typeof readMetrics
   if (q.bytes === undefined) {
     view.quotaError =
       `cannot read the quota of member ${memberLabel(view)}: ` +
-      `${r.error ?? `${view.endpoint}/metrics has no etcd_server_quota_backend_bytes`}; ` +
+      `${
+        r.error ??
+        (r.metrics?.quotaInvalid !== undefined
+          ? `${view.endpoint}/metrics has etcd_server_quota_backend_bytes ${JSON.stringify(r.metrics.quotaInvalid)}, not a whole number of bytes above 0`
+          : `${view.endpoint}/metrics has no etcd_server_quota_backend_bytes`)
+      }; ` +
       `set policy.quotaBytes to the members' --quota-backend-bytes`;
   }
 }

@@ -4,6 +4,7 @@
 // The two text formats are written here, not with pino-pretty: it has no journald `<N>` priority
 // prefix (one per line, stack lines included) and prints fields as JSON or an indented block, not
 // key=value on the line; bending it to both would take as much code as this, plus a dependency.
+import { spawnSync } from 'node:child_process';
 import { fstatSync } from 'node:fs';
 import pino, { type Logger } from 'pino';
 import type { LogFormat, LogLevel } from './config.ts';
@@ -27,8 +28,38 @@ export function resolveFormat(format: LogFormat, env: NodeJS.ProcessEnv, isTTY: 
   return isTTY ? 'pretty' : 'json';
 }
 
+/**
+ * Characters that act on a terminal or on how a line reads, rather than print: C0 controls (ESC
+ * starts a terminal command; a newline would forge a second line), DEL, C1 controls (0x9B is a
+ * one-byte CSI on some terminals), Unicode line separators and bidirectional overrides.
+ */
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const NAMED: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+
+/**
+ * Text that reaches a terminal or the journal from outside (etcd data: member names, pause reasons,
+ * participant info, error messages) with every unprintable character written as an escape
+ * (`\x1b`, `\n`, `\u202e`): shown, never obeyed. The status output and the journal and pretty
+ * log formats pass everything through it.
+ */
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return NAMED[c] ?? (code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`);
+  });
+}
+
+/** What JSON.stringify leaves raw inside strings (it escapes C0 itself; its own layout uses newlines). */
+const UNPRINTABLE_IN_JSON = /[\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+/** The same for JSON.stringify's output: those characters as \uXXXX escapes, which JSON.parse reads back unchanged. */
+export function printableJson(json: string): string {
+  return json.replace(UNPRINTABLE_IN_JSON, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
 function fieldValue(v: unknown): string {
-  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) ? v : JSON.stringify(v);
+  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) && printable(v) === v ? v : JSON.stringify(v);
   if (v && typeof v === 'object' && 'message' in (v as object) && 'type' in (v as object)) {
     return JSON.stringify((v as { message: string }).message);
   }
@@ -54,18 +85,19 @@ export function withPriority(priority: number, text: string): string {
 export function formatLine(obj: Record<string, unknown>, format: 'journal' | 'pretty', color = false): string {
   const level = Number(obj.level);
   // A crash keeps its stack: journald splits on newlines, so every stack line carries the same priority.
-  const stack = stackLines(obj);
-  const msg = String(obj.msg ?? obj.event ?? '');
+  const stack = stackLines(obj).map(printable);
+  const raw = String(obj.msg ?? obj.event ?? '');
+  const msg = printable(raw);
   // A long text field already in the sentence (e.g. a skip reason) is not repeated as key=value.
   const fields = Object.entries(obj)
     .filter(
       ([k, v]) =>
         !OMIT.has(k) &&
         v !== undefined &&
-        !(typeof v === 'string' && v.length > 24 && msg.includes(v)) &&
+        !(typeof v === 'string' && v.length > 24 && raw.includes(v)) &&
         !(k === 'err' && stack.length > 0),
     )
-    .map(([k, v]) => `${k}=${fieldValue(v)}`)
+    .map(([k, v]) => `${printable(k)}=${printable(fieldValue(v))}`)
     .join(' ');
   if (format === 'journal') return withPriority(SYSLOG[level] ?? 6, [`${msg}${fields ? ` ${fields}` : ''}`, ...stack].join('\n'));
   const time = new Date(Number(obj.time) || Date.now()).toISOString().slice(11, 23);
@@ -143,6 +175,26 @@ export function isJournalStream(fd: 1 | 2, env: NodeJS.ProcessEnv): boolean {
 export function consoleText(env: NodeJS.ProcessEnv, priority: number, text: string): string {
   const t = text.endsWith('\n') ? text : `${text}\n`;
   return env.JOURNAL_STREAM ? withPriority(priority, t) : t;
+}
+
+/**
+ * One line for the system log, for an operator's forced action (`disarm --force`, `resume
+ * --integrity-checked`): a command run from a shell logs to its terminal, which keeps no record.
+ * Sent with logger(1) at auth.notice (journald and syslog both take it, tag etcd-defragd, beside
+ * sudo's own lines); when stderr already is the journal, the log line itself is the record. Returns
+ * why it could not be written, if it could not.
+ */
+export function auditToSystemLog(text: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  if (isJournalStream(2, env)) return undefined;
+  const r = spawnSync('logger', ['-t', 'etcd-defragd', '-p', 'auth.notice', '--', printable(text)], {
+    env,
+    stdio: ['ignore', 'ignore', 'pipe'],
+    timeout: 5_000,
+    encoding: 'utf8',
+  });
+  if (r.error) return `logger: ${r.error.message}`;
+  if (r.status !== 0) return `logger exited ${r.status}: ${r.stderr.trim()}`;
+  return undefined;
 }
 
 /** A logger that drops everything (tests that do not read logs). */

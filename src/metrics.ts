@@ -6,7 +6,7 @@
 // increase() sees the first event), and each daemon exports only the member it owns.
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import { OUTCOMES, type Outcome } from './errors.ts';
+import { DefragdError, OUTCOMES, errorMessage, type Outcome } from './errors.ts';
 import { versionNotes } from './etcd-versions.ts';
 import type { ClusterView } from './view.ts';
 
@@ -45,6 +45,41 @@ const gauge = <L extends string = never>(registers: Registry[], name: string, he
   new Gauge<L>({ name, help, labelNames, registers });
 const counter = <L extends string = never>(registers: Registry[], name: string, help: string, labelNames: readonly L[] = []) =>
   new Counter<L>({ name, help, labelNames, registers });
+
+/** What a client of metrics.listen gets at most (see Metrics.listen). */
+export const SERVER_LIMITS = {
+  headersTimeout: 5_000,
+  requestTimeout: 10_000,
+  keepAliveTimeout: 5_000,
+  /** How often Node checks the two timeouts above (its default, 30 s, would let a slow client hold on that long). */
+  checkInterval: 2_000,
+  maxConnections: 16,
+};
+
+/**
+ * metrics.listen cannot be had. Taken by another process (EADDRINUSE): exit 1, systemd tries again
+ * in 15 s. An address this host does not have, or a port below 1024: exit 78, a restart cannot help.
+ */
+export class ListenError extends DefragdError {
+  /** A restart may find the port free again. */
+  readonly retryable: boolean;
+
+  constructor(address: string, err: unknown) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const why =
+      code === 'EADDRINUSE'
+        ? 'the port is taken by another process'
+        : code === 'EADDRNOTAVAIL'
+          ? 'this host has no such address'
+          : code === 'EACCES'
+            ? 'permission denied (a port below 1024 needs privileges the service does not have)'
+            : errorMessage(err);
+    const message = `metrics.listen: cannot serve metrics on ${JSON.stringify(address)}: ${why}; accepted: a free host:port of this node, or "" to disable`;
+    super('EDD_CONFIG', message, { cause: err, permanent: true });
+    this.name = 'ListenError';
+    this.retryable = code === 'EADDRINUSE';
+  }
+}
 
 export class Metrics {
   /** etcd_defragd_* only: what the textfile collector gets (node_exporter has its own process_*). */
@@ -234,35 +269,55 @@ export class Metrics {
     if (next && after) this.scheduleInterval.set((after.getTime() - next.getTime()) / 1000);
   }
 
-  async listen(address: string): Promise<string> {
+  /**
+   * Serves /metrics and /healthz on `address`. Bounded for a local user who can connect: headers
+   * within 5 s, a whole request within 10 s, at most 16 connections, GET and HEAD only. Fails (a
+   * ListenError, the daemon exits) when the address cannot be had: running on without the
+   * listener would leave the port to whoever takes it during a restart.
+   */
+  async listen(address: string, limits: Partial<typeof SERVER_LIMITS> = {}): Promise<string> {
+    const l = { ...SERVER_LIMITS, ...limits };
     const i = address.lastIndexOf(':');
     const host = address.slice(0, i).replace(/^\[|\]$/g, '');
     const port = Number(address.slice(i + 1));
-    this.server = createServer((req, res) => {
-      if (req.url === '/metrics') {
-        this.registry.metrics().then(
-          (body) => {
-            res.writeHead(200, { 'content-type': this.registry.contentType });
-            res.end(body);
-          },
-          (err: Error) => {
-            res.writeHead(500);
-            res.end(err.message);
-          },
-        );
-      } else if (req.url === '/healthz') {
-        res.writeHead(200, { 'content-type': 'text/plain' });
-        res.end('ok\n');
-      } else {
-        res.writeHead(404);
-        res.end();
-      }
-    });
+    this.server = createServer(
+      { headersTimeout: l.headersTimeout, requestTimeout: l.requestTimeout, connectionsCheckingInterval: l.checkInterval },
+      (req, res) => {
+        if (req.method !== 'GET' && req.method !== 'HEAD') {
+          res.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' });
+          res.end('only GET and HEAD\n');
+        } else if (req.url === '/metrics') {
+          this.registry.metrics().then(
+            (body) => {
+              res.writeHead(200, { 'content-type': this.registry.contentType });
+              res.end(body);
+            },
+            (err: Error) => {
+              res.writeHead(500);
+              res.end(err.message);
+            },
+          );
+        } else if (req.url === '/healthz') {
+          res.writeHead(200, { 'content-type': 'text/plain' });
+          res.end('ok\n');
+        } else {
+          res.writeHead(404);
+          res.end();
+        }
+      },
+    );
     const server = this.server;
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => resolve());
-    });
+    server.maxConnections = l.maxConnections;
+    server.keepAliveTimeout = l.keepAliveTimeout;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(port, host, () => resolve());
+      });
+    } catch (err) {
+      this.server = undefined;
+      throw new ListenError(address, err);
+    }
     const a = server.address();
     return typeof a === 'object' && a ? `${a.address.includes(':') ? `[${a.address}]` : a.address}:${a.port}` : address;
   }

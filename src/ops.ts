@@ -1,6 +1,7 @@
 // Operator commands that replace etcdctl on a kubeadm host: pause, resume (also clears the integrity
 // halt, once confirmed), disarm (NOSPACE by hand), and the cluster-wide part of `status`.
 // Each returns an exit code and the text for stdout; explanations are logged (stderr).
+import { hostname } from 'node:os';
 import { createTask } from 'node-cron';
 import type { Config } from './config.ts';
 import {
@@ -9,7 +10,6 @@ import {
   describeHalt,
   describePause,
   haltOf,
-  operator,
   pauseKey,
   readStops,
   writePause,
@@ -19,9 +19,10 @@ import {
 import { kindOf, type ClientPool } from './etcd.ts';
 import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
-import type { Log } from './log.ts';
+import { auditToSystemLog, printable, type Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
 import { describeParticipant, parseView } from './turn.ts';
+import { userName } from './trust.ts';
 import { hexId, memberLabel, voting, type Alarm } from './view.ts';
 
 export interface OpResult {
@@ -34,17 +35,53 @@ interface OpDeps {
   pool: ClientPool;
   log: Log;
   now?: () => number;
+  /** Who runs the command (default: caller()). */
+  caller?: Caller;
+  /** Where a forced action is recorded (default: the system log, auditToSystemLog). */
+  audit?: (line: string) => string | undefined;
+}
+
+/** Who runs an operator command, as the pause record and the logs name them. */
+export interface Caller {
+  /** For people: `uid 0 (root), SUDO_UID 1000 (alice)`. */
+  by: string;
+  host: string;
+  /** The real uid: the kernel's word. */
+  uid: number;
+  /** sudo's SUDO_UID: sudo sets it, but anyone who runs the command without sudo can too. */
+  sudoUid?: number;
+}
+
+/**
+ * The real uid, and SUDO_UID beside it when it is a number. Not SUDO_USER, which the record used
+ * to trust: it is only a name, and as easily set by the caller; the uid at least is real.
+ */
+export function caller(env: NodeJS.ProcessEnv = process.env, uid = process.getuid?.() ?? -1): Caller {
+  const sudoUid = env.SUDO_UID && /^\d{1,10}$/.test(env.SUDO_UID) ? Number(env.SUDO_UID) : undefined;
+  const named = (u: number) => {
+    const name = userName(u);
+    return name ? `${u} (${name})` : String(u);
+  };
+  const by = `uid ${named(uid)}${sudoUid === undefined ? '' : `, SUDO_UID ${named(sudoUid)}`}`;
+  return { by, host: hostname(), uid, sudoUid };
+}
+
+/** A forced action goes to the system log too; a failure to write it is said, not fatal. */
+function recordForced(deps: OpDeps, line: string): void {
+  const why = (deps.audit ?? auditToSystemLog)(line);
+  if (why) deps.log.warn({ event: 'audit.fail', error: why }, `could not record in the system log: ${line} (${why})`);
 }
 
 export async function pause(deps: OpDeps, reason: string): Promise<OpResult> {
   const { config: c, log } = deps;
   const client = deps.pool.get(c.etcd.endpoint);
   const before = await readStops(client, c, { log });
-  const record = { ...operator(), at: new Date((deps.now ?? Date.now)()).toISOString(), reason };
+  const who = deps.caller ?? caller();
+  const record = { ...who, at: new Date((deps.now ?? Date.now)()).toISOString(), reason };
   await writePause(client, c, record);
   const was = before.pause ? ` (replaces: ${describePause(before.pause)})` : '';
   log.info(
-    { event: 'pause', by: record.by, host: record.host, reason },
+    { event: 'pause', by: record.by, uid: who.uid, sudoUid: who.sudoUid, host: record.host, reason },
     `defragmentation ${describePause(record)}${was}; every etcd-defragd skips its runs from its next run on`,
   );
   const lines = [
@@ -62,10 +99,10 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
   const before = await readStops(client, c, { log });
   const halt = haltOf(before);
   const lines: string[] = [];
-  const who = operator();
+  const who = deps.caller ?? caller();
   if (before.pause && (await clearKey(client, pauseKey(c)))) {
     log.info(
-      { event: 'resume', by: who.by, host: who.host },
+      { event: 'resume', by: who.by, uid: who.uid, sudoUid: who.sudoUid, host: who.host },
       `pause lifted by ${who.by} on ${who.host} (was ${describePause(before.pause)})`,
     );
     lines.push(`pause lifted (was ${describePause(before.pause)})`);
@@ -92,11 +129,11 @@ export async function resume(deps: OpDeps, opts: { integrityChecked: boolean }):
       return { code: EXIT.failed, out: `${lines.join('\n')}\n` };
     }
     if (await clearHalt(client, c)) {
-      log.warn(
-        { event: 'halt.clear', by: who.by, host: who.host },
-        `integrity halt cleared by ${who.by} on ${who.host}, who confirmed the members were checked; ` +
-          `${hash.detail} (was: ${describeHalt(halt)})`,
-      );
+      const line =
+        `integrity halt cleared by ${who.by} on ${who.host} (resume --integrity-checked), who confirmed the members were checked; ` +
+        `${hash.detail} (was: ${describeHalt(halt)})`;
+      log.warn({ event: 'halt.clear', by: who.by, uid: who.uid, sudoUid: who.sudoUid, host: who.host }, line);
+      recordForced(deps, line);
       lines.push(`integrity halt cleared (was: ${describeHalt(halt)})`, hash.detail);
     }
   }
@@ -161,27 +198,41 @@ export async function disarm(deps: OpDeps, opts: { force: boolean }): Promise<Op
     };
   }
   const client = pool.get(view.local.endpoint);
+  const who = deps.caller ?? caller();
   const done: string[] = [];
-  for (const a of nospace) {
-    await client.disarm(a as Alarm);
-    done.push(hexId(a.memberId));
-    log.warn(
-      { event: 'nospace.disarm.forced', member: hexId(a.memberId), by: operator().by },
-      `disarmed NOSPACE of member ${hexId(a.memberId)} by hand (--force)`,
-    );
-  }
+  let after = 'the disarm failed';
   try {
-    await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());
-  } catch (err) {
-    const again = kindOf(err) === 'nospace';
-    const why = again
-      ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. ' +
-        'Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
-      : `a test write still fails: ${errorMessage(err)}`;
-    log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE by hand, but ${why}`);
-    return { code: EXIT.failed, out: `disarmed NOSPACE of ${done.join(', ')}, but ${why}\n` };
+    for (const a of nospace) {
+      await client.disarm(a as Alarm);
+      done.push(hexId(a.memberId));
+      log.warn(
+        { event: 'nospace.disarm.forced', member: hexId(a.memberId), by: who.by, uid: who.uid, sudoUid: who.sudoUid, host: who.host },
+        `disarmed NOSPACE of member ${hexId(a.memberId)} by hand (--force), by ${who.by} on ${who.host}`,
+      );
+    }
+    try {
+      await client.put(`${c.coordination.prefix}probe`, new Date().toISOString());
+    } catch (err) {
+      const again = kindOf(err) === 'nospace';
+      const why = again
+        ? 'etcd raised NOSPACE again at the first write: a member is still over its quota. ' +
+          'Free space first (delete data, compact, defragment), or raise --quota-backend-bytes'
+        : `a test write still fails: ${errorMessage(err)}`;
+      after = again ? 'etcd raised NOSPACE again at the test write' : 'the test write failed';
+      log.error({ event: 'nospace.write.fail', error: errorMessage(err) }, `disarmed NOSPACE by hand, but ${why}`);
+      return { code: EXIT.failed, out: `disarmed NOSPACE of ${done.join(', ')}, but ${why}\n` };
+    }
+    after = 'a test write succeeded';
+    return { code: EXIT.ok, out: `disarmed NOSPACE of ${done.join(', ')} (--force); a test write succeeded\n` };
+  } finally {
+    // One line per forced disarm, once its outcome is known (also when only some alarms went).
+    if (done.length)
+      recordForced(
+        deps,
+        `NOSPACE disarmed by hand (disarm --force) by ${who.by} on ${who.host}: member ${done.join(', ')} ` +
+          `(checks refused: ${outcome}); ${after}`,
+      );
   }
-  return { code: EXIT.ok, out: `disarmed NOSPACE of ${done.join(', ')} (--force); a test write succeeded\n` };
 }
 
 export interface ClusterControl extends Partial<Stops> {
@@ -217,13 +268,7 @@ export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
     const live = [...v.participants.values()].filter((p) => p.tickets.length > 0);
     out.participants = live.length;
     const h = live.find((p) => p.holding);
-    if (h) {
-      try {
-        out.holder = describeParticipant(h);
-      } catch {
-        out.holder = `lease ${h.lease}`;
-      }
-    }
+    if (h) out.holder = describeParticipant(h);
   } catch (err) {
     out.errors.push(`turn: ${errorMessage(err)}`);
   }
@@ -235,12 +280,14 @@ export function clusterHalt(cc: ClusterControl): HaltRecord | undefined {
   return cc.fuse ? haltOf({ ...cc, fuse: cc.fuse }) : cc.halt;
 }
 
+/** The cluster-wide part of `status`, one line each; what etcd holds is escaped (printable). */
 export function describeClusterControl(cc: ClusterControl): string[] {
-  return [
+  const lines = [
     `next run: ${cc.nextRun ?? 'never'} (schedule.cron of this node's config)`,
     `turn: ${cc.holder ? `held by ${cc.holder}` : 'free'}; ${cc.participants} etcd-defragd registered`,
     `pause: ${cc.pause ? describePause(cc.pause) : 'no'}`,
     `halt: ${clusterHalt(cc) ? `halted after an integrity mismatch: ${describeHalt(clusterHalt(cc)!)}` : 'no'}`,
     ...cc.errors.map((e) => `could not read ${e}`),
   ];
+  return lines.map(printable);
 }

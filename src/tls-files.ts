@@ -2,17 +2,30 @@
 // watched so renewed certificates are used without a restart.
 //
 // The service runs as a dynamic user with no capabilities, so it cannot read kubeadm's root-only
-// keys. systemd runs `etcd-defragd stage-tls` as root (ExecStartPre=+, ExecReload=+ and
-// etcd-defragd-tls.timer): it reads the files the config names, wherever they are, and copies them
+// keys. systemd runs `etcd-defragd stage-tls` as root (ExecStartPre=+, and etcd-defragd-tls.service
+// from its timer and from `systemctl reload`): it reads the files the config names, wherever they are, and copies them
 // into the service's runtime directory, readable only by the service. loadConfig() prefers those
 // copies. The daemon compares the files' contents before each run and each alarm
 // check (TlsWatch) and reconnects when they changed.
-import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  closeSync,
+  constants as fsConstants,
+  fchmodSync,
+  fchownSync,
+  fstatSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { CREDENTIALS, STAGED_SUBDIR, type Config } from './config.ts';
 import { ConfigError } from './errors.ts';
+import { readTrustedFile } from './trust.ts';
 
 /** The files a config reads for etcd access: credential name -> path (only the ones in use). */
 export function tlsFiles(c: Config): Map<string, { key: string; path: string }> {
@@ -36,6 +49,114 @@ export interface StageResult {
   written: string[];
   /** Credential names whose copy was removed because the config no longer names a file. */
   removed: string[];
+  /** What stood where a plain folder or file belonged and was removed (a link, a file, a FIFO), by name. */
+  replaced: string[];
+}
+
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_DIRECTORY, O_NONBLOCK } = fsConstants;
+
+/** Larger than any certificate bundle; a bigger "copy" is not ours and is replaced unread. */
+const MAX_COPY = 1024 * 1024;
+
+/**
+ * A name inside a folder opened by fd. The kernel resolves /proc/self/fd/N to the opened folder
+ * itself, not to a path, so this is openat(2) for Node: renaming or replacing a folder on the way
+ * afterwards does not redirect us.
+ */
+const at = (dirFd: number, name: string): string => `/proc/self/fd/${dirFd}/${name}`;
+
+function errnoOf(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException).code;
+}
+
+/** Opens a folder without following a link at its last component (ELOOP or ENOTDIR otherwise). */
+function openDir(path: string): number {
+  return openSync(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+}
+
+/**
+ * The credentials folder inside the runtime folder, opened. The service's user owns the runtime
+ * folder, so it can put anything there: only a plain folder is used; a link (to /etc, say), a file
+ * or a FIFO in its place is removed (unlink never follows a link) and a fresh folder made. Owner
+ * and mode are set through the descriptor, so they land on the folder we opened and nowhere else.
+ */
+function openCredentialsDir(rt: number, owner: { uid: number; gid: number }, replaced: string[]): number {
+  const path = at(rt, STAGED_SUBDIR);
+  for (let attempt = 0; ; attempt++) {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch (err) {
+      if (errnoOf(err) !== 'ENOENT') throw err;
+    }
+    if (st && !st.isDirectory()) {
+      unlinkSync(path);
+      replaced.push(STAGED_SUBDIR);
+      st = undefined;
+    }
+    if (!st) {
+      try {
+        mkdirSync(path, { mode: 0o700 });
+      } catch (err) {
+        if (errnoOf(err) !== 'EEXIST') throw err;
+      }
+    }
+    let fd: number;
+    try {
+      fd = openDir(path);
+    } catch (err) {
+      // Swapped for a link or a file between our look and our open: look again, a few times.
+      if ((errnoOf(err) === 'ELOOP' || errnoOf(err) === 'ENOTDIR' || errnoOf(err) === 'ENOENT') && attempt < 5) continue;
+      throw err;
+    }
+    fchownSync(fd, owner.uid, owner.gid);
+    fchmodSync(fd, 0o700);
+    return fd;
+  }
+}
+
+/** The current copy's content if it is a plain file of sane size; never follows a link, never blocks on a FIFO. */
+function readCopy(dir: number, name: string): Buffer | undefined {
+  let fd: number;
+  try {
+    fd = openSync(at(dir, name), O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  } catch {
+    return undefined; // missing, or a link (ELOOP): replaced below by rename, which never follows it
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile() || st.size > MAX_COPY) return undefined;
+    return readFileSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Writes `content` as `name` in the folder: a new file under a random name, created exclusively
+ * and without following a link (O_CREAT|O_EXCL|O_NOFOLLOW), owned and moded through its
+ * descriptor, then renamed over `name` (rename replaces a link itself, not what it points to).
+ */
+function writeCopy(dir: number, name: string, content: Buffer, owner: { uid: number; gid: number }): void {
+  const tmp = `.${name}.${randomBytes(8).toString('hex')}.tmp`;
+  const fd = openSync(at(dir, tmp), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o400);
+  try {
+    try {
+      writeFileSync(fd, content);
+      fchownSync(fd, owner.uid, owner.gid);
+      fchmodSync(fd, 0o400);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(at(dir, tmp), at(dir, name));
+  } catch (err) {
+    try {
+      unlinkSync(at(dir, tmp));
+    } catch {
+      // already renamed, or never created
+    }
+    throw err;
+  }
 }
 
 /**
@@ -43,17 +164,26 @@ export interface StageResult {
  * `runtimeDir` (the service's dynamic user) and readable by it only. Copies are replaced
  * atomically and only when the content differs. A missing or unreadable file, or a certificate
  * that does not match its key, throws a ConfigError and leaves the previous copies in place.
+ *
+ * This runs as root (ExecStartPre=+, the timer's service), in a folder the service's user owns
+ * and can fill with links. So nothing below follows a link there: see openCredentialsDir and
+ * writeCopy, and test/unit/tls-files.test.ts for the links it is tested against.
  */
 export function stageTlsFiles(config: Config, runtimeDir: string, configPath: string | undefined): StageResult {
-  const owner = statSync(runtimeDir);
-  const dir = join(runtimeDir, STAGED_SUBDIR);
   const files = tlsFiles(config);
   const data = new Map<string, Buffer>();
   for (const [cred, f] of files) {
     try {
-      data.set(cred, readFileSync(f.path));
+      // The password decides what the service may do in etcd: only from a file others cannot write.
+      data.set(
+        cred,
+        cred === 'etcd-password'
+          ? readTrustedFile(`${f.key} ${configPath ? `in ${configPath}` : '(default)'}:`, f.path)
+          : readFileSync(f.path),
+      );
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
+      if (err instanceof ConfigError) throw err;
+      const code = errnoOf(err);
       throw new ConfigError(
         `${f.key}: ${JSON.stringify(f.path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code})`} ` +
           `(${configPath ? `in ${configPath}` : 'the default'}); accepted: a readable file`,
@@ -71,35 +201,51 @@ export function stageTlsFiles(config: Config, runtimeDir: string, configPath: st
       );
     }
   }
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
-  chownSync(dir, owner.uid, owner.gid);
-  chmodSync(dir, 0o700);
-  const result: StageResult = { written: [], removed: [] };
-  for (const [cred, content] of data) {
-    const target = join(dir, cred);
-    let same = false;
-    try {
-      same = readFileSync(target).equals(content);
-    } catch {
-      same = false;
-    }
-    if (same) continue;
-    const tmp = `${target}.new`;
-    writeFileSync(tmp, content, { mode: 0o400 });
-    chownSync(tmp, owner.uid, owner.gid);
-    chmodSync(tmp, 0o400);
-    renameSync(tmp, target);
-    result.written.push(cred);
+  let rt: number;
+  try {
+    rt = openDir(runtimeDir);
+  } catch (err) {
+    // O_DIRECTORY|O_NOFOLLOW on a link fails ENOTDIR on Linux: lstat says which it was.
+    const link = (() => {
+      try {
+        return lstatSync(runtimeDir).isSymbolicLink();
+      } catch {
+        return false;
+      }
+    })();
+    const code = errnoOf(err);
+    const what = link ? 'is a symbolic link' : code === 'ENOTDIR' ? 'is not a folder' : `cannot be opened (${code})`;
+    throw new ConfigError(
+      `--runtime-dir ${JSON.stringify(runtimeDir)} ${what}; ` +
+        "accepted: the service's runtime folder itself (systemd's RuntimeDirectory=, /run/etcd-defragd)",
+    );
   }
-  for (const cred of Object.keys(CREDENTIALS)) {
-    if (data.has(cred)) continue;
+  const result: StageResult = { written: [], removed: [], replaced: [] };
+  try {
+    const owner = fstatSync(rt);
+    const dir = openCredentialsDir(rt, owner, result.replaced);
     try {
-      statSync(join(dir, cred));
-    } catch {
-      continue;
+      for (const [cred, content] of data) {
+        const current = readCopy(dir, cred);
+        if (current?.equals(content)) continue;
+        writeCopy(dir, cred, content, owner);
+        result.written.push(cred);
+      }
+      for (const cred of Object.keys(CREDENTIALS)) {
+        if (data.has(cred)) continue;
+        try {
+          unlinkSync(at(dir, cred)); // unlink removes a link itself, never its target
+        } catch (err) {
+          if (errnoOf(err) === 'ENOENT') continue;
+          throw err;
+        }
+        result.removed.push(cred);
+      }
+    } finally {
+      closeSync(dir);
     }
-    rmSync(join(dir, cred), { force: true });
-    result.removed.push(cred);
+  } finally {
+    closeSync(rt);
   }
   return result;
 }

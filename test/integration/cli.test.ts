@@ -1,9 +1,10 @@
 // The command line as a user meets it: config errors exit 78 with one line, bad usage 64.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createServer, type AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
 import { runCli } from '../harness/proc.ts';
 
@@ -93,6 +94,48 @@ describe('command line', () => {
     assert.equal(JSON.parse(r.stdout).endpoint, 'http://127.0.0.1:1');
     assert.match(r.stderr, /"event":"etcd\.retry"/, 'the retries are logged, on stderr');
     assert.match(r.stderr, /EDD_UNAVAILABLE/);
+  });
+
+  it('a config file others may write is refused by every command: exit 78, one line naming file, mode and fix', async () => {
+    const path = cfg('writable', 'etcd:\n  endpoint: http://127.0.0.1:1\n');
+    chmodSync(path, 0o666);
+    for (const args of [['check-config'], ['status'], ['stage-tls', '--runtime-dir', dir], ['run']]) {
+      const r = await runCli([...args, '--config', path]);
+      assert.equal(r.code, 78, `${args[0]}: ${r.stdout}${r.stderr}`);
+      const lines = r.stderr.trim().split('\n');
+      assert.equal(lines.length, 1, r.stderr);
+      assert.match(
+        lines[0]!,
+        new RegExp(
+          `^etcd-defragd: config error: config file ${path} is group- and world-writable \\(mode 0666, owner .*\\): .*; fix: chmod go-w ${path}$`,
+        ),
+      );
+    }
+  });
+
+  it('run: a metrics.listen it cannot have ends the daemon (taken: exit 1, systemd retries; foreign address: 78)', async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+    const port = (taken.address() as AddressInfo).port;
+    try {
+      const path = cfg('listen', 'etcd:\n  endpoint: http://127.0.0.1:1\n');
+      for (const [listen, code, re] of [
+        [`127.0.0.1:${port}`, 1, /the port is taken by another process/],
+        ['203.0.113.7:9479', 78, /this host has no such address/],
+      ] as const) {
+        const r = await runCli(['run', '--config', path, '--set', `metrics.listen=${listen}`, '--log-format', 'journal'], {
+          timeoutMs: 30_000,
+        });
+        assert.equal(r.code, code, r.stdout + r.stderr);
+        const lines = r.stderr.trim().split('\n');
+        assert.equal(lines.length, 1, r.stderr);
+        assert.match(lines[0]!, /^<3>EDD_CONFIG: metrics\.listen: cannot serve metrics on /);
+        assert.match(lines[0]!, re);
+        assert.doesNotMatch(r.stderr, /daemon\.start/, 'never started');
+      }
+    } finally {
+      taken.close();
+    }
   });
 
   it('every command keeps stdout for machine output: check-config and --version print no log line', async () => {

@@ -2,6 +2,9 @@
 // log says what was defragmented), the integrity halt cleared by a confirmed resume, a pause refused
 // during NOSPACE, and NOSPACE disarmed by hand after the automatic checks refused.
 import assert from 'node:assert/strict';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { startCluster, type Cluster } from '../harness/cluster.ts';
 import { allDefragEvents, assertNoOverlap } from '../harness/defrag-log.ts';
@@ -11,6 +14,18 @@ import { versionsUnderTest } from '../harness/etcd-bin.ts';
 import { runCli, type CliProcess } from '../harness/proc.ts';
 
 const MiB = 1024 * 1024;
+
+/** A logger(1) on PATH that appends each line it is given to a file: what a forced action records (issue 20). */
+function fakeLogger(): { env: Record<string, string>; lines: () => string[] } {
+  const bin = mkdtempSync(join(tmpdir(), 'edd-logger-'));
+  const out = join(bin, 'lines');
+  writeFileSync(join(bin, 'logger'), `#!/bin/sh\nshift 5\nprintf '%s\\n' "$*" >> ${out}\n`);
+  chmodSync(join(bin, 'logger'), 0o755);
+  return {
+    env: { PATH: `${bin}:${process.env.PATH ?? '/usr/bin:/bin'}` },
+    lines: () => (existsSync(out) ? readFileSync(out, 'utf8').split('\n').filter(Boolean) : []),
+  };
+}
 const EVERY_3S = '*/3 * * * * *';
 
 async function stopAll(daemons: CliProcess[]): Promise<void> {
@@ -28,7 +43,33 @@ for (const version of versionsUnderTest()) {
     after(async () => {
       await cluster?.stop();
     });
-    const cli = (args: string[]) => runCli([...args, '--config', cfg]);
+    const cli = (args: string[], env?: Record<string, string>) => runCli([...args, '--config', cfg], { env });
+
+    it('pause records the real uid and SUDO_UID, not SUDO_USER; status shows a hostile reason escaped', async () => {
+      const p = await cli(['pause', '--reason', 'upgrade\x1b]0;owned\x07\x1b[2J'], { SUDO_UID: '4242', SUDO_USER: 'the-boss' });
+      assert.equal(p.code, 0, p.stdout + p.stderr);
+      const uid = process.getuid!();
+      assert.match(
+        p.stdout,
+        new RegExp(
+          `^paused: paused by uid ${uid}( \\(\\S+\\))?, SUDO_UID 4242( \\(\\S+\\))? on \\S+ at \\S+: upgrade\\\\x1b\\]0;owned`,
+          'm',
+        ),
+      );
+      const st = JSON.parse((await cli(['status', '--json'])).stdout);
+      assert.match(st.pause.by, new RegExp(`^uid ${uid}( \\(\\S+\\))?, SUDO_UID 4242`));
+      const raw = JSON.parse((await cluster.client().get('/etcd-defragd/pause').string())!);
+      assert.equal(raw.uid, uid, 'the record in etcd has the uid as a number too');
+      assert.equal(raw.sudoUid, 4242);
+      assert.equal(st.pause.reason, 'upgrade\x1b]0;owned\x07\x1b[2J', 'JSON keeps the value, as escapes');
+      assert.doesNotMatch(JSON.stringify(st), /the-boss/);
+      const table = (await cli(['status'])).stdout;
+      assert.match(table, /^pause: paused by uid .*: upgrade\\x1b\]0;owned\\x07\\x1b\[2J$/m);
+      assert.ok(!table.includes('\x1b'), 'no raw ESC reaches the terminal');
+      const r = await cli(['resume']);
+      assert.equal(r.code, 0, r.stdout + r.stderr);
+      assert.ok(!r.stdout.includes('\x1b'));
+    });
 
     it('a paused cluster defragments nothing; after resume it defragments again', async () => {
       await fill(cluster, { inUseBytes: 12 * MiB, reclaimableBytes: 20 * MiB, prefix: `fill-${Date.now()}/` });
@@ -36,7 +77,7 @@ for (const version of versionsUnderTest()) {
 
       const p = await cli(['pause', '--reason', 'kernel upgrade']);
       assert.equal(p.code, 0, p.stdout + p.stderr);
-      assert.match(p.stdout, /^paused: paused by \S+ on \S+ at \d{4}-\d\d-\d\dT[\d:.]+Z: kernel upgrade$/m);
+      assert.match(p.stdout, /^paused: paused by uid \d+.* on \S+ at \d{4}-\d\d-\d\dT[\d:.]+Z: kernel upgrade$/m);
       const st = JSON.parse((await cli(['status', '--json'])).stdout);
       assert.equal(st.pause.reason, 'kernel upgrade');
       assert.ok(st.pause.by && st.pause.host && st.pause.at, JSON.stringify(st.pause));
@@ -91,8 +132,15 @@ for (const version of versionsUnderTest()) {
         assert.match(refused.stdout, /not cleared: confirm with etcd-defragd resume --integrity-checked/);
         assert.equal((await cluster.client().get('/etcd-defragd/halt').string()) !== null, true, 'the halt is still there');
 
-        const ok = await cli(['resume', '--integrity-checked']);
+        const audit = fakeLogger();
+        const ok = await cli(['resume', '--integrity-checked'], audit.env);
         assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+        const recorded = audit.lines();
+        assert.equal(recorded.length, 1, recorded.join('\n'));
+        assert.match(
+          recorded[0]!,
+          /^integrity halt cleared by uid \d+.* on \S+ \(resume --integrity-checked\), who confirmed the members were checked; HashKV agrees/,
+        );
         assert.match(ok.stdout, /integrity halt cleared \(was: integrity: HashKV differs \(test\)/);
         assert.match(
           ok.stdout,
@@ -118,7 +166,7 @@ for (const version of versionsUnderTest()) {
     after(async () => {
       await cluster?.stop();
     });
-    const cli = (args: string[]) => runCli([...args, '--config', cfg]);
+    const cli = (args: string[], env?: Record<string, string>) => runCli([...args, '--config', cfg], { env });
 
     it('pause says clearly that NOSPACE refuses it; disarm says why the automatic disarm refused and disarms with --force', async () => {
       // An integrity halt, written while writes worked, keeps the automatic disarm from acting.
@@ -156,8 +204,15 @@ for (const version of versionsUnderTest()) {
       for (const m of cluster.members) await cluster.etcdctl(['defrag'], { member: m, timeoutMs: 60_000 });
       const still = await cli(['disarm']);
       assert.equal(still.code, 75, 'the halt still blocks the automatic disarm');
-      const f = await cli(['disarm', '--force']);
+      const audit = fakeLogger();
+      const f = await cli(['disarm', '--force'], { ...audit.env, SUDO_UID: '4242' });
       assert.equal(f.code, 0, f.stdout + f.stderr);
+      const recorded = audit.lines();
+      assert.equal(recorded.length, 1, recorded.join('\n'));
+      assert.match(
+        recorded[0]!,
+        /^NOSPACE disarmed by hand \(disarm --force\) by uid \d+.*, SUDO_UID 4242.* on \S+: member [0-9a-f, ]+ \(checks refused: blocked\); a test write succeeded$/,
+      );
       assert.match(f.stdout, /disarmed NOSPACE of [0-9a-f, ]+ \(--force\); a test write succeeded/);
       assert.ok(!(await armed()), 'disarmed');
       await c.put('probe/after').value('x').exec();

@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, chmodSync, chownSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { envName, loadConfig, renderDefaultConfig } from '../../src/config.ts';
 import { ConfigError } from '../../src/errors.ts';
+import { readTrustedFile, userName } from '../../src/trust.ts';
 import { parseDuration, parseSize } from '../../src/units.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'edd-config-'));
@@ -210,6 +211,65 @@ describe('config', () => {
     const expected = `etcd.passwordFile: ${JSON.stringify(pw)} is not readable (permission denied) in ${path}; accepted: a readable file`;
     assert.equal(got.message, expected);
   });
+
+  // Issue 20: root runs every command; a file another user can change would steer it (sshd's StrictModes).
+  it('refuses a config or password file that others may write, naming the file, its mode and owner, and the fix', () => {
+    const cfgFile = file('etcd:\n  endpoint: http://127.0.0.1:2379\n');
+    const uid = process.getuid?.() ?? 0;
+    const owner = userName(uid) ? `${userName(uid)} (uid ${uid})` : `uid ${uid}`;
+    for (const [mode, what] of [
+      [0o664, 'group-writable'],
+      [0o646, 'world-writable'],
+      [0o666, 'group- and world-writable'],
+    ] as const) {
+      chmodSync(cfgFile, mode);
+      const expected =
+        `config file ${cfgFile} is ${what} (mode 0${mode.toString(8)}, owner ${owner}): ` +
+        `another user could change what etcd-defragd does; fix: chmod go-w ${cfgFile}`;
+      assert.throws(
+        () => loadConfig({ path: cfgFile, env: {} }),
+        (e: unknown) => e instanceof ConfigError && e.message === expected,
+      );
+    }
+    chmodSync(cfgFile, 0o644);
+    assert.equal(loadConfig({ path: cfgFile, env: {} }).config.etcd.endpoint, 'http://127.0.0.1:2379');
+    const pw = join(dir, 'writable-pw');
+    writeFileSync(pw, 'secret\n');
+    chmodSync(pw, 0o620);
+    const withPw = file(`${plain}  username: root\n  passwordFile: ${pw}\n`);
+    assert.throws(
+      () => loadConfig({ path: withPw, env: {} }),
+      new RegExp(
+        `^ConfigError: etcd\\.passwordFile in ${withPw}: ${pw} is group-writable \\(mode 0620, owner .*\\): .*; fix: chmod go-w ${pw}$`,
+      ),
+    );
+    chmodSync(pw, 0o600);
+    assert.equal(loadConfig({ path: withPw, env: {} }).config.etcd.passwordFile, pw);
+  });
+
+  it(
+    'a config or password file must belong to root or to the user running etcd-defragd',
+    { skip: process.getuid?.() !== 0 && 'needs root (chown)' },
+    () => {
+      const f = file('etcd:\n  endpoint: http://127.0.0.1:2379\n');
+      chownSync(f, 4242, 4242);
+      assert.throws(
+        () => loadConfig({ path: f, env: {} }),
+        new RegExp(
+          `^ConfigError: config file ${f} is owned by uid 4242 \\(mode 0644\\), not by root: its owner could change what etcd-defragd does; fix: chown root ${f}$`,
+        ),
+      );
+      // Run by that user (not root), the file is theirs to trust; root's own files always are.
+      assert.equal(readTrustedFile('config file', f, 4242).toString(), 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
+      chownSync(f, 0, 0);
+      assert.ok(readTrustedFile('config file', f, 4242));
+      chownSync(f, 4343, 4343);
+      assert.throws(
+        () => readTrustedFile('config file', f, 4242),
+        /is owned by uid 4343 \(mode 0644\), not by root or uid 4242, who runs etcd-defragd: .*; fix: chown 4242 /,
+      );
+    },
+  );
 
   it('prefers systemd credentials over configured paths', () => {
     const creds = mkdtempSync(join(dir, 'creds-'));

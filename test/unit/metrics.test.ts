@@ -4,7 +4,8 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { Metrics, SKIP_CHECKS } from '../../src/metrics.ts';
+import { connect, createServer, type AddressInfo } from 'node:net';
+import { ListenError, Metrics, SKIP_CHECKS } from '../../src/metrics.ts';
 import { promtoolCheck } from '../harness/promtool.ts';
 import { decimalId, type ClusterView, type MemberStatus, type MemberView } from '../../src/view.ts';
 
@@ -143,5 +144,88 @@ describe('metrics', () => {
     assert.ok(found.size >= 10, [...found].join(','));
     for (const c of found)
       assert.ok((SKIP_CHECKS as readonly string[]).includes(c), `check "${c}" is missing from SKIP_CHECKS in src/metrics.ts`);
+  });
+});
+
+describe('the metrics server (issue 20: what a local user can do to it)', () => {
+  /** A raw TCP client: what it reads until the server closes, and how long that took. */
+  const raw = (port: number, send: string) =>
+    new Promise<{ text: string; ms: number }>((resolve) => {
+      const started = Date.now();
+      let text = '';
+      const s = connect(port, '127.0.0.1', () => s.write(send));
+      s.setEncoding('utf8');
+      s.on('data', (d: string) => (text += d));
+      s.on('error', () => undefined);
+      s.on('close', () => resolve({ text, ms: Date.now() - started }));
+    });
+
+  it('answers GET and HEAD only: anything else gets 405 with Allow', async () => {
+    const m = new Metrics();
+    const address = await m.listen('127.0.0.1:0');
+    try {
+      const get = await fetch(`http://${address}/metrics`);
+      assert.equal(get.status, 200);
+      assert.match(await get.text(), /^etcd_defragd_build_info/m);
+      const head = await fetch(`http://${address}/metrics`, { method: 'HEAD' });
+      assert.equal(head.status, 200);
+      assert.equal(await head.text(), '');
+      for (const method of ['POST', 'PUT', 'DELETE', 'OPTIONS']) {
+        const r = await fetch(`http://${address}/metrics`, { method, body: method === 'POST' || method === 'PUT' ? 'x' : undefined });
+        assert.equal(r.status, 405, method);
+        assert.equal(r.headers.get('allow'), 'GET, HEAD');
+        await r.text();
+      }
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('drops a client that is slow to send its headers, and connections past the cap', async () => {
+    const m = new Metrics();
+    const address = await m.listen('127.0.0.1:0', { headersTimeout: 300, requestTimeout: 600, checkInterval: 100, maxConnections: 2 });
+    const port = Number(address.split(':')[1]);
+    try {
+      // Slowloris: a request line, then nothing.
+      const slow = await raw(port, 'GET /metrics HTTP/1.1\r\nHost: x\r\n');
+      assert.ok(slow.ms < 3_000, `closed after ${slow.ms} ms`);
+      assert.match(slow.text, /^HTTP\/1\.1 408/);
+      // Two connections held open; a third is closed at once, unanswered.
+      const held = [connect(port, '127.0.0.1'), connect(port, '127.0.0.1')];
+      await Promise.all(held.map((s) => new Promise((r) => s.once('connect', r))));
+      await new Promise((r) => setTimeout(r, 50));
+      const third = await raw(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+      assert.equal(third.text, '', 'the third connection got no answer');
+      for (const s of held) s.destroy();
+      await new Promise((r) => setTimeout(r, 50));
+      const after = await raw(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+      assert.match(after.text, /^HTTP\/1\.1 200/, 'served again once they are gone');
+    } finally {
+      await m.close();
+    }
+  });
+
+  it('a listen that fails is an error, not a log line: a taken port may be retried (exit 1), a foreign address may not (78)', async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+    const port = (taken.address() as AddressInfo).port;
+    try {
+      await assert.rejects(new Metrics().listen(`127.0.0.1:${port}`), (e: unknown) => {
+        assert.ok(e instanceof ListenError);
+        assert.equal(e.retryable, true);
+        assert.match(
+          e.message,
+          /^metrics\.listen: cannot serve metrics on "127\.0\.0\.1:\d+": the port is taken by another process; accepted: /,
+        );
+        return true;
+      });
+      // TEST-NET-3: an address this host does not have.
+      await assert.rejects(
+        new Metrics().listen('203.0.113.7:9479'),
+        (e: unknown) => e instanceof ListenError && !e.retryable && /this host has no such address/.test(e.message),
+      );
+    } finally {
+      taken.close();
+    }
   });
 });
