@@ -274,7 +274,13 @@ export interface EtcdMember {
   hashKV(revision: bigint, hooks?: RetryHooks, attempts?: number, timeoutMs?: number): Promise<HashKV>;
   compact(revision: bigint, physical?: boolean, timeoutMs?: number): Promise<unknown>;
   linearizableRead(key: string, hooks?: RetryHooks): Promise<unknown>;
-  range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }>;
+  /** Keys under a prefix; with `limit`, at most that many, and `more` says whether others were left out. */
+  range(
+    prefix: string,
+    hooks?: RetryHooks,
+    attempts?: number,
+    limit?: number,
+  ): Promise<{ kvs: IKeyValue[]; revision: bigint; more: boolean }>;
   get(key: string, hooks?: RetryHooks): Promise<string | undefined>;
   /** Several keys in one atomic read (values by key; absent keys are left out). */
   readKeys(keys: string[], hooks?: RetryHooks): Promise<Map<string, string>>;
@@ -496,14 +502,19 @@ export class MemberClient implements EtcdMember {
     );
   }
 
-  async range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
+  async range(
+    prefix: string,
+    hooks?: RetryHooks,
+    attempts?: number,
+    limit?: number,
+  ): Promise<{ kvs: IKeyValue[]; revision: bigint; more: boolean }> {
     const res = await this.read(
       'range',
-      (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }, { deadline }),
+      (deadline) => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix), limit }, { deadline }),
       hooks,
       attempts,
     );
-    return { kvs: res.kvs, revision: BigInt(res.header.revision) };
+    return { kvs: res.kvs, revision: BigInt(res.header.revision), more: Boolean(res.more) };
   }
 
   async get(key: string, hooks?: RetryHooks): Promise<string | undefined> {

@@ -999,7 +999,12 @@ async function lookInOrder(state: RunState): Promise<OrderLook> {
     };
   }
   if (!decision.defrag) return { result: { outcome: 'not-needed', reason: decision.reason, member: local.hex, view } };
-  const holder = await deps.turn!.holder();
+  let holder: string | undefined;
+  try {
+    holder = await deps.turn!.heldByOther();
+  } catch (err) {
+    return { wait: `cannot read the cluster-wide turn: ${errorMessage(err)}`, check: 'turn' };
+  }
   if (holder) return { wait: `the cluster-wide turn is held by ${holder} (taken before the alarm)`, check: 'turn' };
   // Part of the look, so that the Defragment follows the second look at once.
   const sender = await localConnection(deps, local);

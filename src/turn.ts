@@ -33,6 +33,9 @@ export const TICKETS = 64; // 32 turns; refilled whenever writes work
 
 const REFILL_BELOW = 16;
 
+/** The most keys the turn reads under p/: room for 50 participants with two ticket refills each. */
+const TURN_KEY_LIMIT = 10_000;
+
 export interface ParticipantInfo {
   memberId?: string;
   host?: string;
@@ -294,7 +297,15 @@ export class Turn {
   async view(): Promise<TurnView> {
     const base = `${this.opts.prefix}p/`;
     // One try per member, then the next member: a member that is down must not hold us up.
-    const res = await this.onAnyMember('read turn', (client) => client.range(base, undefined, 1));
+    const res = await this.onAnyMember('read turn', (client) => client.range(base, undefined, 1, TURN_KEY_LIMIT));
+    // Our participants hold TICKETS + 1 keys each: anything near the limit was not written by us.
+    if (res.more)
+      throw new DefragdError(
+        'EDD_ETCD',
+        `more than ${TURN_KEY_LIMIT} keys under ${base}: not the turn's own keys; ` +
+          `check what writes there (etcdctl get --prefix --keys-only ${base}) and delete what is not etcd-defragd's`,
+        { permanent: false },
+      );
     // An unchanged store revision means unchanged keys (keep-alives do not move it): the turn is
     // read every keep-alive period and mostly has not changed.
     if (this.lastView?.revision !== res.revision) {
@@ -598,15 +609,16 @@ export class Turn {
     return undefined;
   }
 
-  /** Another participant holding the turn, described; undefined when none (or unknown). */
-  async holder(): Promise<string | undefined> {
-    try {
-      const v = await this.view();
-      const h = [...v.participants.values()].find((p) => p.holding && p.lease !== this.lease);
-      return h ? describeParticipant(h) : undefined;
-    } catch {
-      return undefined;
-    }
+  /** Another participant holding the turn, described; undefined when none. Throws when the turn cannot be read. */
+  async heldByOther(): Promise<string | undefined> {
+    const v = await this.view();
+    const h = [...v.participants.values()].find((p) => p.holding && p.lease !== this.lease);
+    return h ? describeParticipant(h) : undefined;
+  }
+
+  /** heldByOther() for a log line: undefined also when the turn cannot be read. */
+  holder(): Promise<string | undefined> {
+    return this.heldByOther().catch(() => undefined);
   }
 
   /**

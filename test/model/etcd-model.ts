@@ -1071,11 +1071,20 @@ export class ModelClient implements EtcdMember {
     return this.read('linearizable read', 'raft', () => true, hooks);
   }
 
-  range(prefix: string, hooks?: RetryHooks, attempts?: number): Promise<{ kvs: IKeyValue[]; revision: bigint }> {
+  range(
+    prefix: string,
+    hooks?: RetryHooks,
+    attempts?: number,
+    limit?: number,
+  ): Promise<{ kvs: IKeyValue[]; revision: bigint; more: boolean }> {
     return this.read(
       'range',
       'raft',
-      () => ({ kvs: this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix)), revision: this.model.revision }),
+      () => {
+        const kvs = this.model.rangeKvs(Buffer.from(prefix), prefixEnd(prefix));
+        const cut = limit !== undefined && limit > 0 && kvs.length > limit;
+        return { kvs: cut ? kvs.slice(0, limit) : kvs, revision: this.model.revision, more: cut };
+      },
       hooks,
       attempts,
       undefined,

@@ -51,3 +51,24 @@ describe('a participant planted under the prefix, naming a lease that is not its
     }
   });
 });
+
+describe('the turn reads a bounded number of keys', () => {
+  it('refuses a prefix flooded with keys instead of reading them all, and the NOSPACE order waits', async () => {
+    const s = new Sim({ leaseTTL: TTL, requestTimeout: 1000, defragTimeout: 20_000, seed: 202 });
+    try {
+      const base = `${s.base.coordination.prefix}p/`;
+      const ops: IRequestOp[] = [];
+      for (let i = 0; i < 10_001; i++) ops.push({ request_put: { key: Buffer.from(`${base}junk/${i}`), value: Buffer.alloc(0) } });
+      s.model.applyTxn([], ops);
+      const { turn } = s.newTurn('m1');
+      await assert.rejects(s.drive(turn.heldByOther()), /more than 10000 keys under .*p\/: not the turn's own keys/);
+      for (const m of s.model.members) s.model.fillToQuota(m.name);
+      s.startDaemon('m1');
+      await s.run(60_000);
+      assert.deepEqual(s.model.defragLog, [], 'nothing defragmented while the turn cannot be read');
+      assert.deepEqual(s.model.violations, []);
+    } finally {
+      s.dispose();
+    }
+  });
+});
