@@ -209,9 +209,10 @@ export class Daemon {
           { event: 'quota', member: local.hex, quotaBytes: local.quotaBytes, source: local.quotaSource },
           `member ${local.hex}: quota ${local.quotaBytes} bytes (from ${quotaFrom})`,
         );
-      for (const m of view.members.filter((x) => x.status))
-        for (const note of describeVersionNotes(m.hex, m.status!.version))
-          this.deps.log.warn({ event: 'etcd.version', member: m.hex, version: m.status!.version }, note);
+      // Each daemon speaks for its own member (status shows every member's).
+      if (local.status)
+        for (const note of describeVersionNotes(local.hex, local.status.version))
+          this.deps.log.warn({ event: 'etcd.version', member: local.hex, version: local.status.version }, note);
     } catch (err) {
       this.deps.log.debug({ event: 'quota.check.fail', error: errorMessage(err) }, `could not check the quota yet: ${errorMessage(err)}`);
     }

@@ -120,8 +120,12 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
           await p.waitFor(/^<6>joined the cluster-wide turn/m, 30_000);
           const start = p.lines();
           assertEveryLinePrioritized(start, p.text());
-          const loud = start.filter((l) => Number(l.slice(1, 2)) <= 4);
-          assert.deepEqual(loud, [], 'a normal start logs nothing at warning or above');
+          // Known etcd bugs of the member's version are warned about at every start, on purpose
+          // (README, etcd versions): Debian bookworm's 3.4.23 has two; 3.5.30 has none.
+          const notes = start.filter((l) => /event=etcd\.version/.test(l));
+          assert.equal(notes.length, version === '3.4' ? 2 : 0, notes.join('\n'));
+          const loud = start.filter((l) => Number(l.slice(1, 2)) <= 4 && !notes.includes(l));
+          assert.deepEqual(loud, [], 'a normal start logs nothing else at warning or above');
 
           // The documented crash trigger: an uncaught exception, the path any bug would take.
           process.kill(p.pid, 'SIGQUIT');
