@@ -366,8 +366,8 @@ export function usageText(r: UsageReport): string {
   lines.push(
     '',
     `total: ${r.keys} keys, ${formatBytes(r.bytes)} at revision ${r.revision}, read from ${who} in ${r.pages} pages, ${formatDuration(r.durationMs)}`,
-    `(BYTES: key + value of each key's current revision; history and bbolt overhead are not counted, compare with status's IN USE. ` +
-      `AVG VERSION: writes per key since it was created; RECENT: keys written in the last ${r.recentRevisions} revisions)`,
+    "(BYTES: key + value of each key's current revision, without history or bbolt overhead: compare with status's IN USE;",
+    ` AVG VERSION: writes per key since it was created; RECENT: keys written in the last ${r.recentRevisions} revisions)`,
   );
   if (r.dominant) lines.push(`most of the space is ${r.dominant.resource} (${Math.round(r.dominant.share * 100)}%)`);
   return lines.join('\n');
