@@ -12,8 +12,8 @@ import { hexId, type MemberStatus } from './view.ts';
 
 export const DEFAULT_DEPTH = 2;
 export const MAX_DEPTH = 16;
-/** The first page's size in keys, and the most a page may ask for. */
-export const FIRST_PAGE_KEYS = 500;
+/** The first page's size in keys (small: nothing is known of the value sizes yet), and the most a page may ask for. */
+export const FIRST_PAGE_KEYS = 50;
 export const MAX_PAGE_KEYS = 1000;
 /** Pages are sized to carry about this much (key + value bytes), from the previous page's average. */
 export const PAGE_TARGET_BYTES = 4 * 1024 * 1024;
