@@ -214,7 +214,6 @@ export interface ScanOptions {
   firstPageKeys?: number;
   maxPageKeys?: number;
   pageTargetBytes?: number;
-  signal?: AbortSignal;
 }
 
 export interface UsageSource {
@@ -279,7 +278,7 @@ const tooLarge = (err: unknown) => /larger than max/i.test(errorMessage(err));
  */
 export async function scanUsage(deps: UsageDeps, opts: ScanOptions): Promise<UsageReport> {
   const { log, clock } = deps;
-  const hooks: RetryHooks = { log, signal: opts.signal };
+  const hooks: RetryHooks = { log };
   const started = clock.now();
   const { client, source } = await pickSource(deps, hooks);
   const pauseMs = opts.pauseMs ?? PAGE_PAUSE_MS;
@@ -318,8 +317,7 @@ export async function scanUsage(deps: UsageDeps, opts: ScanOptions): Promise<Usa
       lastProgress = clock.now();
       log.info({ event: 'usage.progress', keys, pages }, `read ${keys} keys in ${pages} pages so far`);
     }
-    await clock.sleep(pauseMs, opts.signal);
-    if (opts.signal?.aborted) throw new Error('usage: stopped');
+    await clock.sleep(pauseMs);
   }
   const durationMs = clock.now() - started;
   const totals = tally.totals();
