@@ -3,7 +3,7 @@ import { parseArgs } from 'node:util';
 import { isEtcdVersion, type EtcdVersion } from '../test/harness/etcd-bin.ts';
 import { parseDuration, parseSize } from '../src/units.ts';
 
-export const SCENARIOS = ['a', 'b', 'c', 'd', 'idle'] as const;
+export const SCENARIOS = ['a', 'b', 'c', 'd', 'usage', 'idle'] as const;
 export type ScenarioId = (typeof SCENARIOS)[number];
 
 export interface BenchOptions {
@@ -50,7 +50,7 @@ export const USAGE = `npm run bench -- [options]
   --rate N              writes per second over the cluster (default 100)
   --nospace-check DUR   nospace.checkInterval of the daemons in scenario (d) (default: the daemon's default, 30s)
   --nospace-compact     scenario (d) also with nospace.compact: false after a hand compaction (v0.1's assumption)
-  --only LIST           run only these scenarios, comma separated: a,b,c,d,idle (default all; (a) is the baseline of the ratios)
+  --only LIST           run only these scenarios, comma separated: a,b,c,d,usage,idle (default all; (a) is the baseline of the ratios)
   --out FILE            also write the Markdown here (default bench/results/latest.md; with --quick bench/results/quick.md)
   -h, --help            this help`;
 

@@ -5,6 +5,7 @@ import type { BenchOptions } from './options.ts';
 import type { Disruption, DisruptionId } from './disruption.ts';
 import type { IdleResult } from './idle.ts';
 import type { NoSpaceRun } from './nospace.ts';
+import type { UsageRun } from './usage.ts';
 
 export interface VersionResults {
   version: string;
@@ -13,6 +14,8 @@ export interface VersionResults {
   nospace: NoSpaceRun[];
   /** The first as the systemd unit starts the daemon; then plain node for reference. */
   idle: IdleResult[];
+  /** (u) the cost of `etcd-defragd usage`. */
+  usage?: UsageRun;
   errors: string[];
   elapsedMs: number;
 }
@@ -267,6 +270,34 @@ function targets(r: VersionResults, opts: BenchOptions): string {
   return ['### Targets', '', table(['target', 'measured', ''], rows)].join('\n');
 }
 
+function usageSection(u: UsageRun): string {
+  const w = (f: UsageRun['during']) => `${s(f.gapMs)} / ${msText(f.p99Ms)} / ${f.failed} of ${f.sent}`;
+  return [
+    '### (u) `etcd-defragd usage --json` under load',
+    '',
+    table(
+      ['', 'value'],
+      [
+        [
+          'keyspace read',
+          `${u.keys} keys, ${formatBytes(u.bytes)} (db ${formatBytes(u.fill.dbSize)}, in use ${formatBytes(u.fill.inUse)})`,
+        ],
+        ['duration: the scan / the whole command', `${s(u.scanMs)} in ${u.pages} pages / ${s(u.commandMs)} (exit ${u.code})`],
+        ['read from', u.source],
+        ['writes during: longest gap / p99 / failed', w(u.during)],
+        [`writes in the ${s(u.beforeMs)} before: longest gap / p99 / failed`, w(u.before)],
+        [
+          'longest serializable read, per member (whole run)',
+          Object.entries(u.blockedMs)
+            .map(([m, ms]) => `${m} ${msText(ms)}`)
+            .join(', '),
+        ],
+      ],
+    ),
+    ...u.notes.map((n) => `- ${n}`),
+  ].join('\n');
+}
+
 export function versionSection(r: VersionResults, opts: BenchOptions): string {
   const parts = [`## etcd ${r.fullVersion ?? r.version}`, '', `(${(r.elapsedMs / 60_000).toFixed(1)} minutes for this version)`, ''];
   const summary = disruptionSummary(r);
@@ -277,6 +308,7 @@ export function versionSection(r: VersionResults, opts: BenchOptions): string {
   }
   const ns = nospaceSection(r.nospace);
   if (ns) parts.push(ns);
+  if (r.usage) parts.push(usageSection(r.usage), '');
   if (r.idle.length) parts.push(idleSection(r.idle), '');
   const t = targets(r, opts);
   if (t) parts.push(t, '');

@@ -12,6 +12,7 @@ import { writeTimelines } from './timeline.ts';
 import { scenarioA, scenarioB, scenarioC } from './disruption.ts';
 import { idleFootprint, nodeLaunch } from './idle.ts';
 import { scenarioD } from './nospace.ts';
+import { scenarioUsage } from './usage.ts';
 import type { Ctx } from './scenarios.ts';
 import { muteIpServernameWarning } from '../src/warnings.ts';
 
@@ -57,6 +58,7 @@ async function runVersion(opts: BenchOptions, version: '3.4' | '3.5', builds: Bu
     }
     await step('(d) cron', async () => void r.nospace.push(await scenarioD(ctx, 'cron')));
   }
+  if (sc.has('usage')) await step('(u) usage', async () => void (r.usage = await scenarioUsage(ctx)));
   if (sc.has('idle')) {
     // The packaged executable as the systemd unit starts it (its Environment=), then the same
     // source under plain node (the baseline of the ratios), then node --lite-mode as the previous

@@ -517,6 +517,27 @@ export class MemberClient implements EtcdMember {
     return { kvs: res.kvs, revision: BigInt(res.header.revision), more: Boolean(res.more) };
   }
 
+  /**
+   * One page of a scan: up to `limit` keys from `start` (inclusive) to `end` (exclusive; [0] = to
+   * the end of the keyspace). Serializable: answered from this member's own copy, with no round
+   * through the leader (usage.ts reads from a follower this way).
+   */
+  async rangePage(
+    start: Buffer,
+    end: Buffer,
+    limit: number,
+    hooks?: RetryHooks,
+    attempts?: number,
+  ): Promise<{ kvs: IKeyValue[]; revision: bigint; more: boolean }> {
+    const res = await this.read(
+      'range page',
+      (deadline) => this.client.kv.range({ key: start, range_end: end, limit, serializable: true }, { deadline }),
+      hooks,
+      attempts,
+    );
+    return { kvs: res.kvs, revision: BigInt(res.header.revision), more: Boolean(res.more) };
+  }
+
   async get(key: string, hooks?: RetryHooks): Promise<string | undefined> {
     const res = await this.read('get', (deadline) => this.client.kv.range({ key: Buffer.from(key) }, { deadline }), hooks);
     return res.kvs[0]?.value.toString();
