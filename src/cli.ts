@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
 import { existsSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
-import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
+import { checkDataDir, describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
 import { clusterControl, describeClusterControl, disarm, pause, resume } from './ops.ts';
 import { accessFromConfig, ClientPool } from './etcd.ts';
@@ -12,6 +13,7 @@ import { PRIORITY, consoleText, createLogger, isJournalStream, withPriority, typ
 import { realClock } from './clock.ts';
 import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
+import { LAYOUTS, layoutConfig, type Layout } from './layouts.ts';
 import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { Turn } from './turn.ts';
@@ -30,7 +32,10 @@ Usage:
   etcd-defragd status         show the cluster as etcd-defragd sees it: sizes, each member's
                               quota (from etcd) and whether it is defragmenting now
       --json                  as JSON
-  etcd-defragd check-config   validate the config and print the effective values
+  etcd-defragd check-config   validate the config and print the effective values; also checks
+                              that etcd.dataDir holds an etcd member (member/snap)
+  etcd-defragd init-config    print a short config.yaml for a control-plane layout
+      --layout LAYOUT         kubeadm | rke2 | k3s | kubespray (TLS paths and data dir)
   etcd-defragd pause          pause defragmentation on every node (a key in etcd; not during NOSPACE)
       --reason TEXT           why, shown by status
   etcd-defragd resume         lift a pause
@@ -54,7 +59,7 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'check-config', 'pause', 'resume', 'disarm', 'stage-tls'] as const;
+const COMMANDS = ['run', 'once', 'status', 'check-config', 'init-config', 'pause', 'resume', 'disarm', 'stage-tls'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
@@ -73,6 +78,7 @@ interface Parsed {
     version?: boolean;
     reason?: string;
     'integrity-checked'?: boolean;
+    layout?: string;
   };
 }
 
@@ -94,6 +100,7 @@ function parse(argv: string[]): Parsed {
         json: { type: 'boolean' },
         reason: { type: 'string' },
         'integrity-checked': { type: 'boolean' },
+        layout: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean' },
       },
@@ -114,6 +121,12 @@ function parse(argv: string[]): Parsed {
   if (parsed.values.json && command !== 'status') throw new UsageError('--json goes with the status command');
   if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls')
     throw new UsageError('--runtime-dir goes with the stage-tls command');
+  if (parsed.values.layout !== undefined && command !== 'init-config') throw new UsageError('--layout goes with the init-config command');
+  if (command === 'init-config' && !LAYOUTS.includes(parsed.values.layout as Layout))
+    throw new UsageError(
+      `init-config --layout: ${JSON.stringify(parsed.values.layout ?? '')} is not a layout; accepted: ${LAYOUTS.join(', ')}` +
+        ' (OpenShift: do not install, its cluster-etcd-operator defragments already)',
+    );
   return { command, values: parsed.values };
 }
 
@@ -429,6 +442,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     writeOut(`etcd-defragd ${versionLine()}\n`);
     return EXIT.ok;
   }
+  if (p.command === 'init-config') {
+    writeOut(layoutConfig(p.values.layout as Layout, hostname().split('.')[0]!));
+    return EXIT.ok;
+  }
   let loaded: LoadedConfig;
   try {
     // stage-tls copies the files the config names, so it must not see the copies themselves.
@@ -446,6 +463,13 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     throw err;
   }
   if (p.command === 'check-config') {
+    try {
+      checkDataDir(loaded);
+    } catch (err) {
+      if (!(err instanceof ConfigError)) throw err;
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: config error: ${err.message}`));
+      return EXIT.config;
+    }
     for (const w of loaded.warnings) process.stderr.write(consoleText(env, PRIORITY.warning, `etcd-defragd: warning: ${w}`));
     writeOut(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
     return EXIT.ok;
