@@ -68,7 +68,7 @@ check "tarball: executable, units, config, man page, rules, dashboard" bash -c "
 check "arm64 .deb: arm64 ELF executable" bash -c "dpkg-deb --fsys-tarfile dist/pkg/etcd-defragd_*_arm64.deb | tar -xO ./usr/bin/etcd-defragd | head -c 20 | od -An -tx1 | tr -d ' \n' | grep -q '^7f454c4602010100.*0200b700'"
 
 echo "== arm64 executable under qemu-user (its libraries from Debian's arm64 packages)"
-arm_root=dist/pkg/build/rootfs-arm64
+export arm_root=dist/pkg/build/rootfs-arm64
 if [[ -x $(command -v qemu-aarch64-static) && -d $arm_root ]]; then
   arm() { qemu-aarch64-static -L "$arm_root" dist/pkg/etcd-defragd-arm64 "$@"; }
   check "arm64: --version names Node.js $node_version" bash -c "$(declare -f arm); arm --version | tee /dev/stderr | grep -q 'Node.js $node_version)\$'"
