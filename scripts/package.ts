@@ -232,7 +232,10 @@ function rootfs(arch: Arch): string {
 function runner(arch: Arch, exe: string): [string, string[]] {
   const qemu = ARCHES[arch].qemu;
   if (!qemu) return [exe, []];
-  const path = (process.env.PATH ?? '').split(':').map((d) => join(d, qemu)).find((f) => existsSync(f));
+  const path = (process.env.PATH ?? '')
+    .split(':')
+    .map((d) => join(d, qemu))
+    .find((f) => existsSync(f));
   if (!path) throw new Error(`${qemu} not found: it runs the linux-${arch} executable here (apt-get install qemu-user-static)`);
   return [path, ['-L', rootfs(arch), exe]];
 }
