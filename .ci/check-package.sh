@@ -65,13 +65,14 @@ done
 # shellcheck disable=SC2016 # expanded by the inner bash
 check "SHA256SUMS verifies every artifact" bash -c 'cd dist/pkg && sha256sum --quiet -c SHA256SUMS && test "$(wc -l < SHA256SUMS)" -ge 7'
 check "tarball: executable, units, config, man page, rules, dashboard" bash -c "tar tzf dist/pkg/etcd-defragd-*-linux-amd64.tar.gz | sed 's|^[^/]*/||' | sort | grep -c -x -e bin/etcd-defragd -e systemd/etcd-defragd.service -e config/config.yaml -e man/man8/etcd-defragd.8.gz -e prometheus/etcd-defragd-rules.yaml -e grafana/etcd-defragd-dashboard.json -e LICENSE | grep -qx 7"
-check "arm64 .deb: arm64 ELF executable" bash -c "dpkg-deb --fsys-tarfile dist/pkg/etcd-defragd_*_arm64.deb | tar -xO ./usr/bin/etcd-defragd | head -c 20 | od -An -tx1 | tr -d ' \n' | grep -q '^7f454c4602010100.*0200b700'"
+# ELF, 64-bit, little-endian, e_machine 0xb7 (AArch64)
+check "arm64 .deb: arm64 ELF executable" bash -c "dpkg-deb -x dist/pkg/etcd-defragd_*_arm64.deb '$t/arm-deb' && od -An -tx1 -N20 '$t/arm-deb/usr/bin/etcd-defragd' | tr -d ' \n' | grep -q '^7f454c460201.*0200b700\$'"
 
 echo "== arm64 executable under qemu-user (its libraries from Debian's arm64 packages)"
 export arm_root=dist/pkg/build/rootfs-arm64
 if [[ -x $(command -v qemu-aarch64-static) && -d $arm_root ]]; then
   arm() { qemu-aarch64-static -L "$arm_root" dist/pkg/etcd-defragd-arm64 "$@"; }
-  check "arm64: --version names Node.js $node_version" bash -c "$(declare -f arm); arm --version | tee /dev/stderr | grep -q 'Node.js $node_version)\$'"
+  check "arm64: --version names Node.js $node_version" bash -c "$(declare -f arm); arm --version | tee -a /dev/stderr | grep -q 'Node.js $node_version)\$'"
   mkdir -p "$t/arm-data/member/snap"
   check "arm64: check-config passes with a member in etcd.dataDir" bash -c "$(declare -f arm); arm check-config --endpoint http://127.0.0.1:2379 --set etcd.dataDir='$t/arm-data' >/dev/null"
   # shellcheck disable=SC2016 # expanded by the inner bash
@@ -109,7 +110,7 @@ for m in $(blob "$idx" | jq -r '.manifests[].digest'); do
   check "image $arch: OCI labels (version, revision, licenses, source of the runtime)" \
     test "$(blob "$cfg" | jq -r --arg v "$version" '.config.Labels | [.["org.opencontainers.image.version"] == $v, (.["org.opencontainers.image.revision"] | length > 0), .["org.opencontainers.image.licenses"] == "Apache-2.0"] | all')" = true
   blob "$(blob "$m" | jq -r '.layers[-1].digest')" | tar -tzf - > "$t/layer-$arch"
-  check "image $arch: executable, config, libc, passwd; no shell, no package manager" bash -c "grep -qx './usr/bin/etcd-defragd' '$t/layer-$arch' && grep -qx './etc/etcd-defragd/config.yaml' '$t/layer-$arch' && grep -q '/libc.so.6\$' '$t/layer-$arch' && grep -qx './etc/passwd' '$t/layer-$arch' && ! grep -qE '^\./(usr/)?bin/(sh|bash|dash|apt|dpkg)\$' '$t/layer-$arch'"
+  check "image $arch: executable, config, libc, passwd; no shell, no package manager" bash -c "sed 's|^\./||' '$t/layer-$arch' > '$t/layer-$arch.n' && grep -qx 'usr/bin/etcd-defragd' '$t/layer-$arch.n' && grep -qx 'etc/etcd-defragd/config.yaml' '$t/layer-$arch.n' && grep -q '/libc.so.6\$' '$t/layer-$arch.n' && grep -qx 'etc/passwd' '$t/layer-$arch.n' && ! grep -qE '^(usr/)?bin/(sh|bash|dash|apt|dpkg)\$' '$t/layer-$arch.n'"
 done
 if command -v podman >/dev/null && command -v runc >/dev/null; then
   check "image amd64 run by podman (runc) against a real TLS cluster: --version, once defragments" \
@@ -191,7 +192,7 @@ if (( clean_root )); then
     cp "$deb" "$root/tmp/"
     check "clean root: no node" bash -c "! chroot '$root' sh -c 'command -v node nodejs'"
     check "clean root: dpkg -i" chroot "$root" dpkg -i "/tmp/$(basename "$deb")"
-    check "clean root: --version names Node.js $node_version" bash -c "chroot '$root' env -i /usr/bin/etcd-defragd --version | tee /dev/stderr | grep -q 'Node.js $node_version)\$'"
+    check "clean root: --version names Node.js $node_version" bash -c "chroot '$root' env -i /usr/bin/etcd-defragd --version | tee -a /dev/stderr | grep -q 'Node.js $node_version)\$'"
     # shellcheck disable=SC2016 # expanded by the inner bash
     check "clean root: check-config names etcd.dataDir when it holds no member (exit 78)" bash -c 'rc=0; chroot "$1" env -i /usr/bin/etcd-defragd check-config --endpoint http://127.0.0.1:2379 >/dev/null 2>"$0" || rc=$?; [[ $rc == 78 ]] && grep -q "etcd.dataDir: \"/var/lib/etcd\" holds no etcd member" "$0"' "$t/cr-cc" "$root"
     mkdir -p "$root/var/lib/etcd/member/snap"
