@@ -170,11 +170,14 @@ function seaBlob(bundleFile: string): string {
   const node = join(nodeDir('x64'), 'bin', 'node');
   const blob = join(work, 'sea-prep.blob');
   const config = join(work, 'sea-config.json');
-  // execArgv: a smaller young generation (V8's semi-space: 16 MiB each by default on 64 bit) and
-  // fewer V8 worker threads; the daemon allocates little. See docs/benchmark.md (idle).
+  // execArgv, measured on the idle daemon (one member, 20 s samples, two rounds): none 111 MiB RSS
+  // (35 MiB private); a smaller young generation (V8's semi-spaces: 16 MiB each by default) and two
+  // V8 worker threads 97-98 MiB (34-36); with --lite-mode (no optimizing compiler: the daemon
+  // spends its time waiting on etcd) 94-95 MiB (27). Node 24 prints no warning for --lite-mode,
+  // unlike Node 20, whose warning kept it out of the unit. See docs/benchmark.md (idle).
   // No code cache: it made --version 0-10% cheaper in CPU (0.41 vs 0.42-0.44 s, 10 runs each on
   // a machine at load 14: within the noise), and it would tie the blob to one architecture.
-  const execArgv = ['--max-semi-space-size=2', '--v8-pool-size=2'];
+  const execArgv = ['--lite-mode', '--max-semi-space-size=2', '--v8-pool-size=2'];
   writeFileSync(
     config,
     JSON.stringify({ main: bundleFile, output: blob, disableExperimentalSEAWarning: true, useCodeCache: false, execArgv }, null, 2),
