@@ -53,17 +53,71 @@ if (( build )); then
   echo "== npm run package"
   npm run --silent package
 fi
-deb=$(ls dist/pkg/etcd-defragd_*.deb)
-rpm=$(ls dist/pkg/etcd-defragd-*.rpm)
+deb=$(ls dist/pkg/etcd-defragd_*_amd64.deb)
+rpm=$(ls dist/pkg/etcd-defragd-*.x86_64.rpm)
+node_version=v$(tr -d ' \n' < .node-version)
+
+echo "== release artifacts (issue 16): both architectures, SHA256SUMS"
+for a in amd64:x86_64 arm64:aarch64; do
+  check "dist/pkg: .deb, .rpm and tarball for ${a%%:*}" test -f "dist/pkg/etcd-defragd_$(jq -r .version package.json)-1_${a%%:*}.deb" \
+    -a -f "dist/pkg/etcd-defragd-$(jq -r .version package.json)-1.${a#*:}.rpm" -a -f "dist/pkg/etcd-defragd-$(jq -r .version package.json)-linux-${a%%:*}.tar.gz"
+done
+# shellcheck disable=SC2016 # expanded by the inner bash
+check "SHA256SUMS verifies every artifact" bash -c 'cd dist/pkg && sha256sum --quiet -c SHA256SUMS && test "$(wc -l < SHA256SUMS)" -ge 7'
+check "tarball: executable, units, config, man page, rules, dashboard" bash -c "tar tzf dist/pkg/etcd-defragd-*-linux-amd64.tar.gz | sed 's|^[^/]*/||' | sort | grep -c -x -e bin/etcd-defragd -e systemd/etcd-defragd.service -e config/config.yaml -e man/man8/etcd-defragd.8.gz -e prometheus/etcd-defragd-rules.yaml -e grafana/etcd-defragd-dashboard.json -e LICENSE | grep -qx 7"
+# ELF, 64-bit, little-endian, e_machine 0xb7 (AArch64)
+check "arm64 .deb: arm64 ELF executable" bash -c "dpkg-deb -x dist/pkg/etcd-defragd_*_arm64.deb '$t/arm-deb' && od -An -tx1 -N20 '$t/arm-deb/usr/bin/etcd-defragd' | tr -d ' \n' | grep -q '^7f454c460201.*0200b700\$'"
+
+echo "== arm64 executable under qemu-user (its libraries from Debian's arm64 packages)"
+export arm_root=dist/pkg/build/rootfs-arm64
+if [[ -x $(command -v qemu-aarch64-static) && -d $arm_root ]]; then
+  arm() { qemu-aarch64-static -L "$arm_root" dist/pkg/etcd-defragd-arm64 "$@"; }
+  check "arm64: --version names Node.js $node_version" bash -c "$(declare -f arm); arm --version | tee -a /dev/stderr | grep -q 'Node.js $node_version)\$'"
+  mkdir -p "$t/arm-data/member/snap"
+  check "arm64: check-config passes with a member in etcd.dataDir" bash -c "$(declare -f arm); arm check-config --endpoint http://127.0.0.1:2379 --set etcd.dataDir='$t/arm-data' >/dev/null"
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  check "arm64: check-config names a wrong etcd.dataDir (exit 78)" bash -c "$(declare -f arm)"'; rc=0; arm check-config --endpoint http://127.0.0.1:2379 --set etcd.dataDir=/nonexistent 2>"$0" || rc=$?; [[ $rc == 78 ]] && grep -q "etcd.dataDir: \"/nonexistent\" holds no etcd member" "$0"' "$t/arm-cc"
+else
+  fail "arm64: qemu-aarch64-static (qemu-user-static) or $arm_root missing"
+fi
 
 echo "== .rpm contents"
 rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILENAMES}\n]' "$rpm" 2>/dev/null > "$t/rpm-files"
 check "rpm: executable on PATH" grep -q '^ -rwxr-xr-x /usr/bin/etcd-defragd$' "$t/rpm-files"
 check "rpm: units in /usr/lib/systemd/system" test "$(grep -c ' /usr/lib/systemd/system/etcd-defragd' "$t/rpm-files")" = 3
 check "rpm: config.yaml is %config(noreplace)" grep -q '^cn -rw-r--r-- /etc/etcd-defragd/config.yaml$' "$t/rpm-files"
-check "rpm: docs and license" grep -q ' /usr/share/doc/etcd-defragd/copyright$' "$t/rpm-files"
-check "rpm: scriptlets (daemon-reload, stop on erase, try-restart on upgrade)" \
-  bash -c "rpm -qp --scripts '$rpm' 2>/dev/null | grep -q 'daemon-reload' && rpm -qp --scripts '$rpm' 2>/dev/null | grep -q 'disable --now' && rpm -qp --scripts '$rpm' 2>/dev/null | grep -q 'try-restart'"
+check "rpm: docs and license" grep -q ' /usr/share/doc/etcd-defragd/LICENSE$' "$t/rpm-files"
+rpm -qp --scripts "$rpm" 2>/dev/null > "$t/rpm-scripts"
+check "rpm: %systemd_* scriptlets expanded (preset on install, disable --now on erase, try-restart on upgrade)" \
+  bash -c "grep -q 'preset etcd-defragd.service' '$t/rpm-scripts' && grep -q 'disable --now etcd-defragd.service' '$t/rpm-scripts' && grep -q 'try-restart etcd-defragd.service' '$t/rpm-scripts' && ! grep -q '%systemd' '$t/rpm-scripts'"
+# SPDX: upper-case AND/OR/WITH between identifiers; every identifier on the SPDX list (the few used here).
+check "rpm: License is an SPDX expression" bash -c "rpm -qp --qf '%{LICENSE}' '$rpm' 2>/dev/null | grep -qxE '(Apache-2\.0|MIT|ISC|BSD-2-Clause|BSD-3-Clause|Zlib|Unicode-3\.0)( AND (Apache-2\.0|MIT|ISC|BSD-2-Clause|BSD-3-Clause|Zlib|Unicode-3\.0))*'"
+check "rpm: Provides bundled(nodejs) = ${node_version#v}" bash -c "rpm -qp --provides '$rpm' 2>/dev/null | grep -qx 'bundled(nodejs) = ${node_version#v}'"
+
+echo "== OCI image: index over amd64 and arm64, non-root user, entrypoint, labels"
+oci=$(ls dist/pkg/etcd-defragd-*-oci.tar)
+mkdir -p "$t/oci" && tar -xf "$oci" -C "$t/oci"
+blob() { cat "$t/oci/blobs/sha256/${1#sha256:}"; }
+version=$(jq -r .version package.json)
+idx=$(jq -r --arg v "$version" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $v) | .digest' "$t/oci/index.json")
+check "index.json names $version: an image index" test "$(blob "$idx" | jq -r .mediaType)" = application/vnd.oci.image.index.v1+json
+check "the index lists linux/amd64 and linux/arm64" test "$(blob "$idx" | jq -r '[.manifests[].platform | .os + "/" + .architecture] | sort | join(",")')" = linux/amd64,linux/arm64
+for m in $(blob "$idx" | jq -r '.manifests[].digest'); do
+  cfg=$(blob "$m" | jq -r .config.digest)
+  arch=$(blob "$cfg" | jq -r .architecture)
+  check "image $arch: entrypoint /usr/bin/etcd-defragd run, user 65532" \
+    test "$(blob "$cfg" | jq -c '[.config.Entrypoint, .config.Cmd, .config.User]')" = '[["/usr/bin/etcd-defragd"],["run"],"65532:65532"]'
+  check "image $arch: OCI labels (version, revision, licenses, source of the runtime)" \
+    test "$(blob "$cfg" | jq -r --arg v "$version" '.config.Labels | [.["org.opencontainers.image.version"] == $v, (.["org.opencontainers.image.revision"] | length > 0), .["org.opencontainers.image.licenses"] == "Apache-2.0"] | all')" = true
+  blob "$(blob "$m" | jq -r '.layers[-1].digest')" | tar -tzf - > "$t/layer-$arch"
+  check "image $arch: executable, config, libc, passwd; no shell, no package manager" bash -c "sed 's|^\./||' '$t/layer-$arch' > '$t/layer-$arch.n' && grep -qx 'usr/bin/etcd-defragd' '$t/layer-$arch.n' && grep -qx 'etc/etcd-defragd/config.yaml' '$t/layer-$arch.n' && grep -q '/libc.so.6\$' '$t/layer-$arch.n' && grep -qx 'etc/passwd' '$t/layer-$arch.n' && ! grep -qE '^(usr/)?bin/(sh|bash|dash|apt|dpkg)\$' '$t/layer-$arch.n'"
+done
+if command -v podman >/dev/null && command -v runc >/dev/null; then
+  check "image amd64 run by podman (runc) against a real TLS cluster: --version, once defragments" \
+    env ETCD_DEFRAGD_IMAGE="oci-archive:$repo/$oci:amd64" node --import tsx --test --test-reporter=dot test/package/image.test.ts
+else
+  echo "skip running the image: podman or runc not installed (apt-get install podman runc)"
+fi
 
 echo "== install the .deb"
 dpkg -s etcd-defragd >/dev/null 2>&1 && { echo "(a previous etcd-defragd is installed: purging it first)"; dpkg --purge etcd-defragd >/dev/null; }
@@ -76,7 +130,11 @@ unitdir=$(dirname "$(grep '/etcd-defragd.service$' "$t/files")")
 check "executable /usr/bin/etcd-defragd" test -x /usr/bin/etcd-defragd
 check "units in the system unit directory ($unitdir)" test -f "$unitdir/etcd-defragd.service" -a -f "$unitdir/etcd-defragd-tls.timer" -a -f "$unitdir/etcd-defragd-tls.service"
 check "config.yaml is a conffile" bash -c "dpkg-query -W -f='\${Conffiles}' etcd-defragd | grep -q '^ /etc/etcd-defragd/config.yaml '"
-check "docs in /usr/share/doc/etcd-defragd" test -f /usr/share/doc/etcd-defragd/copyright -a -f /usr/share/doc/etcd-defragd/README.md.gz
+check "docs in /usr/share/doc/etcd-defragd" test -f /usr/share/doc/etcd-defragd/copyright -a -f /usr/share/doc/etcd-defragd/README.md -a -f /usr/share/doc/etcd-defragd/changelog.gz -a -f /usr/share/doc/etcd-defragd/config.reference.yaml
+check "conffile is short (TLS paths and data dir), the reference is a doc" bash -c "test \$(grep -vc '^#' /etc/etcd-defragd/config.yaml) -le 12 && grep -q '^  dataDir: /var/lib/etcd$' /etc/etcd-defragd/config.yaml"
+# shellcheck disable=SC2016 # expanded by the inner bash
+check "every Documentation= of the units resolves (man page or a plain file)" bash -c 'for d in $(sed -n "s/^Documentation=//p" "$0"/etcd-defragd*.service "$0"/etcd-defragd*.timer); do
+  case $d in man:*) p=${d#man:}; man -w "${p%%(*}" >/dev/null 2>&1 || test -f "/usr/share/man/man8/${p%%(*}.8.gz" || exit 1 ;; file://*) test -f "${d#file://}" || exit 1 ;; https://*) ;; *) exit 1 ;; esac; done' "$unitdir"
 check "alert rules and dashboard in /usr/share/etcd-defragd" test -f /usr/share/etcd-defragd/prometheus/etcd-defragd-rules.yaml -a -f /usr/share/etcd-defragd/grafana/etcd-defragd-dashboard.json
 check "not enabled on install" test ! -e /etc/systemd/system/multi-user.target.wants/etcd-defragd.service
 # shellcheck disable=SC2016 # expanded by the inner bash
@@ -108,8 +166,14 @@ check "dpkg -i again" bash -c "dpkg -i '$repo/$deb' >'$t/dpkg' 2>&1 || { cat '$t
 check "edited config kept" cmp -s /etc/etcd-defragd/config.yaml "$t/edited"
 
 echo "== purge"
+# What an administrator created stays: a password file beside the config, a drop-in.
+echo secret > /etc/etcd-defragd/etcd-password
+mkdir -p /etc/systemd/system/etcd-defragd.service.d && printf '[Service]\nEnvironment=X=1\n' > /etc/systemd/system/etcd-defragd.service.d/override.conf
 check "apt-get purge" bash -c "DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq etcd-defragd >'$t/apt' 2>&1 || { cat '$t/apt'; exit 1; }"
 check "package gone" bash -c '! dpkg -s etcd-defragd >/dev/null 2>&1'
+check "purge kept the admin's password file and drop-in, removed the conffile" \
+  test -f /etc/etcd-defragd/etcd-password -a -f /etc/systemd/system/etcd-defragd.service.d/override.conf -a ! -e /etc/etcd-defragd/config.yaml
+rm -rf /etc/etcd-defragd /etc/systemd/system/etcd-defragd.service.d
 snapshot > "$t/after"
 # New since before the install, and ours: a packaged path or one that names us (the machine is
 # shared: other jobs may install or write things meanwhile).
@@ -128,8 +192,12 @@ if (( clean_root )); then
     cp "$deb" "$root/tmp/"
     check "clean root: no node" bash -c "! chroot '$root' sh -c 'command -v node nodejs'"
     check "clean root: dpkg -i" chroot "$root" dpkg -i "/tmp/$(basename "$deb")"
-    check "clean root: --version" bash -c "chroot '$root' env -i /usr/bin/etcd-defragd --version | tee /dev/stderr | grep -q 'Node.js v'"
-    check "clean root: check-config on an http endpoint" chroot "$root" env -i /usr/bin/etcd-defragd check-config --endpoint http://127.0.0.1:2379
+    check "clean root: --version names Node.js $node_version" bash -c "chroot '$root' env -i /usr/bin/etcd-defragd --version | tee -a /dev/stderr | grep -q 'Node.js $node_version)\$'"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    check "clean root: check-config names etcd.dataDir when it holds no member (exit 78)" bash -c 'rc=0; chroot "$1" env -i /usr/bin/etcd-defragd check-config --endpoint http://127.0.0.1:2379 >/dev/null 2>"$0" || rc=$?; [[ $rc == 78 ]] && grep -q "etcd.dataDir: \"/var/lib/etcd\" holds no etcd member" "$0"' "$t/cr-cc" "$root"
+    mkdir -p "$root/var/lib/etcd/member/snap"
+    check "clean root: check-config on an http endpoint, a member in etcd.dataDir" chroot "$root" env -i /usr/bin/etcd-defragd check-config --endpoint http://127.0.0.1:2379
+    rm -rf "$root/var/lib/etcd"
     check "clean root: dpkg --purge" chroot "$root" dpkg --purge etcd-defragd
     check "clean root: nothing left" bash -c "! find '$root' -xdev -name '*etcd-defragd*' -not -path '*/tmp/*' | grep ."
   else

@@ -235,7 +235,9 @@ export function startDaemonProcess(file: string, args: string[], config: string,
   const firstLineMs = new Promise<number>((res) => {
     resolveFirst = res;
   });
+  // Logs go to stderr (stdout is for machine output): the first line on either stream counts.
   child.stdout.once('data', () => resolveFirst(performance.now() - t0));
+  child.stderr.once('data', () => resolveFirst(performance.now() - t0));
   let out = '';
   let resolveStarted!: () => void;
   let rejectStarted!: (e: Error) => void;

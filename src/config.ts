@@ -3,7 +3,7 @@
 // where it came from. The schema and the merge are our own: convict (6.2.5) could not name the file
 // or the source of a bad value, and reported all failures as one joined string.
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { readFileSync, accessSync, constants as fsConstants } from 'node:fs';
+import { readFileSync, statSync, accessSync, constants as fsConstants } from 'node:fs';
 import { join } from 'node:path';
 import { validateDetailed } from 'node-cron';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
@@ -518,6 +518,35 @@ function crossCheck(c: Config, sources: LoadedConfig['sources'], path: string, c
     checkPem('etcd.keyFile', c.etcd.keyFile, 'key', where);
   }
   if (c.etcd.passwordFile) readable('etcd.passwordFile', c.etcd.passwordFile, where, true);
+}
+
+/**
+ * check-config only: etcd.dataDir must hold an etcd member (member/snap). Under systemd the daemon
+ * itself cannot look inside (a 0700 directory of root or etcd); it only needs the filesystem's free
+ * space, so `run` does not check this. A wrong dataDir makes every run skip with check=disk.
+ */
+export function checkDataDir(loaded: LoadedConfig): void {
+  const dir = loaded.config.etcd.dataDir;
+  if (!dir) return;
+  const where = describeSource('etcd.dataDir', loaded.sources['etcd.dataDir']!, loaded.path ?? DEFAULT_CONFIG_PATH);
+  const snap = join(dir, 'member', 'snap');
+  let why: string | undefined;
+  try {
+    if (!statSync(snap).isDirectory()) why = `has no etcd member (${snap} is not a directory)`;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    why =
+      code === 'ENOENT' || code === 'ENOTDIR'
+        ? `holds no etcd member (no ${snap})`
+        : code === 'EACCES'
+          ? `cannot be looked into (permission denied; run check-config as root)`
+          : `cannot be checked (${code})`;
+  }
+  if (why)
+    throw new ConfigError(
+      `etcd.dataDir: ${show(dir)} ${why} ${where}; accepted: the member's --data-dir (kubeadm and kubespray /var/lib/etcd, ` +
+        'rke2 /var/lib/rancher/rke2/server/db/etcd, k3s /var/lib/rancher/k3s/server/db/etcd; etcd-defragd init-config --layout), or "" to skip the disk check',
+    );
 }
 
 /** Reads a file the config names; `trusted`: also refuse one that others could write (readTrustedFile). */

@@ -1,7 +1,7 @@
 // The command line as a user meets it: config errors exit 78 with one line, bad usage 64.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
@@ -69,13 +69,71 @@ describe('command line', () => {
 
   it('check-config prints the effective config and where each value came from', async () => {
     const r = await runCli(
-      ['check-config', '--config', cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n'), '--set', 'coordination.maxWait=5m'],
+      [
+        'check-config',
+        '--config',
+        cfg('ok', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  dataDir: ""\n'),
+        '--set',
+        'coordination.maxWait=5m',
+      ],
       { env: { ETCD_DEFRAGD_SCHEDULE_CRON: '15 */2 * * *' } },
     );
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /endpoint: "http:\/\/127\.0\.0\.1:2379" {2}# file/);
     assert.match(r.stdout, /cron: "15 \*\/2 \* \* \*" {2}# env ETCD_DEFRAGD_SCHEDULE_CRON/);
     assert.match(r.stdout, /maxWait: 300000 {2}# flag --set coordination.maxWait=\.\.\./);
+  });
+
+  it('check-config names etcd.dataDir when it holds no etcd member, and accepts one that does', async () => {
+    const empty = mkdtempSync(join(tmpdir(), 'edd-datadir-'));
+    const bad = await runCli([
+      'check-config',
+      '--config',
+      cfg('dd-bad', `etcd:\n  endpoint: http://127.0.0.1:2379\n  dataDir: ${empty}\n`),
+    ]);
+    assert.equal(bad.code, 78, bad.stdout + bad.stderr);
+    assert.match(
+      bad.stderr.trim(),
+      new RegExp(
+        `^etcd-defragd: config error: etcd\\.dataDir: "${empty}" holds no etcd member \\(no ${empty}/member/snap\\) in .*; accepted: `,
+      ),
+    );
+    assert.doesNotMatch(bad.stderr, /\n\s+at /);
+    mkdirSync(join(empty, 'member', 'snap'), { recursive: true });
+    const good = await runCli([
+      'check-config',
+      '--config',
+      cfg('dd-good', `etcd:\n  endpoint: http://127.0.0.1:2379\n  dataDir: ${empty}\n`),
+    ]);
+    assert.equal(good.code, 0, good.stderr);
+  });
+
+  it("init-config --layout writes a config that loads, with the layout's TLS paths and data dir", async () => {
+    const want = {
+      kubeadm: ['/etc/kubernetes/pki/etcd/healthcheck-client.key', '/var/lib/etcd'],
+      rke2: ['/var/lib/rancher/rke2/server/tls/etcd/client.key', '/var/lib/rancher/rke2/server/db/etcd'],
+      k3s: ['/var/lib/rancher/k3s/server/tls/etcd/client.key', '/var/lib/rancher/k3s/server/db/etcd'],
+      kubespray: ['/etc/ssl/etcd/ssl/admin-', '/var/lib/etcd'],
+    };
+    for (const [layout, [key, dataDir]] of Object.entries(want)) {
+      const r = await runCli(['init-config', '--layout', layout]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(r.stdout.includes(`keyFile: ${key}`), r.stdout);
+      assert.ok(r.stdout.includes(`dataDir: ${dataDir}\n`), r.stdout);
+      const loaded = await runCli([
+        'check-config',
+        '--config',
+        cfg(`layout-${layout}`, r.stdout),
+        '--set',
+        'etcd.dataDir=',
+        '--endpoint',
+        'http://127.0.0.1:2379',
+      ]);
+      assert.equal(loaded.code, 0, loaded.stderr);
+    }
+    const bad = await runCli(['init-config', '--layout', 'openshift']);
+    assert.equal(bad.code, 64);
+    assert.match(bad.stderr, /"openshift" is not a layout; accepted: kubeadm, rke2, k3s, kubespray/);
   });
 
   it('bad usage exits 64', async () => {
@@ -139,7 +197,7 @@ describe('command line', () => {
   });
 
   it('every command keeps stdout for machine output: check-config and --version print no log line', async () => {
-    const r = await runCli(['check-config', '--config', cfg('ok2', 'etcd:\n  endpoint: http://127.0.0.1:2379\n')]);
+    const r = await runCli(['check-config', '--config', cfg('ok2', 'etcd:\n  endpoint: http://127.0.0.1:2379\n  dataDir: ""\n')]);
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stderr, '');
     assert.doesNotMatch(r.stdout, /"level":/);

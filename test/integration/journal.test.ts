@@ -86,7 +86,7 @@ describe('journald priorities (stdout and stderr on the journal stream)', () => 
 
   it('machine output on the journal stream is stored at info', async () => {
     const cfg = join(dir, 'ok.yaml');
-    writeFileSync(cfg, 'etcd:\n  endpoint: http://127.0.0.1:2379\n');
+    writeFileSync(cfg, 'etcd:\n  endpoint: http://127.0.0.1:2379\n  dataDir: ""\n');
     const p = runJournaled(['check-config', '--config', cfg], 'check-config');
     assert.equal(await p.exited, 0);
     assertEveryLinePrioritized(p.lines(), p.text());

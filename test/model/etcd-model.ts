@@ -28,6 +28,12 @@ const LATENCY = 2; // ms each way on loopback
 const ELECTION_MS = 1000;
 /** How often the leader's lessor looks for expired leases (lessor.go: revokeExpiredLeases every 500 ms). */
 const EXPIRY_TICK_MS = 500;
+/**
+ * A halt written from outside the turn (a schedule step) can meet a Defragment already past its
+ * sender's last read of the halt: that read, then at most a keep-alive or a Status, then the send,
+ * a few round trips of LATENCY each. Such a Defragment may arrive this long after the halt.
+ */
+const HALT_IN_FLIGHT_MS = 50;
 
 export const ERR = {
   timeout: () => new Error('4 DEADLINE_EXCEEDED: Deadline exceeded'),
@@ -723,6 +729,9 @@ export class EtcdModel {
   }
 
   /** A Defragment arrives at member m: the invariants are checked here, where the harm would be. */
+  /** When a schedule wrote a halt from outside the turn (scenario.ts recordHalt). */
+  externalHaltAt: number | undefined;
+
   /** Called when a Defragment is sent, which in this model is when it reaches its member's socket. */
   onDefragmentSent: ((m: ModelMember, by: string) => void) | undefined;
 
@@ -739,7 +748,8 @@ export class EtcdModel {
     const busy = this.defragmenting().filter((x) => x !== m);
     if (busy.length > 0)
       this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);
-    if (this.halted()) this.violate(`defragment of ${m.name} while halted (sent by ${by})`);
+    const inFlight = this.externalHaltAt !== undefined && this.clock.now() - this.externalHaltAt < HALT_IN_FLIGHT_MS;
+    if (this.halted() && !inFlight) this.violate(`defragment of ${m.name} while halted (sent by ${by})`);
     if (m.defragEndsAt !== undefined) {
       this.violate(`defragment sent to ${m.name} while it is still defragmenting (sent by ${by})`);
       m.defragQueued++;

@@ -351,6 +351,11 @@ function recordHalt(sim: Sim): void {
   // Under CORRUPT no run gets that far, and etcd would refuse both the put and the delete.
   if (!sim.model.quorum() || sim.model.alarms.some((a) => a.alarm === 'CORRUPT')) return;
   const halt = haltKey(sim.base);
+  // Written from outside the turn at an arbitrary instant (the daemons write it while holding the
+  // turn, or the next one in the NOSPACE order finds the mismatch itself): a Defragment already past
+  // its sender's last read of the halt is on its way, and no protocol could stop it (no etcd call is
+  // conditional on a key). The model lets such a one arrive within HALT_IN_FLIGHT_MS.
+  sim.model.externalHaltAt = sim.clock.now();
   if (writable(sim)) sim.model.adminPut(halt, JSON.stringify({ reason: 'model: HashKV mismatch', at: 'now' }));
   else if (sim.model.getValue(`${sim.base.coordination.prefix}fuse-armed`) !== undefined) sim.model.adminDelete(fuseKey(sim.base));
 }

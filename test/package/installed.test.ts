@@ -52,7 +52,8 @@ describe(`the packaged executable ${exe} (etcd ${version})`, () => {
     assert.deepEqual([...head], [0x7f, 0x45, 0x4c, 0x46], 'an ELF binary');
     const r = await run(['--version'], cwd);
     assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stdout, /^etcd-defragd \d+\.\d+\.\d+ \(commit [0-9a-f]{7,}(-dirty)?, Node\.js v20\.\d+\.\d+\)\n$/);
+    const node = readFileSync(join(REPO_ROOT, '.node-version'), 'utf8').trim().replaceAll('.', '\\.');
+    assert.match(r.stdout, new RegExp(`^etcd-defragd \\d+\\.\\d+\\.\\d+ \\(commit [0-9a-f]{7,}(-dirty)?, Node\\.js v${node}\\)\\n$`));
     assert.equal(r.stderr, '');
   });
 
