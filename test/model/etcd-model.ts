@@ -738,7 +738,12 @@ export class EtcdModel {
   /** A Defragment from `by` reaches the member behind `endpoint` (it may run later: a frozen member runs it when thawed). */
   defragmentSent(endpoint: string, by: string): void {
     const m = this.byId(this.routes.get(endpoint));
-    if (m && m.state !== 'killed') this.onDefragmentSent?.(m, by);
+    if (!m || m.state === 'killed') return;
+    // Checked at the send: a frozen member runs a Defragment it received when it is thawed, after
+    // whatever was written meanwhile, as etcd would (nothing in etcd is conditional on a key).
+    const inFlight = this.externalHaltAt !== undefined && this.clock.now() - this.externalHaltAt < HALT_IN_FLIGHT_MS;
+    if (this.halted() && !inFlight) this.violate(`defragment of ${m.name} sent while halted (by ${by})`);
+    this.onDefragmentSent?.(m, by);
   }
 
   startDefrag(m: ModelMember, by: string): void {
@@ -748,8 +753,6 @@ export class EtcdModel {
     const busy = this.defragmenting().filter((x) => x !== m);
     if (busy.length > 0)
       this.violate(`two members defragmenting at once: ${m.name} while ${busy.map((x) => x.name).join(', ')} (sent by ${by})`);
-    const inFlight = this.externalHaltAt !== undefined && this.clock.now() - this.externalHaltAt < HALT_IN_FLIGHT_MS;
-    if (this.halted() && !inFlight) this.violate(`defragment of ${m.name} while halted (sent by ${by})`);
     if (m.defragEndsAt !== undefined) {
       this.violate(`defragment sent to ${m.name} while it is still defragmenting (sent by ${by})`);
       m.defragQueued++;
