@@ -977,7 +977,8 @@ async function lookInOrder(state: RunState): Promise<OrderLook> {
   const local = view.local;
   if (!view.alarms.some((a) => a.alarm === 'NOSPACE'))
     return { result: { outcome: 'not-needed', reason: 'the NOSPACE alarm was disarmed meanwhile', member: local.hex, view } };
-  const stop = await readStop(deps);
+  // Not readStop: arming the fuse is a write, which NOSPACE refuses at every look.
+  const stop = stopReason(await readStops(deps.pool.get(c.etcd.endpoint), c, { log: deps.log, signal: deps.signal }));
   if (stop) return { result: skip(stop.reason, { check: stop.check, member: local.hex, view }) };
   const gate = healthGate(view, c);
   if (gate?.check === 'alarm') return { result: skip(gate.reason, { check: gate.check, member: gate.member, view }) };
