@@ -140,7 +140,10 @@ for (const version of versionsUnderTest()) {
       const c = cluster;
       // Only two members get a daemon at first: the third keeps the alarm armed and must be named.
       const cfg = { ...daemonConfig, coordination: { leaseTTL: '5s', settle: '6s' } };
-      daemons = c.members.slice(0, 2).map((m) => startDaemon(c, m, cfg));
+      // The member left without a daemon has the highest ID: the NOSPACE order (lowest ID first)
+      // lets the other two go before it waits for that member, whatever IDs etcd drew.
+      const byId = [...c.members].sort((a, b) => (BigInt(`0x${a.id}`) < BigInt(`0x${b.id}`) ? -1 : 1));
+      daemons = byId.slice(0, 2).map((m) => startDaemon(c, m, cfg));
       await Promise.all(daemons.map((d) => d.waitForJson((l) => l.event === 'turn.register', 30_000)));
       const { written } = await incident(c);
 
@@ -148,10 +151,10 @@ for (const version of versionsUnderTest()) {
       const first = await Promise.race(daemons.map((d, i) => d.waitForJson((l) => l.event === 'defrag.done', 60_000).then(() => i)));
       await daemons[first]!.kill('SIGKILL');
       await new Promise((r) => setTimeout(r, 10_000));
-      const restarted = startDaemon(c, c.members[first]!, cfg);
+      const restarted = startDaemon(c, byId[first]!, cfg);
       daemons.push(restarted);
 
-      const unattended = c.members[2]!;
+      const unattended = byId[2]!;
       const named = await Promise.race(
         daemons.filter((d) => d.isRunning()).map((d) => d.waitForJson<LogLine>((l) => l.event === 'nospace.unattended', 90_000)),
       );
