@@ -36,11 +36,15 @@ export interface Config {
     singleMember: boolean;
     quotaUsageTrigger: number;
     freeDiskMargin: number;
+    /** A defragment predicted to last longer is skipped (check duration); 0 never skips. */
+    maxDefragDuration: number;
   };
   health: { maxRaftLag: number };
   coordination: { prefix: string; leaseTTL: number; maxWait: number; settle: number; leader: 'transfer' | 'last' };
   retry: { attempts: number; minDelay: number; maxDelay: number };
   nospace: { checkInterval: number; compact: boolean; keepHistory: number; compactTimeout: number; disarm: boolean; disarmBelow: number };
+  forecast: { window: number; minSpan: number; warnBefore: number; defragBefore: number };
+  compaction: { staleAfter: number; fallback: boolean; keepHistory: number };
   verify: { hashKV: boolean };
   metrics: { listen: string; textfile: string };
   log: { level: LogLevel; format: LogFormat };
@@ -237,6 +241,11 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     quotaUsageTrigger: { default: 0.8, kind: ratio({ zero: false }), doc: 'defragment anyway when dbSize / quotaBytes reaches this' },
     freeDiskMargin: { default: '256MiB', kind: size(), doc: 'free disk needed beyond the in-use size before defragmenting' },
     singleMember: { default: false, kind: boolean, doc: "defragment a cluster's only voting member (the API server stops meanwhile)" },
+    maxDefragDuration: {
+      default: '60s',
+      kind: duration(0),
+      doc: "skip a defragment predicted to take longer (kubeadm's liveness probe kills etcd after ~80s; 0: never)",
+    },
   },
   health: {
     maxRaftLag: { default: 1000, kind: integer(0), doc: 'applied-index distance tolerated between members' },
@@ -264,6 +273,25 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
     compactTimeout: { default: '5m', kind: duration(1000), doc: 'deadline of one compaction (about 40s at 1GiB)' },
     disarm: { default: true, kind: boolean, doc: 'disarm NOSPACE once every member is back under the quota' },
     disarmBelow: { default: 0.9, kind: ratio({ zero: false }), doc: 'disarm only when every dbSize / quotaBytes is below this' },
+  },
+  forecast: {
+    window: { default: '6h', kind: duration(60_000), doc: 'growth is measured over this much of recent history' },
+    minSpan: { default: '1h', kind: duration(10_000), doc: 'no forecast before the samples span this long' },
+    warnBefore: { default: '24h', kind: duration(0), doc: 'warn when the quota is forecast to be reached sooner than this' },
+    defragBefore: {
+      default: '6h',
+      kind: duration(0),
+      doc: 'defragment now, not at the next scheduled run, when the db file is forecast to reach the quota sooner (0: never)',
+    },
+  },
+  compaction: {
+    staleAfter: {
+      default: '2h',
+      kind: duration(60_000),
+      doc: 'warn when the compacted revision has not moved this long while revisions grow',
+    },
+    fallback: { default: true, kind: boolean, doc: 'then compact history ourselves (the turn holder does it)' },
+    keepHistory: { default: '1h', kind: duration(0), doc: 'history kept by that fallback compaction' },
   },
   verify: {
     hashKV: { default: true, kind: boolean, doc: 'compare HashKV across members after each defragment' },

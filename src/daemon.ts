@@ -15,10 +15,12 @@ import { checkAndDisarm, StallWatch } from './nospace.ts';
 import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
 import { run, type HashKVFn, type RunResult } from './run.ts';
-import { quotaMismatch } from './policy.ts';
+import { enforcedQuota, quotaMismatch, resolveQuota } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
+import { CompactionWatch, forecast, SampleLog, TREND_PUBLISH_MS, trendPrefix, trendRecord, type MemberSample } from './trend.ts';
 import { Turn } from './turn.ts';
+import { formatBytes, formatDuration } from './units.ts';
 import { version } from './version.ts';
 import { hexId } from './view.ts';
 
@@ -60,6 +62,10 @@ type Mode = 'scheduled' | 'nospace';
  * finds the revision keepHistory before the alarm (a sample every checkInterval: ~400 at 10s).
  */
 const REVISION_LOG_SLACK = 3_600_000;
+/** The history both NOSPACE compaction and the fallback compaction may need to keep. */
+const revisionKeep = (c: Config): number => Math.max(c.nospace.keepHistory, c.compaction.keepHistory) + REVISION_LOG_SLACK;
+/** A warning that still holds is repeated this often, not at every check. */
+const WARN_EVERY_MS = 3_600_000;
 
 export class Daemon {
   private config: Config;
@@ -88,6 +94,18 @@ export class Daemon {
   private revisions: RevisionLog;
   metricsAddress: string | undefined;
   private readonly nodeLock: NodeLock;
+  /** The local member's /metrics over forecast.window (src/trend.ts). */
+  private samples: SampleLog;
+  private compactionWatch: CompactionWatch;
+  /** The local member as the last inspection named it (the trend's labels and record key). */
+  private localMember: { hex: string; name: string } | undefined;
+  private trendPublishedAt = 0;
+  private warnedAt = { forecast: 0, stale: 0 };
+  private wasStale = false;
+  /** When this daemon last started a run early, by reason (at most one per forecast.minSpan / compaction.staleAfter). */
+  private earlyAt = { forecast: 0, compaction: 0 };
+  /** What the next scheduled run does first: a forecast-driven defragment, a fallback compaction. */
+  private early: { forecast?: string; compaction?: { compactRevision: number; reason: string } } = {};
 
   constructor(
     config: Config,
@@ -98,9 +116,11 @@ export class Daemon {
     this.pool = this.newPool();
     this.turn = this.newTurn();
     this.metrics.watchTurn(() => this.turn.holding());
-    this.revisions = new RevisionLog(config.nospace.keepHistory + REVISION_LOG_SLACK);
+    this.revisions = new RevisionLog(revisionKeep(config));
     this.tls = new TlsWatch(config);
     this.nodeLock = deps.nodeLock ?? fileLock();
+    this.samples = new SampleLog(config.forecast.window);
+    this.compactionWatch = new CompactionWatch(config.compaction.staleAfter);
   }
 
   /** Before each run and alarm check: new certificate files mean new connections (between runs). */
@@ -194,6 +214,7 @@ export class Daemon {
         { memberAttempts: 1, linearizableRead: false, quotaBytes: c.policy.quotaBytes },
       );
       const local = view.local;
+      this.localMember = { hex: local.hex, name: local.name };
       const mismatch = quotaMismatch(local);
       const quotaFrom =
         local.quotaSource === 'config' ? 'policy.quotaBytes' : local.quotaSource === 'status' ? "etcd's Status" : "etcd's /metrics";
@@ -285,6 +306,9 @@ export class Daemon {
       this.metrics.recordRun('skipped', mode, 'halt');
       return;
     }
+    // A run started early (or the next scheduled one) does what the trend asked for.
+    const early = mode === 'scheduled' ? this.early : {};
+    if (mode === 'scheduled') this.early = {};
     try {
       if (!this.turn.joined()) await this.join();
       result = await run(
@@ -304,8 +328,10 @@ export class Daemon {
             this.metrics.recordView(v);
             this.metrics.recordAlarms(v.alarms);
             this.turn.identify(v.local.id);
+            this.localMember = { hex: v.local.hex, name: v.local.name };
           },
           onDefragStart: (member) => this.metrics.defragStarted(member),
+          onCompacted: () => this.metrics.fallbackCompactions.inc(),
           onDefrag: (d) => {
             this.metrics.defragEnded(d.member);
             this.metrics.defrags.inc({ result: d.ok ? 'ok' : 'failed' });
@@ -315,7 +341,14 @@ export class Daemon {
             }
           },
         },
-        { mode, runId, defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm, alarmSeenAt: this.alarmEpisode?.since },
+        {
+          mode,
+          runId,
+          defraggedSinceAlarm: this.alarmEpisode?.defraggedSinceAlarm,
+          alarmSeenAt: this.alarmEpisode?.since,
+          forecast: early.forecast,
+          compactHistory: early.compaction,
+        },
       );
       if (result.mode === 'nospace' || result.mode === 'scheduled') mode = result.mode;
       this.metrics.recordRun(result.outcome, mode, result.check);
@@ -368,6 +401,7 @@ export class Daemon {
         () => undefined,
       );
     await this.checkControl();
+    await this.sampleTrend(alarms.some((a) => a.alarm === 'NOSPACE'));
     await this.publish();
     const corrupt = alarms.filter((a) => a.alarm === 'CORRUPT');
     for (const a of corrupt) {
@@ -389,6 +423,123 @@ export class Daemon {
           'NOSPACE alarm raised: etcd refuses writes; starting recovery',
         );
       this.trigger('nospace');
+    }
+  }
+
+  /**
+   * A sample of the local member's own /metrics page (it answers while the member defragments):
+   * the forecast of its quota and the compaction watch, as metrics, warnings, a record for
+   * `status`, and a run started early when they call for one.
+   */
+  private async sampleTrend(nospace: boolean): Promise<void> {
+    const c = this.config;
+    const log = this.deps.log;
+    let page;
+    try {
+      page = await this.pool.get(c.etcd.endpoint).serverMetrics();
+    } catch (err) {
+      log.debug({ event: 'trend.sample.fail', error: errorMessage(err) }, `cannot read the local member's /metrics: ${errorMessage(err)}`);
+      return;
+    }
+    if (page.dbSize === undefined || page.dbSizeInUse === undefined) return;
+    const now = this.deps.clock.now();
+    const sample: MemberSample = {
+      at: now,
+      dbSize: page.dbSize,
+      inUse: page.dbSizeInUse,
+      compactRevision: page.compactRevision,
+      currentRevision: page.currentRevision,
+    };
+    this.samples.record(sample);
+    const member = this.localMember;
+    if (!member) return; // named by the first inspection
+    const resolved = resolveQuota(c.policy.quotaBytes, undefined, page.quotaBytes);
+    const quota = enforcedQuota({ quotaBytes: resolved.bytes, etcdQuotaBytes: resolved.etcd });
+    const fc = quota ? forecast(this.samples.all(), quota, now, c.forecast.minSpan) : undefined;
+    const cs = this.compactionWatch.observe(sample);
+    this.metrics.recordTrend(member, fc, cs);
+
+    if (fc?.seconds !== undefined && fc.seconds * 1000 < c.forecast.warnBefore && now - this.warnedAt.forecast >= WARN_EVERY_MS) {
+      this.warnedAt.forecast = now;
+      const series = fc.basis === 'file' ? fc.file : fc.inUse;
+      log.warn(
+        {
+          event: 'forecast.quota',
+          member: member.hex,
+          seconds: Math.round(fc.seconds),
+          basis: fc.basis,
+          bytesPerSecond: Math.round(series.bytesPerSecond),
+          quotaBytes: quota,
+        },
+        `member ${member.hex} is forecast to reach its quota (${formatBytes(quota!)}) in ${formatDuration(fc.seconds * 1000)}: ` +
+          `its ${fc.basis === 'file' ? 'db file' : 'data in use'} grows ${formatBytes(series.bytesPerSecond * 3600)} an hour` +
+          (fc.basis === 'in-use'
+            ? '; a defragment cannot help: compact history, delete data (etcd-defragd usage says what fills it) or raise --quota-backend-bytes'
+            : '; a defragment gives back the free pages'),
+      );
+    }
+    if (cs?.stale && now - this.warnedAt.stale >= WARN_EVERY_MS) {
+      this.warnedAt.stale = now;
+      log.warn(
+        { event: 'compaction.stale', member: member.hex, ageSeconds: Math.round(cs.ageMs / 1000), historyRevisions: cs.historyRevisions },
+        `nothing has compacted etcd's history for ${formatDuration(cs.ageMs)} while ${cs.grownRevisions} revisions were written ` +
+          `(${cs.historyRevisions} revisions kept): check the API server's --etcd-compaction-interval (default 5m, 0 disables it) ` +
+          "and etcd's --auto-compaction-mode/--auto-compaction-retention" +
+          (c.compaction.fallback
+            ? `; compacting it ourselves, keeping ${formatDuration(c.compaction.keepHistory)} (compaction.fallback)`
+            : ''),
+      );
+    } else if (!cs?.stale && this.wasStale) {
+      this.warnedAt.stale = 0;
+      log.info({ event: 'compaction.moving', member: member.hex }, "etcd's history is being compacted again");
+    }
+    this.wasStale = Boolean(cs?.stale);
+    if (nospace || this.stopping) return; // etcd refuses the record's write; NOSPACE recovery has its own order
+    await this.publishTrend(member.hex, now, fc, cs);
+
+    // Early runs: each reason at most once per its own period, and never while a run goes on.
+    if (
+      cs?.stale &&
+      c.compaction.fallback &&
+      sample.compactRevision !== undefined &&
+      now - this.earlyAt.compaction >= c.compaction.staleAfter
+    ) {
+      this.earlyAt.compaction = now;
+      this.early.compaction = {
+        compactRevision: sample.compactRevision,
+        reason: `nothing compacted the history for ${formatDuration(cs.ageMs)}`,
+      };
+      this.trigger('scheduled');
+    }
+    const reclaimable = sample.dbSize - sample.inUse;
+    if (
+      fc?.basis === 'file' &&
+      fc.seconds !== undefined &&
+      fc.seconds * 1000 < c.forecast.defragBefore &&
+      reclaimable >= c.policy.minReclaimable &&
+      now - this.earlyAt.forecast >= c.forecast.minSpan
+    ) {
+      this.earlyAt.forecast = now;
+      this.early.forecast =
+        `the db file is forecast to reach the quota in ${formatDuration(fc.seconds * 1000)} ` +
+        `(forecast.defragBefore ${formatDuration(c.forecast.defragBefore)}) and ${formatBytes(reclaimable)} can be reclaimed`;
+      this.trigger('scheduled');
+    }
+  }
+
+  /** The record `status` shows, every TREND_PUBLISH_MS (a write: not during NOSPACE, which refuses it). */
+  private async publishTrend(hex: string, now: number, fc: Parameters<typeof trendRecord>[1], cs: Parameters<typeof trendRecord>[2]) {
+    if (now - this.trendPublishedAt < Math.min(TREND_PUBLISH_MS, this.config.forecast.minSpan)) return;
+    try {
+      await this.pool
+        .get(this.config.etcd.endpoint)
+        .put(`${trendPrefix(this.config.coordination.prefix)}${hex}`, JSON.stringify(trendRecord(now, fc, cs)));
+      this.trendPublishedAt = now;
+    } catch (err) {
+      this.deps.log.debug(
+        { event: 'trend.publish.fail', error: errorMessage(err) },
+        `cannot write the forecast for status: ${errorMessage(err)}`,
+      );
     }
   }
 
@@ -435,7 +586,9 @@ export class Daemon {
     this.config = next;
     const tlsChanged = this.tls.reset(next);
     if (tlsChanged) log.info({ event: 'tls.changed' }, 'the TLS files changed on disk: reconnecting with them');
-    this.revisions.setKeep(next.nospace.keepHistory + REVISION_LOG_SLACK);
+    this.revisions.setKeep(revisionKeep(next));
+    this.samples.setWindow(next.forecast.window);
+    this.compactionWatch.setStaleAfter(next.compaction.staleAfter);
     this.deps.log.level = next.log.level; // log.format applies at the next start
     const accessChanged =
       tlsChanged || JSON.stringify(prev.etcd) !== JSON.stringify(next.etcd) || JSON.stringify(prev.retry) !== JSON.stringify(next.retry);
@@ -466,7 +619,10 @@ export class Daemon {
     const oldTurn = this.turn;
     const oldPool = this.pool;
     // Another endpoint may be another cluster: its revisions are not ours.
-    this.revisions = new RevisionLog(this.config.nospace.keepHistory + REVISION_LOG_SLACK);
+    this.revisions = new RevisionLog(revisionKeep(this.config));
+    this.samples.clear();
+    this.compactionWatch = new CompactionWatch(this.config.compaction.staleAfter);
+    this.localMember = undefined;
     this.pool = this.newPool();
     this.turn = this.newTurn();
     void oldTurn.close().finally(() => oldPool.close());

@@ -193,6 +193,13 @@ export interface ServerMetrics {
   version?: string;
   dbSize?: number;
   dbSizeInUse?: number;
+  /** etcd_debugging_mvcc_compact_revision: the revision history was last compacted to. */
+  compactRevision?: number;
+  /** etcd_debugging_mvcc_current_revision: the member's current revision. */
+  currentRevision?: number;
+  /** etcd_disk_backend_defrag_duration_seconds: every defragment of this member since it started. */
+  defragCount?: number;
+  defragSeconds?: number;
 }
 
 /** /metrics answered, but not with a page we can read: the member is up, the page cannot tell. */
@@ -226,6 +233,18 @@ export function parseServerMetrics(text: string): ServerMetrics {
         break;
       case 'etcd_mvcc_db_total_size_in_use_in_bytes':
         if (Number.isSafeInteger(value) && value >= 0) out.dbSizeInUse = value;
+        break;
+      case 'etcd_debugging_mvcc_compact_revision':
+        if (Number.isSafeInteger(value) && value >= 0) out.compactRevision = value;
+        break;
+      case 'etcd_debugging_mvcc_current_revision':
+        if (Number.isSafeInteger(value) && value >= 0) out.currentRevision = value;
+        break;
+      case 'etcd_disk_backend_defrag_duration_seconds_count':
+        if (Number.isSafeInteger(value) && value >= 0) out.defragCount = value;
+        break;
+      case 'etcd_disk_backend_defrag_duration_seconds_sum':
+        if (Number.isFinite(value) && value >= 0) out.defragSeconds = value;
         break;
       case 'etcd_server_version': {
         const v = m[2]?.match(/server_version="([^"]*)"/)?.[1];

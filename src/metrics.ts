@@ -9,6 +9,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import { DefragdError, OUTCOMES, errorMessage, type Outcome } from './errors.ts';
 import { versionNotes } from './etcd-versions.ts';
 import type { ClusterView } from './view.ts';
+import type { CompactionState, Forecast } from './trend.ts';
 
 export const MODES = ['scheduled', 'nospace'] as const;
 /**
@@ -173,6 +174,30 @@ export class Metrics {
   );
   readonly halted = gauge(this.r, 'etcd_defragd_halted', '1 while defragmentation is halted after an integrity mismatch, as last read');
 
+  readonly timeToQuota = gauge(
+    this.r,
+    'etcd_defragd_member_time_to_quota_seconds',
+    "Forecast: seconds until the local member's db reaches its quota at the growth of forecast.window (absent while nothing grows)",
+    ['member', 'name'],
+  );
+  readonly historyRevisions = gauge(
+    this.r,
+    'etcd_defragd_history_revisions',
+    "The local member's current revision minus its compacted revision: the history etcd keeps",
+    ['member', 'name'],
+  );
+  readonly compactionAge = gauge(
+    this.r,
+    'etcd_defragd_compacted_revision_age_seconds',
+    "How long the compacted revision has not moved, on the daemon's clock (from its start at most)",
+    ['member', 'name'],
+  );
+  readonly fallbackCompactions = counter(
+    this.r,
+    'etcd_defragd_fallback_compactions_total',
+    'Compactions this daemon ran because nothing else compacted the history (compaction.fallback)',
+  );
+  private trendLabels: { member: string; name: string } | undefined;
   private server: Server | undefined;
   private member: string | undefined;
   private defragInFlight = false;
@@ -242,6 +267,7 @@ export class Metrics {
     if (member === undefined) return;
     for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove({ member });
     this.etcdVersion.reset();
+    this.forgetTrend();
     this.member = undefined;
   }
 
@@ -262,6 +288,32 @@ export class Metrics {
   recordControl(state: { paused: boolean; halted: boolean }): void {
     this.paused.set(state.paused ? 1 : 0);
     this.halted.set(state.halted ? 1 : 0);
+  }
+
+  /**
+   * The local member's forecast and compaction watch (src/trend.ts), labelled with its id and name.
+   * time_to_quota is absent while nothing grows; the compaction gauges while etcd's page lacks the
+   * revision gauges.
+   */
+  recordTrend(member: { hex: string; name: string }, forecast: Forecast | undefined, compaction: CompactionState | undefined): void {
+    const labels = { member: member.hex, name: member.name };
+    if (this.trendLabels && (this.trendLabels.member !== labels.member || this.trendLabels.name !== labels.name)) this.forgetTrend();
+    this.trendLabels = labels;
+    if (forecast?.seconds !== undefined) this.timeToQuota.set(labels, Math.round(forecast.seconds));
+    else this.timeToQuota.remove(labels);
+    if (compaction) {
+      this.historyRevisions.set(labels, compaction.historyRevisions);
+      this.compactionAge.set(labels, Math.round(compaction.ageMs / 1000));
+    } else {
+      this.historyRevisions.remove(labels);
+      this.compactionAge.remove(labels);
+    }
+  }
+
+  private forgetTrend(): void {
+    if (!this.trendLabels) return;
+    for (const g of [this.timeToQuota, this.historyRevisions, this.compactionAge]) g.remove(this.trendLabels);
+    this.trendLabels = undefined;
   }
 
   recordSchedule(next: Date | undefined, after: Date | undefined): void {

@@ -112,6 +112,8 @@ export function decide(
   p: Config['policy'],
   quotaBytes: number,
   force = p.force,
+  /** Why the forecast wants a defragment now (forecast.defragBefore): then any minReclaimable is worth it. */
+  forecast?: string,
 ): Decision {
   const reclaimable = Math.max(0, s.dbSize - s.dbSizeInUse);
   const fragmentation = s.dbSize > 0 ? reclaimable / s.dbSize : 0;
@@ -127,6 +129,7 @@ export function decide(
   if (quotaUsage >= p.quotaUsageTrigger && reclaimable >= NEAR_QUOTA_MIN_RECLAIM) {
     return { ...base, defrag: true, reason: `near the space quota: ${numbers}` };
   }
+  if (forecast && reclaimable >= p.minReclaimable) return { ...base, defrag: true, reason: `${forecast}: ${numbers}` };
   return {
     ...base,
     defrag: false,

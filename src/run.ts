@@ -63,6 +63,8 @@ export interface RunDeps {
   onInspected?: (view: ClusterView) => void;
   onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
   onDefragStart?: (member: string) => void;
+  /** A fallback compaction went through (compaction.fallback). */
+  onCompacted?: () => void;
   /** (time, revision) samples: NOSPACE compaction keeps nospace.keepHistory of history by them. */
   revisions?: RevisionLog;
   /** One process per member on this node in the NOSPACE order (src/node-lock.ts); required for NOSPACE recovery. */
@@ -80,6 +82,13 @@ export interface RunOptions {
   defraggedSinceAlarm?: boolean;
   /** NOSPACE mode: when this daemon first saw the alarm (compaction keeps the history before it). */
   alarmSeenAt?: number;
+  /** Why the forecast wants a defragment now (the daemon's trend): minReclaimable is then enough. */
+  forecast?: string;
+  /**
+   * Nothing compacted the history since `compactRevision` (compaction.fallback): with the turn in
+   * hand, compact it keeping compaction.keepHistory, unless someone moved it meanwhile.
+   */
+  compactHistory?: { compactRevision: number; reason: string };
 }
 
 async function defaultFreeDisk(dir: string): Promise<number> {
@@ -124,7 +133,7 @@ export async function run(deps: RunDeps, opts: RunOptions = {}): Promise<RunResu
     decideFor: (m) =>
       state.mode === 'nospace'
         ? decideNoSpace(m.status!, c, enforcedQuota(m) ?? 0, opts.defraggedSinceAlarm)
-        : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force),
+        : decide(m.status!, c.policy, m.quotaBytes ?? 0, opts.force || c.policy.force, opts.forecast),
     inspect: async () => {
       const v = await inspect(
         deps.pool,
@@ -218,10 +227,14 @@ async function runSteps(state: RunState): Promise<RunResult> {
     },
     `member ${memberLabel(local)}: ${decision.defrag ? 'defragment' : 'no defragment'}: ${decision.reason}`,
   );
-  if (!decision.defrag) return { outcome: 'not-needed', reason: decision.reason, member: local.hex, view };
+  // A fallback compaction needs the turn even when no defragment is needed.
+  const compacting = Boolean(opts.compactHistory) && state.mode !== 'nospace';
+  if (!decision.defrag && !compacting) return { outcome: 'not-needed', reason: decision.reason, member: local.hex, view };
 
-  const disk = await diskGuard(deps, local.status!);
-  if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
+  if (decision.defrag) {
+    const disk = await diskGuard(deps, local.status!);
+    if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
+  }
 
   if (opts.dryRun)
     return {
@@ -299,6 +312,7 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
       view,
     });
   }
+  if (opts.compactHistory && state.mode !== 'nospace') await fallbackCompaction(deps, view, opts.compactHistory);
   const fresh = state.decideFor(view.local);
   if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
 
@@ -612,6 +626,58 @@ function keepHistoryRevision(deps: RunDeps, latest: bigint, alarmSeenAt: number 
       'no revision older than the latest was seen since this daemon started, ' +
       `so no history of nospace.keepHistory (${formatDuration(keep)}) can be kept`,
   };
+}
+
+/**
+ * compaction.fallback: nothing compacted the history for compaction.staleAfter. The turn holder
+ * compacts to the revision seen compaction.keepHistory ago (or the oldest it saw), unless another
+ * daemon or the API server moved the compacted revision since the daemon saw it stale. A failure is
+ * logged and the run goes on: the next stale check tries again.
+ */
+async function fallbackCompaction(deps: RunDeps, view: ClusterView, stale: { compactRevision: number; reason: string }): Promise<void> {
+  const { config: c, log } = deps;
+  const client = deps.pool.get(view.local.endpoint);
+  const page = await client.serverMetrics().catch(() => undefined);
+  if (page?.compactRevision !== undefined && page.compactRevision !== stale.compactRevision) {
+    log.info(
+      { event: 'compact.fallback.moved', from: stale.compactRevision, to: page.compactRevision },
+      `the history was compacted meanwhile (revision ${stale.compactRevision} -> ${page.compactRevision}): no fallback compaction`,
+    );
+    return;
+  }
+  const keep = c.compaction.keepHistory;
+  const now = deps.clock.now();
+  const target = deps.revisions?.atOrBefore(now - keep) ?? deps.revisions?.oldest();
+  if (!target || target.revision <= BigInt(stale.compactRevision)) {
+    log.info(
+      { event: 'compact.fallback.none', compactRevision: stale.compactRevision },
+      `${stale.reason}, but no revision older than compaction.keepHistory (${formatDuration(keep)}) is above the compacted one: nothing to compact yet`,
+    );
+    return;
+  }
+  const t0 = deps.clock.now();
+  try {
+    await client.compact(target.revision, true, c.nospace.compactTimeout);
+  } catch (err) {
+    if (kindOf(err) === 'compacted') return; // someone compacted this far already
+    log.warn(
+      { event: 'compact.fallback.fail', revision: target.revision.toString(), error: errorMessage(err) },
+      `fallback compaction to revision ${target.revision} failed: ${errorMessage(err)}`,
+    );
+    return;
+  }
+  deps.onCompacted?.();
+  log.warn(
+    {
+      event: 'compact.fallback',
+      member: view.local.hex,
+      revision: target.revision.toString(),
+      keptMs: now - target.at,
+      tookMs: deps.clock.now() - t0,
+    },
+    `${stale.reason}: compacted it up to revision ${target.revision}, keeping ${formatDuration(now - target.at)} of history ` +
+      '(compaction.fallback; a watcher behind that revision must relist)',
+  );
 }
 
 /** One physical compaction with its own deadline; returns why the run must stop, if it must. */

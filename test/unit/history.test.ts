@@ -36,7 +36,7 @@ describe('RevisionLog', () => {
 });
 
 describe('parseServerMetrics', () => {
-  it('reads the quota, the defrag gauge, sizes and the version as etcd 3.4/3.5 write them', () => {
+  it('reads the quota, the defrag gauge, sizes, revisions, the defrag histogram and the version as etcd 3.4/3.5 write them', () => {
     const text = [
       '# HELP etcd_server_quota_backend_bytes Current backend storage quota size in bytes.',
       '# TYPE etcd_server_quota_backend_bytes gauge',
@@ -46,6 +46,11 @@ describe('parseServerMetrics', () => {
       'etcd_mvcc_db_total_size_in_use_in_bytes 1.6384e+04',
       'etcd_server_version{server_version="3.5.30"} 1',
       'etcd_server_quota_backend_bytes_other 5',
+      'etcd_debugging_mvcc_compact_revision 2',
+      'etcd_debugging_mvcc_current_revision 3',
+      'etcd_disk_backend_defrag_duration_seconds_bucket{le="0.1"} 1',
+      'etcd_disk_backend_defrag_duration_seconds_sum 0.007525122',
+      'etcd_disk_backend_defrag_duration_seconds_count 1',
     ].join('\n');
     assert.deepEqual(parseServerMetrics(text), {
       quotaBytes: 8589934592,
@@ -53,6 +58,10 @@ describe('parseServerMetrics', () => {
       dbSize: 67108864,
       dbSizeInUse: 16384,
       version: '3.5.30',
+      compactRevision: 2,
+      currentRevision: 3,
+      defragSeconds: 0.007525122,
+      defragCount: 1,
     });
     assert.deepEqual(parseServerMetrics('etcd_disk_defrag_inflight 0\n'), { defragInflight: false });
     assert.deepEqual(parseServerMetrics('go_goroutines 12\n'), {});
