@@ -21,7 +21,8 @@ import { fileLock } from './node-lock.ts';
 import { Turn } from './turn.ts';
 import { parseDepth, scanUsage, usageJson, usageText } from './usage.ts';
 import { ListenError } from './metrics.ts';
-import { formatBytes, formatPercent } from './units.ts';
+import { formatBytes, formatDuration, formatPercent } from './units.ts';
+import { TREND_FRESH_MS, type TrendRecord } from './trend.ts';
 import { versionLine } from './version.ts';
 import { muteIpServernameWarning } from './warnings.ts';
 
@@ -213,7 +214,23 @@ function decisionOf(m: MemberView, c: LoadedConfig['config']): Decision | undefi
   return m.status && m.quotaBytes !== undefined ? decide(m.status, c.policy, m.quotaBytes) : undefined;
 }
 
-function statusTable(view: ClusterView, loaded: LoadedConfig): string {
+/** A daemon's forecast as status shows it: '-' without a daemon's record, '?' when the record is old. */
+function forecastCell(t: TrendRecord | undefined, now: number): string {
+  if (!t) return '-';
+  if (now - t.at > TREND_FRESH_MS) return '? (old)';
+  if (!t.forecast) return 'learning';
+  if (t.forecast.seconds === null) return 'not growing';
+  return `${formatDuration(t.forecast.seconds * 1000)} (${t.forecast.basis === 'file' ? 'file' : 'in use'})`;
+}
+
+function trendJson(t: TrendRecord | undefined, now: number) {
+  if (!t) return { forecast: null, compaction: null };
+  const meta = { at: new Date(t.at).toISOString(), fresh: now - t.at <= TREND_FRESH_MS };
+  return { forecast: t.forecast && { ...t.forecast, ...meta }, compaction: t.compaction && { ...t.compaction, ...meta } };
+}
+
+function statusTable(view: ClusterView, loaded: LoadedConfig, trends: Record<string, TrendRecord>): string {
+  const now = Date.now();
   const c = loaded.config;
   const rows = [
     [
@@ -230,6 +247,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
       'DEFRAGMENTING',
       'APPLIED',
       'DECISION',
+      'TO QUOTA',
     ],
   ];
   for (const m of view.members) {
@@ -250,6 +268,7 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
       defragCell(m),
       s ? s.raftAppliedIndex.toString() : `unreachable: ${m.error ?? ''}`.slice(0, 60),
       m.isLearner ? 'never (learner)' : d ? (d.defrag ? 'defragment' : 'not needed') : '-',
+      forecastCell(trends[m.hex], now),
     ]);
   }
   // Names, URLs and errors come from etcd: escaped before they are measured and printed.
@@ -268,15 +287,23 @@ function statusTable(view: ClusterView, loaded: LoadedConfig): string {
     const warning = quotaMismatch(m) ?? (m.quotaBytes === undefined && m.status ? m.quotaError : undefined);
     if (warning) lines.push(`warning: ${warning}`);
     if (m.status) for (const note of describeVersionNotes(m.hex, m.status.version)) lines.push(`warning: ${note}`);
+    const compaction = trends[m.hex]?.compaction;
+    if (compaction?.stale)
+      lines.push(
+        `warning: member ${m.hex}: nothing compacted the history for ${formatDuration(compaction.ageSeconds * 1000)} ` +
+          `(${compaction.historyRevisions} revisions kept); check the API server's --etcd-compaction-interval and etcd's --auto-compaction-*`,
+      );
   }
   lines.push(
     "(* = the local member, from etcd.endpoint; QUOTA: etcd = the member's own --quota-backend-bytes, config = policy.quotaBytes;",
-    " DEFRAGMENTING: etcd_disk_defrag_inflight from the member's /metrics, ? = could not be read)",
+    " DEFRAGMENTING: etcd_disk_defrag_inflight from the member's /metrics, ? = could not be read;",
+    ' TO QUOTA: when the db reaches the quota at its growth over forecast.window, from the daemon on that member)',
   );
   return lines.map(printable).join('\n');
 }
 
-function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
+function statusJson(view: ClusterView, loaded: LoadedConfig, trends: Record<string, TrendRecord>): unknown {
+  const now = Date.now();
   return {
     local: view.local.hex,
     alarms: view.alarms.map((a) => ({ member: hexId(a.memberId), alarm: a.alarm })),
@@ -311,6 +338,7 @@ function statusJson(view: ClusterView, loaded: LoadedConfig): unknown {
           }
         : null,
       decision: decisionOf(m, loaded.config) ?? null,
+      ...trendJson(trends[m.hex], now),
     })),
   };
 }
@@ -345,9 +373,9 @@ async function status(loaded: LoadedConfig, log: Log, p: Parsed): Promise<number
         halt: clusterHalt(cc) ?? null,
         readErrors: cc.errors,
       };
-      writeOut(`${printableJson(JSON.stringify({ ...(statusJson(view, loaded) as object), ...control }, null, 2))}\n`);
+      writeOut(`${printableJson(JSON.stringify({ ...(statusJson(view, loaded, cc.trends) as object), ...control }, null, 2))}\n`);
     } else {
-      writeOut(`${statusTable(view, loaded)}\n${describeClusterControl(cc).join('\n')}\n`);
+      writeOut(`${statusTable(view, loaded, cc.trends)}\n${describeClusterControl(cc).join('\n')}\n`);
     }
     return EXIT.ok;
   } finally {

@@ -21,6 +21,7 @@ import { EXIT, errorMessage } from './errors.ts';
 import { inspect } from './inspect.ts';
 import { auditToSystemLog, printable, type Log } from './log.ts';
 import { checkAndDisarm } from './nospace.ts';
+import { parseTrendRecord, trendPrefix, type TrendRecord } from './trend.ts';
 import { describeParticipant, parseView } from './turn.ts';
 import { userName } from './trust.ts';
 import { hexId, memberLabel, voting, type Alarm } from './view.ts';
@@ -241,6 +242,8 @@ export interface ClusterControl extends Partial<Stops> {
   participants: number;
   /** What could not be read, instead of failing the whole status. */
   errors: string[];
+  /** Each daemon's last forecast and compaction watch, by member id (src/trend.ts). */
+  trends: Record<string, TrendRecord>;
 }
 
 /** The next time schedule.cron fires, in ISO form (undefined if never). */
@@ -256,7 +259,7 @@ export function nextScheduledRun(c: Config): string | undefined {
 export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
   const { config: c, log } = deps;
   const client = deps.pool.get(c.etcd.endpoint);
-  const out: ClusterControl = { nextRun: nextScheduledRun(c), participants: 0, errors: [] };
+  const out: ClusterControl = { nextRun: nextScheduledRun(c), participants: 0, errors: [], trends: {} };
   try {
     Object.assign(out, await readStops(client, c, { log }));
   } catch (err) {
@@ -271,6 +274,18 @@ export async function clusterControl(deps: OpDeps): Promise<ClusterControl> {
     if (h) out.holder = describeParticipant(h);
   } catch (err) {
     out.errors.push(`turn: ${errorMessage(err)}`);
+  }
+  try {
+    const base = trendPrefix(c.coordination.prefix);
+    // One record per member; a limit keeps keys planted under the prefix from flooding status.
+    const res = await client.range(base, { log }, 1, 100);
+    for (const kv of res.kvs) {
+      const id = kv.key.toString('latin1').slice(base.length);
+      const record = /^[0-9a-f]{1,16}$/.test(id) ? parseTrendRecord(kv.value.toString('utf8')) : undefined;
+      if (record) out.trends[id] = record;
+    }
+  } catch (err) {
+    out.errors.push(`forecast: ${errorMessage(err)}`);
   }
   return out;
 }

@@ -62,6 +62,7 @@ describe('control characters from etcd are shown, never obeyed', () => {
       nextRun: '2030-01-01T00:00:00.000Z',
       holder: `daemon (host ${HOSTILE})`,
       participants: 1,
+      trends: {},
       pause: { by: `root\x1b[8m`, host: 'cp-1\n', at: 'now', reason: HOSTILE },
       halt: { reason: `mismatch\u2028${HOSTILE}` },
       errors: [`turn: bad\x1b[0m`],
