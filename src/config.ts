@@ -287,7 +287,7 @@ export const SCHEMA: Record<string, Record<string, KeySpec>> = {
   compaction: {
     staleAfter: {
       default: '2h',
-      kind: duration(60_000),
+      kind: duration(1000),
       doc: 'warn when the compacted revision has not moved this long while revisions grow',
     },
     fallback: { default: true, kind: boolean, doc: 'then compact history ourselves (the turn holder does it)' },

@@ -18,7 +18,7 @@ import { run, type HashKVFn, type RunResult } from './run.ts';
 import { enforcedQuota, quotaMismatch, resolveQuota } from './policy.ts';
 import { writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
-import { CompactionWatch, forecast, SampleLog, TREND_PUBLISH_MS, trendPrefix, trendRecord, type MemberSample } from './trend.ts';
+import { CompactionWatch, earlyRun, forecast, SampleLog, TREND_PUBLISH_MS, trendPrefix, trendRecord, type MemberSample } from './trend.ts';
 import { Turn } from './turn.ts';
 import { formatBytes, formatDuration } from './units.ts';
 import { version } from './version.ts';
@@ -497,32 +497,11 @@ export class Daemon {
     if (nospace || this.stopping) return; // etcd refuses the record's write; NOSPACE recovery has its own order
     await this.publishTrend(member.hex, now, fc, cs);
 
-    // Early runs: each reason at most once per its own period, and never while a run goes on.
-    if (
-      cs?.stale &&
-      c.compaction.fallback &&
-      sample.compactRevision !== undefined &&
-      now - this.earlyAt.compaction >= c.compaction.staleAfter
-    ) {
-      this.earlyAt.compaction = now;
-      this.early.compaction = {
-        compactRevision: sample.compactRevision,
-        reason: `nothing compacted the history for ${formatDuration(cs.ageMs)}`,
-      };
-      this.trigger('scheduled');
-    }
-    const reclaimable = sample.dbSize - sample.inUse;
-    if (
-      fc?.basis === 'file' &&
-      fc.seconds !== undefined &&
-      fc.seconds * 1000 < c.forecast.defragBefore &&
-      reclaimable >= c.policy.minReclaimable &&
-      now - this.earlyAt.forecast >= c.forecast.minSpan
-    ) {
-      this.earlyAt.forecast = now;
-      this.early.forecast =
-        `the db file is forecast to reach the quota in ${formatDuration(fc.seconds * 1000)} ` +
-        `(forecast.defragBefore ${formatDuration(c.forecast.defragBefore)}) and ${formatBytes(reclaimable)} can be reclaimed`;
+    const early = earlyRun(c, now, sample, fc, cs, this.earlyAt);
+    if (early.compaction) this.earlyAt.compaction = now;
+    if (early.forecast) this.earlyAt.forecast = now;
+    if (early.compaction || early.forecast) {
+      this.early = { ...this.early, ...early };
       this.trigger('scheduled');
     }
   }

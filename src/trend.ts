@@ -1,6 +1,8 @@
 // What the local member's own /metrics page says over time: when its db will reach the quota
 // (forecast.*), and whether anything compacts its history (compaction.*). Pure: the daemon feeds
 // it a sample at every alarm check, on its own clock.
+import type { Config } from './config.ts';
+import { formatBytes, formatDuration } from './units.ts';
 
 export interface MemberSample {
   at: number; // ms since epoch, the daemon's clock
@@ -282,4 +284,43 @@ export function parseTrendRecord(text: string): TrendRecord | undefined {
     },
     compaction: c && { historyRevisions: c.historyRevisions as number, ageSeconds: c.ageSeconds as number, stale: c.stale as boolean },
   };
+}
+
+/** What the next run does first, when the trend calls for a run before the schedule's. */
+export interface EarlyRun {
+  /** Why the forecast wants a defragment now (the run then needs only policy.minReclaimable). */
+  forecast?: string;
+  /** Nothing compacted the history since this compacted revision: compact it (compaction.fallback). */
+  compaction?: { compactRevision: number; reason: string };
+}
+
+/**
+ * A run before the schedule's: a fallback compaction when nothing compacts, a defragment when the
+ * db file (what NOSPACE is judged by) is forecast to reach the quota within forecast.defragBefore
+ * and a defragment gives back at least policy.minReclaimable. Each at most once per its own period
+ * (`last`: when each was last asked for), so a run that cannot help is not started at every check.
+ */
+export function earlyRun(
+  c: Pick<Config, 'forecast' | 'compaction' | 'policy'>,
+  now: number,
+  sample: MemberSample,
+  f: Forecast | undefined,
+  cs: CompactionState | undefined,
+  last: { forecast: number; compaction: number },
+): EarlyRun {
+  const out: EarlyRun = {};
+  if (cs?.stale && c.compaction.fallback && sample.compactRevision !== undefined && now - last.compaction >= c.compaction.staleAfter)
+    out.compaction = { compactRevision: sample.compactRevision, reason: `nothing compacted the history for ${formatDuration(cs.ageMs)}` };
+  const reclaimable = sample.dbSize - sample.inUse;
+  const fileIn = f?.file.seconds;
+  if (
+    fileIn !== undefined &&
+    fileIn * 1000 < c.forecast.defragBefore &&
+    reclaimable >= c.policy.minReclaimable &&
+    now - last.forecast >= c.forecast.minSpan
+  )
+    out.forecast =
+      `the db file is forecast to reach the quota in ${formatDuration(fileIn * 1000)} ` +
+      `(forecast.defragBefore ${formatDuration(c.forecast.defragBefore)}) and ${formatBytes(reclaimable)} can be reclaimed`;
+  return out;
 }

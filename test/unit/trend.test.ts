@@ -1,6 +1,15 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { CompactionWatch, forecast, parseTrendRecord, SampleLog, theilSen, trendRecord, type MemberSample } from '../../src/trend.ts';
+import {
+  CompactionWatch,
+  earlyRun,
+  forecast,
+  parseTrendRecord,
+  SampleLog,
+  theilSen,
+  trendRecord,
+  type MemberSample,
+} from '../../src/trend.ts';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -139,5 +148,52 @@ describe('trend record', () => {
     assert.equal(parseTrendRecord('nope'), undefined);
     assert.equal(parseTrendRecord('{"at":1,"forecast":{"seconds":"soon"},"compaction":null}'), undefined);
     assert.equal(parseTrendRecord('null'), undefined);
+  });
+});
+
+describe('earlyRun', () => {
+  const c = {
+    forecast: { window: 6 * 3_600_000, minSpan: 3_600_000, warnBefore: 86_400_000, defragBefore: 6 * 3_600_000 },
+    compaction: { staleAfter: 2 * 3_600_000, fallback: true, keepHistory: 3_600_000 },
+    policy: { minReclaimable: 64 * MiB } as never,
+  };
+  const never = { forecast: -Infinity, compaction: -Infinity };
+  const sample = { at: 0, dbSize: 900 * MiB, inUse: 500 * MiB, compactRevision: 7, currentRevision: 900 };
+  const soon = (fileSeconds: number | undefined): Parameters<typeof earlyRun>[3] => ({
+    seconds: fileSeconds,
+    basis: 'file',
+    file: { seconds: fileSeconds, bytesPerSecond: 1000 },
+    inUse: { bytesPerSecond: 0 },
+    quotaBytes: GiB,
+    spanSeconds: 7200,
+  });
+  const stale = { historyRevisions: 800, ageMs: 3 * 3_600_000, grownRevisions: 500, stale: true };
+
+  it('defragments early when the file reaches the quota within defragBefore and enough can be reclaimed', () => {
+    assert.match(earlyRun(c, 0, sample, soon(3600), undefined, never).forecast ?? '', /forecast to reach the quota in 1h/);
+    assert.equal(earlyRun(c, 0, sample, soon(7 * 3600), undefined, never).forecast, undefined, 'later than defragBefore');
+    assert.equal(earlyRun(c, 0, { ...sample, inUse: 880 * MiB }, soon(3600), undefined, never).forecast, undefined, 'little to reclaim');
+    assert.equal(earlyRun(c, 0, sample, soon(undefined), undefined, never).forecast, undefined, 'not growing');
+    assert.equal(earlyRun(c, 1000, sample, soon(3600), undefined, { ...never, forecast: 0 }).forecast, undefined, 'asked for a second ago');
+    assert.equal(
+      earlyRun({ ...c, forecast: { ...c.forecast, defragBefore: 0 } }, 0, sample, soon(60), undefined, never).forecast,
+      undefined,
+    );
+  });
+
+  it('compacts as a fallback when the watch says stale, unless compaction.fallback is false', () => {
+    const early = earlyRun(c, 0, sample, undefined, stale, never).compaction;
+    assert.equal(early?.compactRevision, 7);
+    assert.match(early?.reason ?? '', /^nothing compacted the history for 3h0m$/);
+    assert.equal(earlyRun(c, 0, sample, undefined, { ...stale, stale: false }, never).compaction, undefined);
+    assert.equal(
+      earlyRun({ ...c, compaction: { ...c.compaction, fallback: false } }, 0, sample, undefined, stale, never).compaction,
+      undefined,
+    );
+    assert.equal(
+      earlyRun(c, 3_600_000, sample, undefined, stale, { ...never, compaction: 0 }).compaction,
+      undefined,
+      'once per staleAfter',
+    );
   });
 });
