@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { DefragDurations, KEEP_SAMPLES, MIN_SAMPLE_BYTES } from '../../src/duration.ts';
+import { Metrics } from '../../src/metrics.ts';
 
 const MiB = 1024 * 1024;
 /** A /metrics page: the histogram's count and sum, and the in-use size. */
@@ -93,5 +94,24 @@ describe('DefragDurations', () => {
     assert.equal(d.predict(100 * MiB), undefined);
     d.observePage(50_000, page(1, 2)); // the new baseline counts: 100MiB in 2s
     assert.equal(d.predict(100 * MiB)?.seconds, 2);
+  });
+});
+
+describe('etcd_defragd_defrag_predicted_seconds', () => {
+  const series = async (m: Metrics) =>
+    (await m.own.metrics()).split('\n').filter((l) => l.startsWith('etcd_defragd_defrag_predicted_seconds{'));
+
+  it('is absent while unknown, one series for the member, and gone with the member', async () => {
+    const m = new Metrics();
+    const member = { hex: '8e9e05c52164694d', name: 'm1' };
+    m.recordPredictedDefrag(member, undefined);
+    assert.deepEqual(await series(m), []);
+    m.recordPredictedDefrag(member, 12.3456);
+    assert.deepEqual(await series(m), ['etcd_defragd_defrag_predicted_seconds{member="8e9e05c52164694d",name="m1"} 12.346']);
+    m.recordPredictedDefrag({ ...member, name: 'renamed' }, 3);
+    assert.deepEqual(await series(m), ['etcd_defragd_defrag_predicted_seconds{member="8e9e05c52164694d",name="renamed"} 3']);
+    m.recordView({ local: { hex: member.hex } } as never);
+    m.forgetMember();
+    assert.deepEqual(await series(m), []);
   });
 });
