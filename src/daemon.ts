@@ -5,6 +5,7 @@ import { createTask } from 'node-cron';
 import type { Clock, Timer } from './clock.ts';
 import { loadConfig, type Config, type LoadOptions } from './config.ts';
 import { armHaltFuse, haltOf, readStops } from './control.ts';
+import { DefragDurations } from './duration.ts';
 import { describeVersionNotes } from './etcd-versions.ts';
 import { accessFromConfig, ClientPool, kindOf, type EtcdPool } from './etcd.ts';
 import { errorMessage } from './errors.ts';
@@ -97,6 +98,8 @@ export class Daemon {
   /** The local member's /metrics over forecast.window (src/trend.ts). */
   private samples: SampleLog;
   private compactionWatch: CompactionWatch;
+  /** The local member's past defragments, for policy.maxDefragDuration (src/duration.ts). */
+  private durations = new DefragDurations();
   /** The local member as the last inspection named it (the trend's labels and record key). */
   private localMember: { hex: string; name: string } | undefined;
   private trendPublishedAt = 0;
@@ -331,6 +334,7 @@ export class Daemon {
             this.localMember = { hex: v.local.hex, name: v.local.name };
           },
           onDefragStart: (member) => this.metrics.defragStarted(member),
+          predictDefrag: (inUseBytes) => this.durations.predict(inUseBytes),
           onCompacted: () => this.metrics.fallbackCompactions.inc(),
           onDefrag: (d) => {
             this.metrics.defragEnded(d.member);
@@ -338,6 +342,7 @@ export class Daemon {
             if (d.ok) {
               this.metrics.reclaimed.inc(d.reclaimed);
               this.metrics.duration.observe(d.tookMs / 1000);
+              this.durations.observeRun(this.deps.clock.now(), d.inUseBytes, d.tookMs);
             }
           },
         },
@@ -451,6 +456,7 @@ export class Daemon {
       currentRevision: page.currentRevision,
     };
     this.samples.record(sample);
+    this.durations.observePage(now, page);
     const member = this.localMember;
     if (!member) return; // named by the first inspection
     const resolved = resolveQuota(c.policy.quotaBytes, undefined, page.quotaBytes);
@@ -458,6 +464,7 @@ export class Daemon {
     const fc = quota ? forecast(this.samples.all(), quota, now, c.forecast.minSpan) : undefined;
     const cs = this.compactionWatch.observe(sample);
     this.metrics.recordTrend(member, fc, cs);
+    this.metrics.recordPredictedDefrag(member, this.durations.predict(page.dbSizeInUse)?.seconds);
 
     if (fc?.seconds !== undefined && fc.seconds * 1000 < c.forecast.warnBefore && now - this.warnedAt.forecast >= WARN_EVERY_MS) {
       this.warnedAt.forecast = now;
@@ -601,6 +608,7 @@ export class Daemon {
     this.revisions = new RevisionLog(revisionKeep(this.config));
     this.samples.clear();
     this.compactionWatch = new CompactionWatch(this.config.compaction.staleAfter);
+    this.durations = new DefragDurations();
     this.localMember = undefined;
     this.pool = this.newPool();
     this.turn = this.newTurn();

@@ -33,6 +33,7 @@ export const SKIP_CHECKS = [
   'pause',
   'member',
   'nospace',
+  'duration',
   'other',
 ] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
@@ -197,6 +198,12 @@ export class Metrics {
     'etcd_defragd_fallback_compactions_total',
     'Compactions this daemon ran because nothing else compacted the history (compaction.fallback)',
   );
+  readonly predictedDefrag = gauge(
+    this.r,
+    'etcd_defragd_defrag_predicted_seconds',
+    "How long the local member's next defragment is predicted to take, from its past ones (absent until one was seen)",
+    ['member', 'name'],
+  );
   private trendLabels: { member: string; name: string } | undefined;
   private server: Server | undefined;
   private member: string | undefined;
@@ -267,6 +274,7 @@ export class Metrics {
     if (member === undefined) return;
     for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove({ member });
     this.etcdVersion.reset();
+    this.predictedDefrag.reset();
     this.forgetTrend();
     this.member = undefined;
   }
@@ -308,6 +316,12 @@ export class Metrics {
       this.historyRevisions.remove(labels);
       this.compactionAge.remove(labels);
     }
+  }
+
+  /** The predicted duration of the local member's next defragment (src/duration.ts); absent while unknown. */
+  recordPredictedDefrag(member: { hex: string; name: string }, seconds: number | undefined): void {
+    this.predictedDefrag.reset(); // one member per daemon: a renamed or replaced one drops the old series
+    if (seconds !== undefined) this.predictedDefrag.set({ member: member.hex, name: member.name }, Number(seconds.toFixed(3)));
   }
 
   private forgetTrend(): void {

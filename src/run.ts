@@ -6,6 +6,7 @@ import type { Config } from './config.ts';
 import type { Clock } from './clock.ts';
 import { armHaltFuse, readStops, recordHalt, stopReason } from './control.ts';
 import { kindOf, type EtcdMember, type EtcdPool } from './etcd.ts';
+import type { DefragPrediction } from './duration.ts';
 import { DefragdError, EXIT, errorMessage, type Outcome } from './errors.ts';
 import type { RevisionLog } from './history.ts';
 import { busyMembers, inspect } from './inspect.ts';
@@ -61,7 +62,7 @@ export interface RunDeps {
   hashKV?: HashKVFn;
   /** Called with every fresh inspection: the turn learns which member this is, the daemon records metrics and revisions. */
   onInspected?: (view: ClusterView) => void;
-  onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number }) => void;
+  onDefrag?: (r: { member: string; ok: boolean; tookMs: number; reclaimed: number; inUseBytes: number }) => void;
   onDefragStart?: (member: string) => void;
   /** A fallback compaction went through (compaction.fallback). */
   onCompacted?: () => void;
@@ -71,6 +72,11 @@ export interface RunDeps {
   nodeLock?: NodeLock;
   /** Members over the mark that show no progress during this alarm (the daemon keeps one per alarm). */
   stalls?: StallWatch;
+  /**
+   * How long a defragment of the local member with this much in use will take, from its past ones
+   * (the daemon learns them, src/duration.ts); absent or undefined: no prediction, no duration check.
+   */
+  predictDefrag?: (inUseBytes: number) => DefragPrediction | undefined;
 }
 
 export interface RunOptions {
@@ -234,6 +240,8 @@ async function runSteps(state: RunState): Promise<RunResult> {
   if (decision.defrag) {
     const disk = await diskGuard(deps, local.status!);
     if (disk) return skip(disk, { check: 'disk', member: local.hex, view });
+    const long = durationGate(state, view);
+    if (long) return long;
   }
 
   if (opts.dryRun)
@@ -315,6 +323,8 @@ async function turnSteps(state: RunState, view: ClusterView, leaderGoesLast: boo
   if (opts.compactHistory && state.mode !== 'nospace') await fallbackCompaction(deps, view, opts.compactHistory);
   const fresh = state.decideFor(view.local);
   if (!fresh.defrag) return { outcome: 'not-needed', reason: fresh.reason, member: view.local.hex, view };
+  const long = durationGate(state, view);
+  if (long) return long;
 
   if (view.local.status!.leader === view.local.id && !leaderGoesLast) {
     const moved = await transferLeadership(deps, view);
@@ -427,6 +437,40 @@ function finish(deps: RunDeps, started: number, r: RunResult): RunResult {
   else if (r.outcome === 'failed') deps.log.error(fields, `run failed: ${r.reason}`);
   else deps.log.info(fields, `run finished: ${r.reason}`);
   return r;
+}
+
+/**
+ * policy.maxDefragDuration: a member serves no reads while it defragments, and a liveness probe
+ * that fails for long enough has kubelet restart it mid-defragment (kubeadm's: about 80s; etcd
+ * before 3.5.6 could come back with inconsistent revisions). A defragment predicted to last longer
+ * is skipped, except in NOSPACE recovery: writes are refused until it is done, so it goes ahead,
+ * with a warning.
+ */
+function durationGate(state: RunState, view: ClusterView): RunResult | undefined {
+  const { deps } = state;
+  const c = deps.config;
+  const local = view.local;
+  const max = c.policy.maxDefragDuration;
+  const p = max > 0 ? deps.predictDefrag?.(local.status!.dbSizeInUse) : undefined;
+  if (!p || p.seconds * 1000 <= max) return undefined;
+  const over =
+    `the defragment of member ${memberLabel(local)} is predicted to take ${formatDuration(p.seconds * 1000)} (${p.basis}), ` +
+    `longer than policy.maxDefragDuration (${formatDuration(max)})`;
+  const risk = "a liveness probe (kubeadm's: about 80s) can restart etcd in the middle of it";
+  if (state.mode === 'nospace') {
+    deps.log.warn(
+      { event: 'defrag.duration.over', member: local.hex, predictedSeconds: Math.round(p.seconds), maxSeconds: max / 1000 },
+      `${over}: NOSPACE recovery goes ahead anyway (etcd refuses writes until it is done), but ${risk}`,
+    );
+    return undefined;
+  }
+  const dataDir = c.etcd.dataDir || "the member's data dir";
+  return skip(
+    `${over}: ${risk}. Raise the probe's budget (livenessProbe failureThreshold x periodSeconds in ` +
+      '/etc/kubernetes/manifests/etcd.yaml) and policy.maxDefragDuration with it, or defragment the member offline ' +
+      `in a maintenance window (stop it, then etcdutl defrag --data-dir ${dataDir}; etcdctl defrag --data-dir on 3.4)`,
+    { check: 'duration', member: local.hex, view },
+  );
 }
 
 async function diskGuard(deps: RunDeps, s: MemberStatus): Promise<string | undefined> {
@@ -739,7 +783,7 @@ async function defragmentLocal(
     const why = failure ?? (settled.ok ? '' : settled.reason);
     const reason = `defragment of member ${memberLabel(local)} failed: ${why}`;
     log.error({ event: 'defrag.fail', code: 'EDD_DEFRAG', member: local.hex, tookMs, error: why }, reason);
-    deps.onDefrag?.({ member: local.hex, ok: false, tookMs, reclaimed: 0 });
+    deps.onDefrag?.({ member: local.hex, ok: false, tookMs, reclaimed: 0, inUseBytes: before.dbSizeInUse });
     return { outcome: 'failed', reason, member: local.hex, tookMs };
   }
   const after = settled.status;
@@ -754,7 +798,13 @@ async function defragmentLocal(
     },
     `defragmented member ${memberLabel(local)}: ${formatBytes(before.dbSize)} -> ${formatBytes(after.dbSize)} in ${formatDuration(tookMs)}`,
   );
-  deps.onDefrag?.({ member: local.hex, ok: true, tookMs, reclaimed: Math.max(0, before.dbSize - after.dbSize) });
+  deps.onDefrag?.({
+    member: local.hex,
+    ok: true,
+    tookMs,
+    reclaimed: Math.max(0, before.dbSize - after.dbSize),
+    inUseBytes: before.dbSizeInUse,
+  });
 
   if (c.verify.hashKV) {
     const bad = await verifyIntegrity(deps, view, `after defragmenting ${view.local.hex}`, before);
