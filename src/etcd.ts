@@ -235,7 +235,8 @@ export function parseServerMetrics(text: string): ServerMetrics {
         if (Number.isSafeInteger(value) && value >= 0) out.dbSizeInUse = value;
         break;
       case 'etcd_debugging_mvcc_compact_revision':
-        if (Number.isSafeInteger(value) && value >= 0) out.compactRevision = value;
+        // -1 until the first compaction (seen on 3.4.23 and 3.5.30): nothing compacted, revision 0.
+        if (Number.isSafeInteger(value) && value >= -1) out.compactRevision = Math.max(0, value);
         break;
       case 'etcd_debugging_mvcc_current_revision':
         if (Number.isSafeInteger(value) && value >= 0) out.currentRevision = value;

@@ -65,5 +65,8 @@ describe('parseServerMetrics', () => {
     });
     assert.deepEqual(parseServerMetrics('etcd_disk_defrag_inflight 0\n'), { defragInflight: false });
     assert.deepEqual(parseServerMetrics('go_goroutines 12\n'), {});
+    // never compacted: etcd writes -1
+    assert.equal(parseServerMetrics('etcd_debugging_mvcc_compact_revision -1\n').compactRevision, 0);
+    assert.equal(parseServerMetrics('etcd_debugging_mvcc_compact_revision -2\n').compactRevision, undefined);
   });
 });
