@@ -29,13 +29,17 @@ import { muteIpServernameWarning } from './warnings.ts';
 const HELP = `etcd-defragd - defragments the local etcd member, one member at a time across the cluster
 
 Usage:
-  etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics
+  etcd-defragd [run]          run as a daemon: scheduled runs, NOSPACE recovery, metrics; forecasts
+                              the quota (forecast.*), watches compaction and compacts when nothing
+                              else does (compaction.*), skips a defragment predicted to outlast
+                              policy.maxDefragDuration
   etcd-defragd once           one gated run now (exit 0 done or not needed, 75 skipped, 1 failed)
       --dry-run               decide and report, change nothing
       --force                 defragment even when not needed (policy.force); the only
                               voting member of a cluster still needs policy.singleMember
   etcd-defragd status         show the cluster as etcd-defragd sees it: sizes, each member's
-                              quota (from etcd) and whether it is defragmenting now
+                              quota (from etcd), whether it is defragmenting now, and when its
+                              db reaches the quota (TO QUOTA, from the daemon on that member)
       --json                  as JSON
   etcd-defragd usage          what fills etcd: key prefixes by key count and live bytes
                               (key + value), largest first, with churn (versions, recent writes);

@@ -116,6 +116,8 @@ export class EtcdModel {
   private leases = new Map<string, Lease>();
   revision = 1n;
   compactRev = 0n;
+  /** Compactions a client (a daemon) sent while no alarm was raised: the fallback compaction (compaction.fallback). */
+  clientCompactionsOutsideAlarm = 0;
   commitIndex = 10n;
   leader: string | undefined;
   private electionAt: number | undefined;
@@ -1077,7 +1079,16 @@ export class ModelClient implements EtcdMember {
   }
 
   compact(revision: bigint, _physical = false, timeoutMs = this.o.requestTimeout): Promise<unknown> {
-    return this.once('compact', 'raft', () => this.model.compact(revision), timeoutMs);
+    return this.once(
+      'compact',
+      'raft',
+      () => {
+        const calm = this.model.alarms.length === 0;
+        this.model.compact(revision);
+        if (calm) this.model.clientCompactionsOutsideAlarm++;
+      },
+      timeoutMs,
+    );
   }
 
   linearizableRead(_key: string, hooks?: RetryHooks): Promise<unknown> {
@@ -1176,6 +1187,9 @@ export class ModelClient implements EtcdMember {
           version: '3.5.30',
           dbSize: m.dbSize,
           dbSizeInUse: m.dbSizeInUse,
+          // cluster-wide in the model: every member applies compactions and writes alike
+          compactRevision: Number(this.model.compactRev),
+          currentRevision: Number(this.model.revision),
         }),
         false,
         'metrics',

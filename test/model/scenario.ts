@@ -403,6 +403,8 @@ export const coverage = {
   withoutQuorum: 0,
   historyFills: 0,
   apiCompactions: 0,
+  /** Compactions by the daemons outside NOSPACE: nothing else compacted (compaction.fallback). */
+  fallbackCompactions: 0,
   lateApplied: 0,
   lateDefrags: 0,
   halts: 0,
@@ -431,6 +433,7 @@ export async function checkScenario(s: Scenario): Promise<void> {
   coverage.historyFills +=
     s.steps.filter((x) => x.t === 'blackout' && x.history).length + (s.start.t === 'afterAlarm' && s.start.history ? 1 : 0);
   coverage.apiCompactions += count('apiCompact');
+  coverage.fallbackCompactions += r.sim.model.clientCompactionsOutsideAlarm;
   for (const [op, n] of Object.entries(r.sim.model.late)) {
     coverage.lateApplied += n;
     if (op === 'defragment') coverage.lateDefrags += n;

@@ -130,6 +130,12 @@ export class Sim {
       'retry.minDelay': 200,
       'retry.maxDelay': 2000,
       'nospace.checkInterval': 5000,
+      // Schedules last minutes: the trend's early runs (forecast, compaction fallback) within them.
+      'forecast.window': 120_000,
+      'forecast.minSpan': 30_000,
+      'forecast.defragBefore': 600_000,
+      'compaction.staleAfter': 60_000,
+      'compaction.keepHistory': 15_000,
       'nospace.compactTimeout': o.compactTimeout ?? 20_000,
       ...(o.compact === undefined ? {} : { 'nospace.compact': o.compact }),
       'etcd.caFile': '',
