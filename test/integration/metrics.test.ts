@@ -46,12 +46,12 @@ for (const version of versionsUnderTest()) {
         assert.equal(r.status, 0);
 
         assert.deepEqual(
-          series(body, 'etcd_defragd_member_db_size_bytes').map((l) => l.match(/member="([^"]+)"/)![1]),
-          [m.id],
+          series(body, 'etcd_defragd_member_db_size_bytes').map((l) => l.match(/\{member="([^"]+)",name="([^"]*)"\}/)!.slice(1)),
+          [[m.id, m.name]],
           'only the member this daemon owns',
         );
-        assert.match(body, /^etcd_defragd_member_quota_bytes\{member="[0-9a-f]+"\} \d+/m);
-        assert.match(body, /^etcd_defragd_member_defragmenting\{member="[0-9a-f]+"\} 0$/m);
+        assert.match(body, /^etcd_defragd_member_quota_bytes\{member="[0-9a-f]+",name="m\d"\} \d+/m);
+        assert.match(body, /^etcd_defragd_member_defragmenting\{member="[0-9a-f]+",name="m\d"\} 0$/m);
         assert.match(body, /^etcd_defragd_runs_total\{outcome="not-needed",mode="scheduled"\} 1$/m);
         assert.match(body, /^etcd_defragd_runs_total\{outcome="failed",mode="nospace"\} 0$/m);
         assert.match(body, /^etcd_defragd_last_success_timestamp_seconds 1\d{9}/m);
@@ -72,7 +72,7 @@ for (const version of versionsUnderTest()) {
         const rf = promtoolCheck(file);
         assert.equal(rf.findings, '', rf.findings);
         assert.doesNotMatch(file, /^(process|nodejs)_/m, 'no process_* in the textfile: node_exporter has its own');
-        assert.match(file, /^etcd_defragd_member_db_size_bytes\{member="[0-9a-f]+"\} \d+/m);
+        assert.match(file, /^etcd_defragd_member_db_size_bytes\{member="[0-9a-f]+",name="m\d"\} \d+/m);
         assert.deepEqual(readdirSync(dir), ['etcd-defragd.prom'], 'no temp file left beside it');
       } finally {
         await d.kill('SIGTERM');
