@@ -179,6 +179,11 @@ export class Metrics {
     '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read',
   );
   readonly halted = gauge(this.r, 'etcd_defragd_halted', '1 while defragmentation is halted after an integrity mismatch, as last read');
+  readonly etcdReachable = gauge(
+    this.r,
+    'etcd_defragd_etcd_reachable',
+    '1 when the last alarm check (every nospace.checkInterval) read the alarm list from etcd.endpoint, 0 when it failed or before the first',
+  );
 
   private server: Server | undefined;
   /** The member this daemon owns, as its series are labelled. */
