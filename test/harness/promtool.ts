@@ -26,8 +26,24 @@ export function metricNames(expr: string): string[] {
 /** Not ours, queried on purpose: node_exporter's mtime of our textfile. */
 export const EXTERNAL_METRICS = new Set(['node_textfile_mtime_seconds']);
 
-/** Every metric of ours that deploy/ (alert rules and Grafana dashboard) queries. */
+/**
+ * Queried by deploy/ (alerts, dashboard panels) ahead of the change that exports them: the quota
+ * forecast and the compaction series of issue 18, written in parallel. test/unit/deploy.test.ts
+ * fails once Metrics exports one of them, to have it taken off this list.
+ */
+export const PENDING_METRICS = new Set([
+  'etcd_defragd_member_time_to_quota_seconds',
+  'etcd_defragd_history_revisions',
+  'etcd_defragd_compacted_revision_age_seconds',
+]);
+
+/** Every metric of ours that deploy/ (alert rules and Grafana dashboard) queries, less the pending ones. */
 export function queriedMetricNames(): Set<string> {
+  return new Set([...allQueriedMetricNames()].filter((n) => !PENDING_METRICS.has(n)));
+}
+
+/** Every metric of ours that deploy/ (alert rules and Grafana dashboard) queries. */
+export function allQueriedMetricNames(): Set<string> {
   const rules = parseYaml(readFileSync(`${REPO_ROOT}/deploy/prometheus/etcd-defragd-rules.yaml`, 'utf8')) as {
     groups: { rules: { expr: string }[] }[];
   };
