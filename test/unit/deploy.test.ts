@@ -8,7 +8,14 @@ import { describe, it } from 'node:test';
 import { parse as parseYaml } from 'yaml';
 import type { MemberStatus } from '../../src/view.ts';
 import { Metrics } from '../../src/metrics.ts';
-import { allQueriedMetricNames, metricNames, PENDING_METRICS, promtool, queriedMetricNames } from '../harness/promtool.ts';
+import {
+  allQueriedMetricNames,
+  dashboardQueries,
+  metricNames,
+  PENDING_METRICS,
+  promtool,
+  queriedMetricNames,
+} from '../harness/promtool.ts';
 
 const DEPLOY = join(import.meta.dirname, '../../deploy');
 const RULES = join(DEPLOY, 'prometheus/etcd-defragd-rules.yaml');
@@ -131,6 +138,32 @@ describe('shipped rules and dashboard', () => {
       metricNames('sum by (check) (increase(etcd_defragd_skiped_runs_total{check!="x_y"}[1h])) / process_cpu_seconds_total'),
       ['etcd_defragd_skiped_runs_total', 'process_cpu_seconds_total'],
     );
+  });
+
+  it('every dashboard query selects by $cluster and $job (and $instance), each metric it names', () => {
+    const queries = dashboardQueries();
+    assert.ok(queries.length > 25, String(queries.length));
+    assert.ok(
+      queries.some((q) => q.where.startsWith('annotation')),
+      'an annotation per defragment',
+    );
+    for (const { where, expr } of queries) {
+      // Each metric name with its own matchers: {…} right after it (label_values' too).
+      const selectors = [...expr.matchAll(/\b((?:etcd_defragd|process|nodejs)_[a-zA-Z0-9_:]*)(\{[^}]*\})?/g)];
+      assert.ok(selectors.length > 0, `${where}: no metric in ${expr}`);
+      for (const [, name, matchers = ''] of selectors) {
+        const need =
+          where === 'variable cluster' ? [] : where === 'variable job' ? ['cluster=~"$cluster"'] : ['cluster=~"$cluster"', 'job=~"$job"'];
+        if (where.startsWith('panel') || where.startsWith('annotation')) need.push('instance=~"$instance"');
+        for (const m of need) assert.ok(matchers.includes(m), `${where}: ${name} is not selected by ${m}: ${expr}`);
+      }
+    }
+  });
+
+  it("the process panels show etcd-defragd's own job only, not node_exporter's process_*", () => {
+    for (const { where, expr } of dashboardQueries())
+      for (const [, name, matchers = ''] of expr.matchAll(/\b((?:process|nodejs)_[a-zA-Z0-9_:]*)(\{[^}]*\})?/g))
+        assert.ok(matchers.includes('job=~".*etcd-defragd.*"'), `${where}: ${name} without job=~".*etcd-defragd.*"`);
   });
 
   it('the dashboard is valid JSON with unique panel ids, all on the datasource variable', () => {
