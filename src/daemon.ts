@@ -17,7 +17,7 @@ import { RevisionLog } from './history.ts';
 import { inspect } from './inspect.ts';
 import { run, type HashKVFn, type RunResult } from './run.ts';
 import { enforcedQuota, quotaMismatch, resolveQuota } from './policy.ts';
-import { writeTextfile } from './textfile.ts';
+import { removeTextfile, writeTextfile } from './textfile.ts';
 import { TlsWatch } from './tls-files.ts';
 import { CompactionWatch, earlyRun, forecast, SampleLog, TREND_PUBLISH_MS, trendPrefix, trendRecord, type MemberSample } from './trend.ts';
 import { Turn } from './turn.ts';
@@ -88,6 +88,10 @@ export class Daemon {
   private halted: string | undefined;
   private haltRecorded = false;
   private textfileTrouble = '';
+  /** The textfile's writes, one at a time (a run and an alarm check may publish at once). */
+  private textfileWrites: Promise<void> = Promise.resolve();
+  /** Set by a clean stop: the file is gone and stays gone. */
+  private textfileClosed = false;
   readonly metrics: Metrics;
   /** Renewed certificates (kubeadm certs renew, or a fresh staged copy) reconnect the clients. */
   private readonly tls: TlsWatch;
@@ -255,9 +259,14 @@ export class Daemon {
   }
 
   /** node_exporter's textfile collector (metrics.textfile): after each run and alarm check. */
-  private async publish(): Promise<void> {
+  private publish(): Promise<void> {
+    this.textfileWrites = this.textfileWrites.then(() => this.writeTextfile());
+    return this.textfileWrites;
+  }
+
+  private async writeTextfile(): Promise<void> {
     const path = this.config.metrics.textfile;
-    if (!path) return;
+    if (!path || this.textfileClosed) return;
     try {
       await writeTextfile(path, await this.metrics.own.metrics());
       if (this.textfileTrouble) this.deps.log.info({ event: 'metrics.textfile', path }, `writing ${path} works again`);
@@ -392,9 +401,15 @@ export class Daemon {
     try {
       alarms = await this.localAlarms();
     } catch (err) {
+      if (this.stopping) return; // aborted by stop(): etcd may be fine
       this.deps.log.warn({ event: 'alarm.check.fail', error: errorMessage(err) }, `cannot read the alarm list: ${errorMessage(err)}`);
+      // Published all the same: the textfile says etcd is unreachable, and goes stale only when
+      // this daemon is not running.
+      this.metrics.etcdReachable.set(0);
+      await this.publish();
       return;
     }
+    this.metrics.etcdReachable.set(1);
     this.metrics.recordAlarms(alarms);
     // A sample of the cluster's revision for NOSPACE compaction (nospace.keepHistory), always from
     // the local member, so that a revision going back means a restore and not a lagging member.
@@ -587,6 +602,7 @@ export class Daemon {
       }
     }
     this.schedule();
+    if (prev.metrics.textfile !== next.metrics.textfile) void this.closeTextfile(prev.metrics.textfile);
     if (prev.nospace.checkInterval !== next.nospace.checkInterval && this.nospaceTimer) {
       this.nospaceTimer.cancel();
       this.nospaceTimer = this.deps.clock.every(next.nospace.checkInterval, () => void this.checkAlarms());
@@ -633,6 +649,22 @@ export class Daemon {
     await this.turn.close();
     this.pool.close();
     await this.metrics.close();
+    await this.closeTextfile(this.config.metrics.textfile);
     this.deps.log.info({ event: 'daemon.stop' }, 'etcd-defragd stopped');
+  }
+
+  /**
+   * A clean stop (or a reload to another metrics.textfile) removes the file, after any write in
+   * flight: a file left behind that stops changing then means a daemon that died.
+   */
+  private async closeTextfile(path: string): Promise<void> {
+    if (!path) return;
+    if (this.stopping) this.textfileClosed = true;
+    await this.textfileWrites;
+    try {
+      await removeTextfile(path);
+    } catch (err) {
+      this.deps.log.warn({ event: 'metrics.textfile.fail', path, error: errorMessage(err) }, `cannot remove ${path}: ${errorMessage(err)}`);
+    }
   }
 }

@@ -37,6 +37,13 @@ export const SKIP_CHECKS = [
   'other',
 ] as const;
 export const ALARMS = ['NOSPACE', 'CORRUPT'] as const;
+/**
+ * The labels of every etcd_defragd_member_* series: the member's hex ID, as etcdctl shows it, and
+ * its name from the member list, as dashboards and alerts show it (empty for a member added but
+ * not started yet).
+ */
+const MEMBER_LABELS = ['member', 'name'] as const;
+type MemberLabels = Record<(typeof MEMBER_LABELS)[number], string>;
 
 // prom-client's totals of these are gauges named *_total, which Prometheus reserves for counters;
 // the per-type gauges without the suffix carry the same numbers (sum() them).
@@ -120,37 +127,37 @@ export class Metrics {
     registers: this.r,
   });
   readonly dbSize = gauge(this.r, 'etcd_defragd_member_db_size_bytes', 'Db file size of the local member at the last inspection', [
-    'member',
+    ...MEMBER_LABELS,
   ]);
   readonly dbInUse = gauge(
     this.r,
     'etcd_defragd_member_db_size_in_use_bytes',
     'Db size in use (live data) of the local member at the last inspection',
-    ['member'],
+    MEMBER_LABELS,
   );
   readonly quotaUsage = gauge(
     this.r,
     'etcd_defragd_member_quota_usage_ratio',
     'Db file size / quota of the local member at the last inspection',
-    ['member'],
+    MEMBER_LABELS,
   );
   readonly quotaBytes = gauge(
     this.r,
     'etcd_defragd_member_quota_bytes',
     "The quota the local member is judged against (policy.quotaBytes, or etcd's own with policy.quotaBytes: auto)",
-    ['member'],
+    MEMBER_LABELS,
   );
   readonly defragmenting = gauge(
     this.r,
     'etcd_defragd_member_defragmenting',
     '1 while the local member is defragmenting (by this daemon, or seen in etcd at the last inspection)',
-    ['member'],
+    MEMBER_LABELS,
   );
   readonly etcdVersion = gauge(
     this.r,
     'etcd_defragd_member_etcd_version_info',
     "1, labelled with the local member's etcd version and the ids of the known etcd issues that version has (README, etcd versions)",
-    ['member', 'version', 'notes'],
+    [...MEMBER_LABELS, 'version', 'notes'],
   );
   readonly alarms = gauge(this.r, 'etcd_defragd_alarms', 'Alarms raised in the cluster at the last check', ['alarm']);
   readonly nextRun = gauge(this.r, 'etcd_defragd_next_run_timestamp_seconds', 'When the next scheduled run starts');
@@ -174,6 +181,11 @@ export class Metrics {
     '1 while defragmentation is paused cluster-wide (etcd-defragd pause), as last read',
   );
   readonly halted = gauge(this.r, 'etcd_defragd_halted', '1 while defragmentation is halted after an integrity mismatch, as last read');
+  readonly etcdReachable = gauge(
+    this.r,
+    'etcd_defragd_etcd_reachable',
+    '1 when the last alarm check (every nospace.checkInterval) read the alarm list from etcd.endpoint, 0 when it failed or before the first',
+  );
 
   readonly timeToQuota = gauge(
     this.r,
@@ -206,7 +218,8 @@ export class Metrics {
   );
   private trendLabels: { member: string; name: string } | undefined;
   private server: Server | undefined;
-  private member: string | undefined;
+  /** The member this daemon owns, as its series are labelled. */
+  private member: MemberLabels | undefined;
   private defragInFlight = false;
   private turnProbe: () => boolean = () => false;
 
@@ -248,31 +261,33 @@ export class Metrics {
   /** The local member only: the other members' daemons export theirs. */
   recordView(view: ClusterView): void {
     const m = view.local;
-    if (this.member !== undefined && this.member !== m.hex) this.forgetMember();
-    this.member = m.hex;
+    const labels: MemberLabels = { member: m.hex, name: m.name };
+    // Another member, or the same one under a new name (it had none until it started): new series.
+    if (this.member && (this.member.member !== labels.member || this.member.name !== labels.name)) this.forgetMember();
+    this.member = labels;
     // The quota the inspection judged the member by (etcd's own, or policy.quotaBytes); none when unknown.
     const quota = m.quotaBytes;
-    if (quota) this.quotaBytes.set({ member: m.hex }, quota);
-    else this.quotaBytes.remove({ member: m.hex });
-    this.defragmenting.set({ member: m.hex }, this.defragInFlight || m.defragmenting ? 1 : 0);
+    if (quota) this.quotaBytes.set(labels, quota);
+    else this.quotaBytes.remove(labels);
+    this.defragmenting.set(labels, this.defragInFlight || m.defragmenting ? 1 : 0);
     if (!m.status) return;
     const version = m.status.version ?? '';
     const notes = versionNotes(version)
       .map((n) => n.id)
       .join(',');
     this.etcdVersion.reset();
-    this.etcdVersion.set({ member: m.hex, version, notes }, 1);
-    this.dbSize.set({ member: m.hex }, m.status.dbSize);
-    this.dbInUse.set({ member: m.hex }, m.status.dbSizeInUse);
-    if (quota) this.quotaUsage.set({ member: m.hex }, m.status.dbSize / quota);
-    else this.quotaUsage.remove({ member: m.hex });
+    this.etcdVersion.set({ ...labels, version, notes }, 1);
+    this.dbSize.set(labels, m.status.dbSize);
+    this.dbInUse.set(labels, m.status.dbSizeInUse);
+    if (quota) this.quotaUsage.set(labels, m.status.dbSize / quota);
+    else this.quotaUsage.remove(labels);
   }
 
   /** The member this daemon owned is gone (replaced, or another endpoint after a reload): drop its series. */
   forgetMember(): void {
-    const member = this.member;
-    if (member === undefined) return;
-    for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove({ member });
+    const labels = this.member;
+    if (labels === undefined) return;
+    for (const g of [this.dbSize, this.dbInUse, this.quotaUsage, this.quotaBytes, this.defragmenting]) g.remove(labels);
     this.etcdVersion.reset();
     this.predictedDefrag.reset();
     this.forgetTrend();
@@ -281,12 +296,12 @@ export class Metrics {
 
   defragStarted(member: string): void {
     this.defragInFlight = true;
-    if (member === this.member) this.defragmenting.set({ member }, 1);
+    if (member === this.member?.member) this.defragmenting.set(this.member, 1);
   }
 
   defragEnded(member: string): void {
     this.defragInFlight = false;
-    if (member === this.member) this.defragmenting.set({ member }, 0);
+    if (member === this.member?.member) this.defragmenting.set(this.member, 0);
   }
 
   recordAlarms(alarms: { alarm: string }[]): void {

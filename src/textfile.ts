@@ -6,6 +6,9 @@
 // The directory is shared with the collector's group (docs/operations.md), so the temp name is
 // random and created exclusively, never through a link someone else left there (O_EXCL|O_NOFOLLOW);
 // rename then replaces whatever sits at the final name, a link itself and not its target.
+//
+// A clean stop removes the file (removeTextfile): node_exporter then stops exporting the series,
+// and a file that stops changing can only mean a daemon that died or hangs.
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
@@ -30,4 +33,9 @@ export async function writeTextfile(path: string, content: string): Promise<void
     await rm(tmp, { force: true }).catch(() => undefined);
     throw err;
   }
+}
+
+/** Removes the file (a link at its name, not the link's target); a file already gone is fine. */
+export async function removeTextfile(path: string): Promise<void> {
+  await rm(path, { force: true });
 }

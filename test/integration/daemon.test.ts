@@ -207,7 +207,7 @@ for (const version of versionsUnderTest()) {
         const body = await (await fetch(`http://${started.metrics}/metrics`)).text();
         assert.match(body, /etcd_defragd_runs_total\{outcome="skipped",mode="scheduled"\} [1-9]/);
         assert.match(body, /etcd_defragd_runs_total\{outcome="not-needed",mode="scheduled"\} [1-9]/);
-        assert.match(body, new RegExp(`etcd_defragd_member_db_size_bytes\\{member="${m.id}"\\} \\d+`));
+        assert.match(body, new RegExp(`etcd_defragd_member_db_size_bytes\\{member="${m.id}",name="${m.name}"\\} \\d+`));
         assert.match(body, /etcd_defragd_next_run_timestamp_seconds \d+/);
         assert.equal(await (await fetch(`http://${started.metrics}/healthz`)).text(), 'ok\n');
       } finally {

@@ -103,27 +103,44 @@ describe('metrics', () => {
     assert.match(series(text, 'etcd_defragd_last_success_timestamp_seconds')[0]!, / 1\d{9}(\.\d+)?$/);
   });
 
-  it('exports only the member it owns, and drops its series when that member changes', async () => {
+  it('exports only the member it owns, by ID and name, and drops its series when that member changes', async () => {
     const m = new Metrics();
     m.recordView(view('abc', 100, { quotaBytes: 1000, quotaSource: 'metrics', defragmenting: true }));
     let text = await m.registry.metrics();
-    assert.deepEqual(series(text, 'etcd_defragd_member_db_size_bytes'), ['etcd_defragd_member_db_size_bytes{member="abc"} 100']);
-    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="abc"} 1000']);
-    assert.deepEqual(series(text, 'etcd_defragd_member_quota_usage_ratio'), ['etcd_defragd_member_quota_usage_ratio{member="abc"} 0.1']);
-    assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="abc"} 1']);
-    m.recordView(view('def', 200, { quotaBytes: 2000, quotaSource: 'config' }));
+    assert.deepEqual(series(text, 'etcd_defragd_member_db_size_bytes'), ['etcd_defragd_member_db_size_bytes{member="abc",name="m"} 100']);
+    assert.deepEqual(series(text, 'etcd_defragd_member_db_size_in_use_bytes'), [
+      'etcd_defragd_member_db_size_in_use_bytes{member="abc",name="m"} 40',
+    ]);
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="abc",name="m"} 1000']);
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_usage_ratio'), [
+      'etcd_defragd_member_quota_usage_ratio{member="abc",name="m"} 0.1',
+    ]);
+    assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="abc",name="m"} 1']);
+    assert.deepEqual(series(text, 'etcd_defragd_member_etcd_version_info'), [
+      'etcd_defragd_member_etcd_version_info{member="abc",name="m",version="",notes=""} 1',
+    ]);
+    m.recordView(view('def', 200, { quotaBytes: 2000, quotaSource: 'config', name: 'cp-2' }));
     text = await m.registry.metrics();
     assert.doesNotMatch(text, /member="abc"/, 'the old member is gone');
-    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="def"} 2000']);
-    assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="def"} 0']);
+    assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), ['etcd_defragd_member_quota_bytes{member="def",name="cp-2"} 2000']);
+    assert.deepEqual(series(text, 'etcd_defragd_member_defragmenting'), ['etcd_defragd_member_defragmenting{member="def",name="cp-2"} 0']);
     m.defragStarted('def');
-    assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def"\} 1$/m);
+    assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def",name="cp-2"\} 1$/m);
     m.defragEnded('def');
-    assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def"\} 0$/m);
-    m.recordView(view('def', 200));
+    assert.match(await m.registry.metrics(), /^etcd_defragd_member_defragmenting\{member="def",name="cp-2"\} 0$/m);
+    m.recordView(view('def', 200, { name: 'cp-2' }));
     text = await m.registry.metrics();
     assert.deepEqual(series(text, 'etcd_defragd_member_quota_bytes'), [], 'no quota series while the quota is unknown');
     assert.deepEqual(series(text, 'etcd_defragd_member_quota_usage_ratio'), []);
+    // A member added but not started has no name yet; once it has one, the unnamed series go.
+    m.recordView(view('fed', 300, { name: '' }));
+    m.recordView(view('fed', 300, { name: 'cp-3' }));
+    text = await m.registry.metrics();
+    assert.deepEqual(series(text, 'etcd_defragd_member_db_size_bytes'), [
+      'etcd_defragd_member_db_size_bytes{member="fed",name="cp-3"} 300',
+    ]);
+    m.forgetMember();
+    assert.doesNotMatch(await m.registry.metrics(), /^etcd_defragd_member_/m, 'forgetMember drops every member series');
   });
 
   it('turn held is read when scraped', async () => {

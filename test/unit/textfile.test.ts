@@ -5,7 +5,7 @@ import { chmodSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { writeTextfile } from '../../src/textfile.ts';
+import { removeTextfile, writeTextfile } from '../../src/textfile.ts';
 
 describe('writeTextfile', () => {
   const dir = mkdtempSync(join(tmpdir(), 'edd-textfile-'));
@@ -35,6 +35,20 @@ describe('writeTextfile', () => {
     // Rewritten: replaced again, atomically.
     await writeTextfile(prom, 'etcd_defragd_up 2\n');
     assert.equal(readFileSync(prom, 'utf8'), 'etcd_defragd_up 2\n');
+  });
+
+  it('removing it (a clean stop) takes a link at its name, never the target; a file already gone is fine', async () => {
+    const victim = join(dir, 'keep');
+    writeFileSync(victim, 'keep me\n');
+    const prom = join(dir, 'removed.prom');
+    await writeTextfile(prom, 'etcd_defragd_up 1\n');
+    await removeTextfile(prom);
+    assert.throws(() => lstatSync(prom), /ENOENT/);
+    await removeTextfile(prom);
+    symlinkSync(victim, prom);
+    await removeTextfile(prom);
+    assert.throws(() => lstatSync(prom), /ENOENT/);
+    assert.equal(readFileSync(victim, 'utf8'), 'keep me\n');
   });
 
   it('a directory it cannot write fails, and leaves nothing', async () => {
