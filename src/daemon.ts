@@ -107,6 +107,7 @@ export class Daemon {
   /** The local member as the last inspection named it (the trend's labels and record key). */
   private localMember: { hex: string; name: string } | undefined;
   private trendPublishedAt = 0;
+  private sampledAt = 0;
   private warnedAt = { forecast: 0, stale: 0 };
   private wasStale = false;
   /** When this daemon last started a run early, by reason (at most one per forecast.minSpan / compaction.staleAfter). */
@@ -454,6 +455,11 @@ export class Daemon {
   private async sampleTrend(nospace: boolean): Promise<void> {
     const c = this.config;
     const log = this.deps.log;
+    // The forecast keeps a sample every window/240 at most (SampleLog): reading the page more often
+    // than that (or than a twentieth of staleAfter) only costs the member and this process.
+    const every = Math.min(c.forecast.window / 240, c.compaction.staleAfter / 20);
+    if (this.deps.clock.now() - this.sampledAt < every) return;
+    this.sampledAt = this.deps.clock.now();
     let page;
     try {
       page = await this.pool.get(c.etcd.endpoint).serverMetrics();

@@ -43,6 +43,8 @@ for (const version of versionsUnderTest()) {
         schedule: { cron: NEVER, runOnStart: false },
         policy: { force: true, maxDefragDuration: '1ms' },
         nospace: { checkInterval: '1s' },
+        // its member's /metrics page read at every check (a sample every window/240)
+        forecast: { window: '4m' },
         metrics: { listen: '127.0.0.1:0' },
       };
       const d = startDaemon(cluster, m, overrides);
