@@ -51,7 +51,7 @@ describe(`quota forecast on etcd ${version}`, () => {
       schedule: { cron: '0 0 1 1 *' },
       metrics: { listen: '127.0.0.1:0' },
       nospace: { checkInterval: '1s' },
-      forecast: { window: '60s', minSpan: '30s', warnBefore: '1h', defragBefore: '0s' },
+      forecast: { window: '60s', minSpan: '20s', warnBefore: '1h', defragBefore: '0s' },
     });
     try {
       // The daemon's forecast appears once its samples span forecast.minSpan.
@@ -60,10 +60,10 @@ describe(`quota forecast on etcd ${version}`, () => {
         assert.ok(Date.now() - t0 < 90_000, 'no forecast 90 s after the start');
         await sleep(1000);
       }
-      // etcd's own samples, 30 s apart: the db file's growth and what is left of the quota.
+      // etcd's own samples, 20 s apart: the db file's growth and what is left of the quota.
       const size1 = await etcdGauge(m, 'etcd_mvcc_db_total_size_in_bytes');
       const at1 = Date.now();
-      await sleep(30_000);
+      await sleep(20_000);
       const size2 = await etcdGauge(m, 'etcd_mvcc_db_total_size_in_bytes');
       const at2 = Date.now();
       const forecast = gauge(await daemonMetrics(d), 'etcd_defragd_member_time_to_quota_seconds')!;
@@ -143,8 +143,8 @@ describe(`compaction watchdog on etcd ${version}`, () => {
       const t1 = Date.now();
       const load2 = startWriteLoad(guarded, loadOpts);
       let full = false;
-      // Twice as long as the bare cluster took to fill up.
-      while (Date.now() - t1 < 2 * reachedMs && !full) {
+      // Half as long again as the bare cluster took to fill up.
+      while (Date.now() - t1 < 1.5 * reachedMs && !full) {
         full = await alarmed(guarded);
         await sleep(1000);
       }
@@ -153,7 +153,7 @@ describe(`compaction watchdog on etcd ${version}`, () => {
         for (const [i, d] of daemons.entries())
           for (const l of events(d).filter((e) => e.event !== 'alarm.check.fail'))
             console.log(`m${i} +${l.time - t1} ${l.event}: ${l.msg.slice(0, 300)}`);
-      assert.equal(full, false, `NOSPACE with the daemons within ${2 * reachedMs} ms`);
+      assert.equal(full, false, `NOSPACE with the daemons within ${1.5 * reachedMs} ms`);
       assert.ok(report.okCount > 0.9 * report.total, `${report.failed} of ${report.total} writes failed`);
       const all = daemons.flatMap((d) => events(d));
       assert.ok(
