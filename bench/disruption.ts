@@ -42,8 +42,8 @@ export interface Disruption {
   p99Ms: number;
   blockedMs: Record<string, number>;
   notes: string[];
-  /** (c) only: time between one member's defrag end and the next one's start, summed (the hand-overs). */
-  handoverMs?: number;
+  /** (c) only: each hand-over, from one member's defrag end to the next one's start, in order. */
+  handovers?: number[];
   /** (c) only: the daemons' coordination.settle. */
   settleMs?: number;
 }
@@ -221,9 +221,9 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
     // Hand-overs: from one member's defrag end to the next one's start (settle pause, turn poll,
     // the next daemon's checks and leader transfer).
     const sorted = [...m.defrags].sort((x, y) => x.start.getTime() - y.start.getTime());
-    let handoverMs = 0;
+    const handovers: number[] = [];
     for (let i = 1; i < sorted.length; i++)
-      handoverMs += Math.max(0, sorted[i]!.start.getTime() - (sorted[i - 1]!.end ?? sorted[i]!.start).getTime());
+      handovers.push(Math.max(0, sorted[i]!.start.getTime() - (sorted[i - 1]!.end ?? sorted[i]!.start).getTime()));
     const settleMs = eff.coordination.settle;
     logWindow(ctx, '(c)', m);
     const defragged = m.defrags
@@ -238,7 +238,7 @@ export async function scenarioC(ctx: Ctx): Promise<Disruption> {
         .join(',')
     )
       m.notes.push(`WARNING: members defragmented: ${defragged || 'none'} (expected each member once)`);
-    return { id: 'c', title, fill: f, ...m, handoverMs, settleMs };
+    return { id: 'c', title, fill: f, ...m, handovers, settleMs };
   } finally {
     await stopDaemons(daemons);
     await cluster.stop();
